@@ -1,0 +1,276 @@
+"""The message contract shared by the edge publisher and the consumer.
+
+One vehicle publishes :class:`Batch` messages to ``telemetry/<vin>``; the consumer answers with an
+:class:`Ack` on ``ack/<vin>`` once the batch is committed. MessagePack is the wire format; the same
+structures are accepted as JSON so that a person can publish one by hand with ``mosquitto_pub``.
+See ``docs/wire.md`` for a worked example.
+
+Decoding is strict. Every way a payload can be wrong raises :class:`ContractError`, whose
+``reason`` is a short, stable code (stored in the dead-letter table) and whose message says what
+exactly was wrong.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Final, TypeVar
+
+import msgspec
+
+__all__ = [
+    "ACK_PREFIX",
+    "FLAG_CLOCK_UNSYNCED",
+    "MAX_BATCH_SAMPLES",
+    "MAX_PAYLOAD_BYTES",
+    "NUMERIC_FIELDS",
+    "SCHEMA_VERSION",
+    "TELEMETRY_PREFIX",
+    "Ack",
+    "Batch",
+    "ContractError",
+    "Sample",
+    "ack_topic",
+    "decode_ack",
+    "decode_batch",
+    "encode",
+    "encode_json",
+    "is_valid_vin",
+    "telemetry_topic",
+    "vin_from_topic",
+]
+
+SCHEMA_VERSION: Final = 1
+SUPPORTED_VERSIONS: Final = frozenset({SCHEMA_VERSION})
+
+MAX_BATCH_SAMPLES: Final = 5000
+"""Samples in one message, at most. The edge sends a few hundred; this bounds a hostile one."""
+
+MAX_PAYLOAD_BYTES: Final = 2 * 1024 * 1024
+"""Largest payload decoded at all; anything longer is rejected before parsing."""
+
+MAX_EXTRA_FIELDS: Final = 64
+
+TELEMETRY_PREFIX: Final = "telemetry/"
+ACK_PREFIX: Final = "ack/"
+
+FLAG_CLOCK_UNSYNCED: Final = 1
+"""Sample flag: taken while the device clock was not yet trustworthy and never corrected."""
+
+_VIN_PATTERN: Final = "^[A-HJ-NPR-Z0-9]{17}$"  # ISO 3779: letters I, O and Q are never used
+_VIN_RE: Final = re.compile(_VIN_PATTERN)
+
+# Bounds are physical limits with headroom. Beyond rejecting nonsense they reject NaN and
+# infinities: msgspec fails a NaN on any range check, so no per-value Python check is needed.
+_I64_MAX: Final = 2**63 - 1
+_TS_MAX: Final = 7_258_118_400_000_000  # 2200-01-01 in µs: anything later is a broken clock
+
+
+def _bounded(lo: float, hi: float) -> object:
+    return msgspec.Meta(ge=lo, le=hi)
+
+
+Vin = Annotated[str, msgspec.Meta(pattern=_VIN_PATTERN)]
+Micros = Annotated[int, msgspec.Meta(ge=0, le=_TS_MAX)]
+Seq = Annotated[int, msgspec.Meta(ge=0, le=_I64_MAX)]
+Speed = Annotated[float, _bounded(0, 500)]
+Rpm = Annotated[float, _bounded(0, 20_000)]
+Temp = Annotated[float, _bounded(-60, 300)]
+Percent = Annotated[float, _bounded(0, 100)]
+Maf = Annotated[float, _bounded(0, 2_000)]
+Volts = Annotated[float, _bounded(0, 60)]
+Lat = Annotated[float, _bounded(-90, 90)]
+Lon = Annotated[float, _bounded(-180, 180)]
+Alt = Annotated[float, _bounded(-1_000, 20_000)]
+Heading = Annotated[float, _bounded(0, 360)]
+ExtraKey = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+ExtraValue = Annotated[float, _bounded(-1e12, 1e12)]
+Extra = Annotated[dict[ExtraKey, ExtraValue], msgspec.Meta(max_length=MAX_EXTRA_FIELDS)]
+
+
+class Sample(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """One reading of a vehicle at one instant. Every measurement is optional.
+
+    ``(vin, ts, seq)`` is the sample's identity: decided once on the device, never changed on
+    resend, and the unique key of the cold table.
+    """
+
+    ts: Micros
+    """UTC time of the reading, microseconds since the Unix epoch."""
+    seq: Seq
+    """Per-device sequence number, strictly increasing across restarts."""
+    speed: Speed | None = None
+    """Vehicle speed from OBD, km/h."""
+    rpm: Rpm | None = None
+    """Engine speed, revolutions per minute."""
+    coolant: Temp | None = None
+    """Engine coolant temperature, °C."""
+    intake: Temp | None = None
+    """Intake air temperature, °C."""
+    throttle: Percent | None = None
+    """Throttle position, %."""
+    load: Percent | None = None
+    """Calculated engine load, %."""
+    maf: Maf | None = None
+    """Mass air flow, g/s."""
+    fuel: Percent | None = None
+    """Fuel tank level, %."""
+    battery: Volts | None = None
+    """Control module (battery) voltage, V."""
+    lat: Lat | None = None
+    """GPS latitude, degrees (WGS84)."""
+    lon: Lon | None = None
+    """GPS longitude, degrees (WGS84)."""
+    alt: Alt | None = None
+    """GPS altitude, metres above mean sea level."""
+    heading: Heading | None = None
+    """GPS course over ground, degrees from true north."""
+    gps_speed: Speed | None = None
+    """GPS speed over ground, km/h."""
+    extra: Extra | None = None
+    """Any other PID by its python-OBD name, e.g. ``{"TIMING_ADVANCE": 12.5}``."""
+    flags: Annotated[int, msgspec.Meta(ge=0, le=2**31 - 1)] = 0
+    """Bit set: ``FLAG_CLOCK_UNSYNCED``."""
+
+
+NUMERIC_FIELDS: Final = tuple(
+    name for name in Sample.__struct_fields__ if name not in {"ts", "seq", "extra", "flags"}
+)
+"""The typed measurement columns, in contract order."""
+
+
+class Batch(msgspec.Struct, forbid_unknown_fields=True):
+    """Samples of one vehicle sent as one MQTT message to ``telemetry/<vin>``."""
+
+    v: int
+    """Schema version, ``SCHEMA_VERSION``."""
+    vin: Vin
+    batch: Seq
+    """Batch id, unique per vehicle; the ack names it. A resend reuses id and bytes."""
+    samples: Annotated[list[Sample], msgspec.Meta(min_length=1, max_length=MAX_BATCH_SAMPLES)]
+
+
+class Ack(msgspec.Struct, forbid_unknown_fields=True):
+    """End-to-end acknowledgement on ``ack/<vin>``: these batches are committed to the database."""
+
+    v: int
+    vin: Vin
+    batches: Annotated[list[Seq], msgspec.Meta(min_length=1, max_length=100_000)]
+
+
+class _Header(msgspec.Struct):
+    """Only the version, read leniently to explain why a strict decode failed."""
+
+    v: int
+
+
+class ContractError(ValueError):
+    """A payload that does not satisfy the contract.
+
+    ``reason`` is a stable short code (``too_large``, ``undecodable``, ``invalid``,
+    ``unsupported_version``, ``vin_mismatch``, ``bad_topic``); ``detail`` says what was wrong.
+    """
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+def is_valid_vin(vin: str) -> bool:
+    """True for a 17-character VIN made of digits and capitals other than I, O and Q."""
+    return _VIN_RE.fullmatch(vin) is not None
+
+
+def _check_vin(vin: str) -> str:
+    if not is_valid_vin(vin):
+        raise ContractError("bad_topic", f"{vin!r} is not a VIN (17 of 0-9 A-Z without I, O, Q)")
+    return vin
+
+
+def telemetry_topic(vin: str) -> str:
+    """``telemetry/<vin>``, where a vehicle publishes its batches."""
+    return TELEMETRY_PREFIX + _check_vin(vin)
+
+
+def ack_topic(vin: str) -> str:
+    """``ack/<vin>``, where the consumer confirms committed batches."""
+    return ACK_PREFIX + _check_vin(vin)
+
+
+def vin_from_topic(topic: str) -> str:
+    """The VIN of a ``telemetry/<vin>`` or ``ack/<vin>`` topic; ContractError otherwise."""
+    for prefix in (TELEMETRY_PREFIX, ACK_PREFIX):
+        if topic.startswith(prefix):
+            return _check_vin(topic[len(prefix) :])
+    raise ContractError("bad_topic", f"topic {topic!r} is neither telemetry/<vin> nor ack/<vin>")
+
+
+_batch_msgpack = msgspec.msgpack.Decoder(Batch)
+_batch_json = msgspec.json.Decoder(Batch)
+_ack_msgpack = msgspec.msgpack.Decoder(Ack)
+_ack_json = msgspec.json.Decoder(Ack)
+_header_msgpack = msgspec.msgpack.Decoder(_Header)
+_header_json = msgspec.json.Decoder(_Header)
+_encoder = msgspec.msgpack.Encoder()
+_json_encoder = msgspec.json.Encoder()
+
+
+def encode(message: Batch | Ack) -> bytes:
+    """MessagePack bytes of a batch or an ack, as sent on the wire."""
+    return _encoder.encode(message)
+
+
+def encode_json(message: Batch | Ack) -> bytes:
+    """The JSON form of a batch or an ack, for people and ``mosquitto_pub``."""
+    return _json_encoder.encode(message)
+
+
+def _is_json(payload: bytes) -> bool:
+    # A MessagePack batch starts with a map header (0x80-0x8f, 0xde, 0xdf); '{' is 0x7b, which
+    # in MessagePack is the integer 123, never a valid message. So one byte tells them apart.
+    return payload.lstrip(b" \t\r\n")[:1] == b"{"
+
+
+_T = TypeVar("_T", Batch, Ack)
+
+
+def _decode(
+    payload: bytes,
+    strict: tuple[msgspec.msgpack.Decoder[_T], msgspec.json.Decoder[_T]],
+) -> _T:
+    if len(payload) > MAX_PAYLOAD_BYTES:
+        raise ContractError("too_large", f"{len(payload)} bytes, limit {MAX_PAYLOAD_BYTES}")
+    as_json = _is_json(payload)
+    try:
+        message = strict[1].decode(payload) if as_json else strict[0].decode(payload)
+    except msgspec.ValidationError as exc:
+        _raise_for_version(payload, as_json=as_json)
+        raise ContractError("invalid", str(exc)) from exc
+    except msgspec.DecodeError as exc:
+        kind = "JSON" if as_json else "MessagePack"
+        raise ContractError("undecodable", f"not valid {kind}: {exc}") from exc
+    if message.v not in SUPPORTED_VERSIONS:
+        raise ContractError("unsupported_version", f"schema version {message.v}, expected 1")
+    return message
+
+
+def _raise_for_version(payload: bytes, *, as_json: bool) -> None:
+    try:
+        header = _header_json.decode(payload) if as_json else _header_msgpack.decode(payload)
+    except msgspec.DecodeError:
+        return
+    if header.v not in SUPPORTED_VERSIONS:
+        raise ContractError("unsupported_version", f"schema version {header.v}, expected 1")
+
+
+def decode_batch(payload: bytes, topic: str | None = None) -> Batch:
+    """Decode and validate a batch (MessagePack or JSON); check it against its topic if given."""
+    batch = _decode(payload, (_batch_msgpack, _batch_json))
+    if topic is not None and vin_from_topic(topic) != batch.vin:
+        raise ContractError("vin_mismatch", f"payload VIN {batch.vin} on topic {topic!r}")
+    return batch
+
+
+def decode_ack(payload: bytes) -> Ack:
+    """Decode and validate an end-to-end ack (MessagePack or JSON)."""
+    return _decode(payload, (_ack_msgpack, _ack_json))
