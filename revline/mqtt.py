@@ -1,0 +1,79 @@
+"""MQTT connection settings shared by every Revline client: URL parsing, TLS, client creation."""
+
+from __future__ import annotations
+
+import ssl
+from dataclasses import dataclass
+from urllib.parse import unquote, urlsplit
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+
+from revline.settings import ConfigError
+
+__all__ = ["BrokerAddress", "make_client", "parse_mqtt_url"]
+
+
+@dataclass(frozen=True)
+class BrokerAddress:
+    """Where and how to reach the broker: ``mqtt://`` or ``mqtts://[user[:pass]@]host[:port]``."""
+
+    host: str
+    port: int
+    tls: bool = False
+    username: str | None = None
+    password: str | None = None
+
+    def __str__(self) -> str:
+        scheme = "mqtts" if self.tls else "mqtt"
+        user = f"{self.username}@" if self.username else ""
+        return f"{scheme}://{user}{self.host}:{self.port}"  # never prints the password
+
+
+def parse_mqtt_url(url: str, *, key: str = "mqtt_url") -> BrokerAddress:
+    """Parse a broker URL; a malformed one is a ConfigError naming ``key``."""
+    parts = urlsplit(url)
+    if parts.scheme not in {"mqtt", "mqtts", "tcp", "ssl"}:
+        raise ConfigError(key, "", f"expected mqtt://host[:port] or mqtts://..., got {url!r}")
+    tls = parts.scheme in {"mqtts", "ssl"}
+    try:
+        port = parts.port or (8883 if tls else 1883)
+    except ValueError as exc:
+        raise ConfigError(key, "", f"expected a numeric port, got {url!r}") from exc
+    if not parts.hostname:
+        raise ConfigError(key, "", f"expected a host name, got {url!r}")
+    return BrokerAddress(
+        host=parts.hostname,
+        port=port,
+        tls=tls,
+        username=unquote(parts.username) if parts.username else None,
+        password=unquote(parts.password) if parts.password else None,
+    )
+
+
+def make_client(
+    address: BrokerAddress,
+    client_id: str,
+    *,
+    ca_file: str | None = None,
+    cert_file: str | None = None,
+    key_file: str | None = None,
+) -> paho.Client:
+    """A paho MQTT 5 client configured with credentials and TLS; not yet connected.
+
+    Callers connect with ``clean_start=False`` and a session expiry so that QoS 1 messages
+    queued while they were away are delivered when they come back.
+    """
+    client = paho.Client(
+        callback_api_version=CallbackAPIVersion.VERSION2,
+        client_id=client_id,
+        protocol=paho.MQTTv5,
+    )
+    if address.username is not None:
+        client.username_pw_set(address.username, address.password)
+    if address.tls:
+        context = ssl.create_default_context(cafile=ca_file)
+        if cert_file:
+            context.load_cert_chain(cert_file, key_file)
+        client.tls_set_context(context)
+    return client
