@@ -1,0 +1,127 @@
+"""Settings of ``revline edge``: one frozen object built from TOML, environment and flags.
+
+Layers (later wins): defaults < ``/etc/revline/edge.toml`` (or ``--config``) < ``REVLINE_EDGE_*``
+environment variables < command-line flags. Every value is validated at start; a bad one stops
+the program with one line naming the key (see ``revline.settings``). ``deploy/edge.toml.example``
+lists every key with its default.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Final, Literal
+
+import msgspec
+
+from revline.contract import Vin
+from revline.settings import ConfigError, load
+
+__all__ = ["DEFAULT_CONFIG_PATH", "ENV_PREFIX", "EdgeSettings", "load_edge_settings"]
+
+DEFAULT_CONFIG_PATH: Final = Path("/etc/revline/edge.toml")
+ENV_PREFIX: Final = "REVLINE_EDGE_"
+
+Positive = Annotated[float, msgspec.Meta(gt=0)]
+PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
+Port = Annotated[int, msgspec.Meta(ge=1, le=65535)]
+
+
+class EdgeSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Everything ``revline edge`` needs to know, validated once at start."""
+
+    vin: Vin
+    """The vehicle's VIN (17 characters, no I/O/Q); names the topics and the MQTT client id."""
+
+    # --- sources (read by edge/sources.py) ---
+    source: Literal["sim", "obd", "ble"] = "sim"
+    obd_port: str = "/dev/ttyUSB0"
+    """ELM327 serial port (``/dev/ttyUSB0``, ``/dev/rfcomm0``); ``auto`` lets python-OBD scan."""
+    obd_baudrate: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    obd_fast_pids: list[str] = msgspec.field(
+        default_factory=lambda: ["RPM", "SPEED", "THROTTLE_POS", "ENGINE_LOAD", "MAF"]
+    )
+    obd_slow_pids: list[str] = msgspec.field(
+        default_factory=lambda: [
+            "COOLANT_TEMP",
+            "INTAKE_TEMP",
+            "FUEL_LEVEL",
+            "CONTROL_MODULE_VOLTAGE",
+        ]
+    )
+    obd_extra_pids: list[str] = msgspec.field(default_factory=list)
+    fast_hz: Positive = 5.0
+    slow_every_s: Positive = 5.0
+    ble_name: str = ""
+    ble_address: str = ""
+    gps: Literal["none", "gpsd", "nmea"] = "none"
+    gps_device: str = "/dev/ttyACM0"
+    gps_baudrate: PositiveInt = 9600
+    gpsd_host: str = "127.0.0.1"
+    gpsd_port: Port = 2947
+    sim_hz: Positive = 10.0
+    sim_seed: int = 0
+    sim_speedup: Positive = 1.0
+    """Simulated seconds per real second (tests and demos drive faster than real time)."""
+
+    # --- spool ---
+    spool_path: str = "/var/lib/revline/edge-spool.db"
+    flush_interval_s: Annotated[float, msgspec.Meta(gt=0, le=10)] = 0.5
+    """Samples are committed to the spool at least this often; a crash loses at most this much."""
+    spool_max_mb: Annotated[float, msgspec.Meta(ge=1)] = 512.0
+    """Spool size cap. 7 days at 10 Hz is about 6 M samples, about 400 MB at ~65 B/sample."""
+
+    # --- publisher ---
+    mqtt_url: str = "mqtt://127.0.0.1:1883"
+    """``mqtt://`` or ``mqtts://[user[:password]@]host[:port]``: per-device credentials go here."""
+    ca_file: str = ""
+    cert_file: str = ""
+    key_file: str = ""
+    batch_max_samples: Annotated[int, msgspec.Meta(ge=1, le=5000)] = 500
+    batch_max_age_s: Positive = 1.0
+    inflight_max: PositiveInt = 20
+    """Messages published but not yet PUBACKed, at most; fed from the spool."""
+    ack_timeout_s: Positive = 30.0
+    """A batch PUBACKed but not acked end to end after this long is sent again, same bytes."""
+    live_window_s: Positive = 10.0
+    """After an outage, samples younger than this are 'live' and sent before the backlog."""
+    keepalive_s: Annotated[int, msgspec.Meta(ge=5, le=3600)] = 30
+    session_expiry_s: Annotated[int, msgspec.Meta(ge=0)] = 7 * 24 * 3600
+    reconnect_min_s: Positive = 1.0
+    reconnect_max_s: Positive = 60.0
+
+    # --- clock and status ---
+    clock: Literal["auto", "trusted", "untrusted"] = "auto"
+    """``auto``: trust the wall clock once the system says NTP synchronised it, or GPS gives time.
+    ``trusted``: always trust it (a board with an RTC). ``untrusted``: only GPS time counts."""
+    metrics_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 0
+    """Prometheus metrics on this port; 0 turns the endpoint off."""
+    shutdown_timeout_s: Positive = 5.0
+    """On SIGTERM, time allowed to flush the spool and publish what is open before closing."""
+
+    def __post_init__(self) -> None:
+        # Cross-field checks that a msgspec constraint cannot express. ConfigError is not a
+        # ValueError, so msgspec lets it through unchanged and the operator sees the key.
+        if self.source == "ble" and not (self.ble_name or self.ble_address):
+            raise ConfigError("ble_name", "", "source = 'ble' needs ble_name or ble_address")
+        if self.reconnect_max_s < self.reconnect_min_s:
+            raise ConfigError("reconnect_max_s", "", "expected a value >= reconnect_min_s")
+        if self.key_file and not self.cert_file:
+            raise ConfigError("key_file", "", "set without cert_file")
+
+
+def load_edge_settings(
+    config: Path | None = None,
+    *,
+    flags: Mapping[str, object] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> EdgeSettings:
+    """Settings from ``config`` (default ``/etc/revline/edge.toml`` if it exists), env and flags.
+
+    An explicitly named config file that does not exist is an error; the default one is optional,
+    so that a development run can be configured from the environment alone.
+    """
+    path = config
+    if path is None and DEFAULT_CONFIG_PATH.exists():
+        path = DEFAULT_CONFIG_PATH
+    return load(EdgeSettings, toml_path=path, env_prefix=ENV_PREFIX, environ=environ, flags=flags)
