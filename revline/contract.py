@@ -246,7 +246,9 @@ def _decode(
     except msgspec.ValidationError as exc:
         _raise_for_version(payload, as_json=as_json)
         raise ContractError("invalid", str(exc)) from exc
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+        # msgspec's MessagePack decoder lets invalid UTF-8 in a string escape as
+        # UnicodeDecodeError rather than DecodeError (found by the hypothesis corruption test).
         kind = "JSON" if as_json else "MessagePack"
         raise ContractError("undecodable", f"not valid {kind}: {exc}") from exc
     if message.v not in SUPPORTED_VERSIONS:
@@ -257,7 +259,7 @@ def _decode(
 def _raise_for_version(payload: bytes, *, as_json: bool) -> None:
     try:
         header = _header_json.decode(payload) if as_json else _header_msgpack.decode(payload)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, UnicodeDecodeError):
         return
     if header.v not in SUPPORTED_VERSIONS:
         raise ContractError("unsupported_version", f"schema version {header.v}, expected 1")
