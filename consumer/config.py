@@ -1,0 +1,85 @@
+"""Settings of ``revline consumer``: one frozen object built from TOML, environment and flags."""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated
+
+import msgspec
+
+from revline.mqtt import parse_mqtt_url
+from revline.settings import ConfigError, load
+
+__all__ = ["ConsumerSettings", "load_settings"]
+
+Positive = Annotated[int, msgspec.Meta(ge=1)]
+Seconds = Annotated[float, msgspec.Meta(gt=0)]
+
+
+class ConsumerSettings(msgspec.Struct, frozen=True, kw_only=True):
+    """Everything the consumer can be told; see ``docs/consumer.md`` for each key."""
+
+    mqtt_url: str = "mqtt://127.0.0.1:1883"
+    database_url: str = "postgresql://postgres@127.0.0.1:5432/postgres"
+    client_id: str = ""
+    """Fixed MQTT client id, so that a restart resumes the same persistent session."""
+    group: str = ""
+    """Shared-subscription group: several consumers with the same group split the load."""
+    session_expiry_s: Annotated[int, msgspec.Meta(ge=0, le=2**32 - 1)] = 86_400
+    receive_maximum: Annotated[int, msgspec.Meta(ge=1, le=65_535)] = 1_000
+    """Unacked QoS 1 messages the broker may have in flight to us: the backpressure bound."""
+    keepalive_s: Annotated[int, msgspec.Meta(ge=5, le=3_600)] = 30
+    ca_file: str = ""
+    cert_file: str = ""
+    key_file: str = ""
+    batch_max_samples: Positive = 20_000
+    batch_max_age_ms: Positive = 200
+    max_future_s: Seconds = 300.0
+    """A sample further ahead of our clock than this is rejected as ``future_timestamp``."""
+    pool_size: Annotated[int, msgspec.Meta(ge=1, le=100)] = 4
+    statement_timeout_s: Seconds = 30.0
+    retry_initial_s: Seconds = 0.2
+    retry_max_s: Seconds = 15.0
+    shutdown_timeout_s: Seconds = 10.0
+    log_every_s: Seconds = 10.0
+    metrics_host: str = "0.0.0.0"  # noqa: S104 - Prometheus scrapes from another host
+    metrics_port: Annotated[int, msgspec.Meta(ge=0, le=65_535)] = 9108
+    """Port of ``/metrics`` and ``/healthz``; 0 disables the endpoint."""
+
+    @property
+    def subscription(self) -> str:
+        """``telemetry/+``, or ``$share/<group>/telemetry/+`` when a group is set."""
+        return f"$share/{self.group}/telemetry/+" if self.group else "telemetry/+"
+
+    @property
+    def effective_client_id(self) -> str:
+        """The configured client id, else ``revline-consumer-<hostname>``."""
+        return self.client_id or f"revline-consumer-{socket.gethostname()}"
+
+
+def load_settings(
+    *,
+    config: Path | None = None,
+    flags: Mapping[str, object] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> ConsumerSettings:
+    """Defaults < TOML < ``MQTT_URL``/``DATABASE_URL`` < ``REVLINE_*`` < flags; checked once."""
+    env = dict(os.environ if environ is None else environ)
+    # The conventional unprefixed names work too; the REVLINE_ ones win if both are set.
+    for plain in ("MQTT_URL", "DATABASE_URL"):
+        if plain in env:
+            env.setdefault(f"REVLINE_{plain}", env[plain])
+    settings = load(ConsumerSettings, toml_path=config, environ=env, flags=flags)
+    parse_mqtt_url(settings.mqtt_url)
+    if not settings.database_url.startswith(("postgres://", "postgresql://")):
+        raise ConfigError(
+            "database_url", "", f"expected postgresql://..., got {settings.database_url!r}"
+        )
+    if "/" in settings.group or "+" in settings.group or "#" in settings.group:
+        raise ConfigError("group", "", f"expected a name without / + #, got {settings.group!r}")
+    if settings.retry_initial_s > settings.retry_max_s:
+        raise ConfigError("retry_initial_s", "", "expected at most retry_max_s")
+    return settings
