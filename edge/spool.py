@@ -1,0 +1,588 @@
+"""The device's single source of truth: every sample is committed here before anything else.
+
+SQLite in WAL mode with ``synchronous=NORMAL``: a commit survives a crash or ``kill -9`` of the
+process; a power loss can lose the last commits since the last WAL checkpoint-sync (SQLite's
+documented trade-off), never corrupt the file. Samples are written in small transactions (one per
+flush interval) to spare the SD card.
+
+Layout, chosen for <= 100 bytes per sample on disk:
+
+* ``samples(seq INTEGER PRIMARY KEY, ts, data, mono, boot)``: the rowid *is* the sequence number,
+  so there is no second index. ``data`` is a MessagePack array ``[mask, q1, q2, ...]``: the present
+  fields as integers quantised to the sensor's resolution (:data:`FIELD_SCALES`), then ``extra``.
+  ``mono``/``boot`` are set only while the timestamp waits for a trusted clock.
+* ``batches(id, lo, hi, n, state, sent_at, acked_at)``: a batch is a contiguous ``seq`` range. Rows
+  of a batch never change, so a resend rebuilds the *same bytes* from them (:func:`encode_batch`).
+  ``state``: 0 created, 1 published (PUBACK), 2 durable (end-to-end ack).
+
+Size cap: durable batches are evicted first (oldest first); only then the oldest unsent rows, as
+a last resort, counted in ``meta.evicted_unsent`` and logged.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import sqlite3
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Final, Self
+
+import msgspec
+
+from revline.contract import FLAG_CLOCK_UNSYNCED, NUMERIC_FIELDS, SCHEMA_VERSION, Batch, Sample
+from revline.logs import kv
+
+__all__ = [
+    "CREATED",
+    "DURABLE",
+    "FIELD_SCALES",
+    "PUBLISHED",
+    "Spool",
+    "SpoolBatch",
+    "SpoolRow",
+    "encode_batch",
+    "pack_values",
+    "row_to_sample",
+]
+
+log = logging.getLogger("revline.edge.spool")
+
+CREATED: Final = 0
+PUBLISHED: Final = 1
+DURABLE: Final = 2
+
+FIELD_SCALES: Final[tuple[tuple[str, int], ...]] = (
+    ("speed", 10),  # 0.1 km/h
+    ("rpm", 4),  # OBD resolution: 1/4 rpm
+    ("coolant", 10),
+    ("intake", 10),
+    ("throttle", 100),  # OBD steps are 100/255 %; 0.01 % keeps them apart
+    ("load", 100),
+    ("maf", 100),  # OBD resolution: 0.01 g/s
+    ("fuel", 100),
+    ("battery", 1000),  # OBD resolution: 1 mV
+    ("lat", 10_000_000),  # 1e-7 degree, about 1 cm
+    ("lon", 10_000_000),
+    ("alt", 10),
+    ("heading", 10),
+    ("gps_speed", 10),
+)
+"""Integer units the spool stores each measurement in, in contract field order."""
+assert tuple(name for name, _ in FIELD_SCALES) == NUMERIC_FIELDS
+
+_EXTRA_BIT: Final = 1 << 15
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder()
+
+_SCHEMA: Final = """
+CREATE TABLE IF NOT EXISTS samples (
+    seq INTEGER PRIMARY KEY, ts INTEGER NOT NULL, data BLOB NOT NULL, mono INTEGER, boot INTEGER
+);
+CREATE TABLE IF NOT EXISTS batches (
+    id INTEGER PRIMARY KEY, lo INTEGER NOT NULL, hi INTEGER NOT NULL, n INTEGER NOT NULL,
+    state INTEGER NOT NULL DEFAULT 0, sent_at REAL, acked_at REAL
+);
+CREATE TABLE IF NOT EXISTS boots (id INTEGER PRIMARY KEY, boot_id TEXT NOT NULL UNIQUE);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID;
+"""
+
+
+def pack_values(values: dict[str, float], extra: dict[str, float] | None = None) -> bytes:
+    """The compact ``data`` blob of one sample: quantised integers behind a presence mask."""
+    mask = 0
+    out: list[Any] = [0]
+    for i, (name, scale) in enumerate(FIELD_SCALES):
+        value = values.get(name)
+        if value is not None:
+            mask |= 1 << i
+            out.append(round(value * scale))
+    if extra:
+        mask |= _EXTRA_BIT
+        out.append(extra)
+    out[0] = mask
+    return _encoder.encode(out)
+
+
+def row_to_sample(seq: int, ts: int, data: bytes, *, flagged: bool) -> Sample:
+    """Rebuild the contract sample of a spool row; deterministic, so resends are identical."""
+    items = _decoder.decode(data)
+    mask: int = items[0]
+    fields: dict[str, Any] = {}
+    j = 1
+    for i, (name, scale) in enumerate(FIELD_SCALES):
+        if mask >> i & 1:
+            q: int = items[j]
+            j += 1
+            # Whole values go on the wire as MessagePack ints (1-3 bytes instead of 9).
+            fields[name] = q // scale if q % scale == 0 else q / scale
+    if mask & _EXTRA_BIT:
+        fields["extra"] = items[j]
+    return Sample(ts=ts, seq=seq, flags=FLAG_CLOCK_UNSYNCED if flagged else 0, **fields)
+
+
+SpoolRow = tuple[int, bytes, int | None]
+"""What the sampler writes: ``(ts_us, data, mono_us)``; ``mono_us`` only while untrusted."""
+
+
+@dataclass(frozen=True, slots=True)
+class SpoolBatch:
+    """A batch as stored: its id and rows ``(seq, ts, data, boot)`` in ``seq`` order."""
+
+    id: int
+    rows: list[tuple[int, int, bytes, int | None]]
+
+    @property
+    def lo(self) -> int:
+        """First sequence number."""
+        return self.rows[0][0]
+
+    @property
+    def hi(self) -> int:
+        """Last sequence number."""
+        return self.rows[-1][0]
+
+
+def encode_batch(vin: str, batch: SpoolBatch) -> bytes:
+    """The exact wire bytes of a stored batch (the same every time it is called)."""
+    samples = [
+        row_to_sample(seq, ts, data, flagged=boot is not None)
+        for seq, ts, data, boot in batch.rows
+    ]
+    return msgspec.msgpack.encode(
+        Batch(v=SCHEMA_VERSION, vin=vin, batch=batch.id, samples=samples)
+    )
+
+
+class Spool:
+    """The SQLite spool, a context manager; thread-safe (the publisher runs in its own thread)."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        max_bytes: int | None = None,
+        boot_id: str = "unknown",
+    ) -> None:
+        self.path = Path(path)
+        self.max_bytes = max_bytes
+        self.boot_id = boot_id
+        self._lock = threading.Lock()
+        self._db: sqlite3.Connection | None = None
+        self.next_seq = 0
+        self.next_batch = 0
+        self._gaps: list[list[int]] = []  # unbatched seq ranges, sorted, disjoint
+        self._hold_from: int | None = None  # first row of this boot waiting for a trusted clock
+        self._tail_since: float | None = None
+        self._rows = 0
+        self._boot_key = 0
+        self.dropped_batches: set[int] = set()
+        """Batches evicted before they were durable; the publisher forgets them."""
+
+    # --- lifecycle ---
+
+    def __enter__(self) -> Self:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            # NORMAL in WAL mode: durable across a process crash; a power cut may roll back the
+            # last transactions, never corrupt. FULL would fsync every flush on an SD card.
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.execute("PRAGMA busy_timeout=5000")
+            db.executescript(_SCHEMA)
+            self._db = db
+            self._load()
+        except BaseException:
+            db.close()
+            self._db = None
+            raise
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the database; idempotent."""
+        with self._lock:
+            if self._db is not None:
+                self._db.close()
+                self._db = None
+
+    @property
+    def db(self) -> sqlite3.Connection:
+        """The open connection; a bug to use it outside the context manager."""
+        if self._db is None:
+            raise RuntimeError("spool is not open")
+        return self._db
+
+    def _meta(self, key: str, default: Any = 0) -> Any:
+        row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return default if row is None else row[0]
+
+    def _set_meta(self, key: str, value: object) -> None:
+        self.db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, value))
+
+    def _load(self) -> None:
+        db = self.db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.execute("INSERT OR IGNORE INTO boots(boot_id) VALUES (?)", (self.boot_id,))
+            (self._boot_key,) = db.execute(
+                "SELECT id FROM boots WHERE boot_id = ?", (self.boot_id,)
+            ).fetchone()
+            max_seq, self._rows = db.execute("SELECT max(seq), count(*) FROM samples").fetchone()
+            (max_batch,) = db.execute("SELECT max(id) FROM batches").fetchone()
+            self.next_seq = max(int(self._meta("next_seq")), (max_seq or -1) + 1)
+            self.next_batch = max(int(self._meta("next_batch")), (max_batch or -1) + 1)
+            # Rows of an earlier boot that never got a trusted clock: their monotonic time is
+            # meaningless now. Give them a best-effort ts (never before the last trusted one) and
+            # keep `boot` set, which flags them FLAG_CLOCK_UNSYNCED on the wire.
+            floor = int(self._meta("last_trusted_us"))
+            cursor = db.execute(
+                "UPDATE samples SET ts = max(ts, ?), mono = NULL "
+                "WHERE mono IS NOT NULL AND boot != ?",
+                (floor, self._boot_key),
+            )
+            if cursor.rowcount:
+                log.warning(
+                    "samples from an earlier boot never got a trusted clock; sent flagged",
+                    extra=kv(samples=cursor.rowcount),
+                )
+            (self._hold_from,) = db.execute(
+                "SELECT min(seq) FROM samples WHERE boot = ? AND mono IS NOT NULL",
+                (self._boot_key,),
+            ).fetchone()
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        (min_seq,) = db.execute("SELECT min(seq) FROM samples").fetchone()
+        ranges = db.execute("SELECT lo, hi FROM batches ORDER BY lo").fetchall()
+        self._gaps = _uncovered(min_seq, self.next_seq - 1, ranges) if min_seq is not None else []
+        self._tail_since = time.monotonic() if self._gaps else None
+
+    # --- writing (sampler) ---
+
+    def write(self, rows: Sequence[SpoolRow]) -> int:
+        """Commit samples in one transaction; returns the first seq given to them."""
+        if not rows:
+            return self.next_seq
+        with self._lock:
+            db = self.db
+            first = self.next_seq
+            boot = self._boot_key
+            params = [
+                (first + i, ts, data, mono, None if mono is None else boot)
+                for i, (ts, data, mono) in enumerate(rows)
+            ]
+            last = first + len(rows) - 1
+            last_trusted = max((ts for ts, _, mono in rows if mono is None), default=None)
+            db.execute("BEGIN")
+            try:
+                db.executemany("INSERT INTO samples VALUES (?, ?, ?, ?, ?)", params)
+                self._set_meta("next_seq", last + 1)
+                if last_trusted is not None:
+                    self._set_meta("last_trusted_us", last_trusted)
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            self.next_seq = last + 1
+            self._rows += len(rows)
+            if self._hold_from is None and any(mono is not None for _, _, mono in rows):
+                self._hold_from = next(
+                    first + i for i, (_, _, mono) in enumerate(rows) if mono is not None
+                )
+            if self._gaps and self._gaps[-1][1] == first - 1:
+                self._gaps[-1][1] = last
+            else:
+                self._gaps.append([first, last])
+                self._tail_since = time.monotonic()
+        if self.max_bytes is not None:
+            self.enforce_cap()
+        return first
+
+    def fix_clock(self, offset_us: int) -> int:
+        """The clock became trusted: give this boot's waiting rows their exact ts; returns count."""
+        with self._lock:
+            db = self.db
+            db.execute("BEGIN")
+            try:
+                cursor = db.execute(
+                    "UPDATE samples SET ts = mono + ?, mono = NULL, boot = NULL "
+                    "WHERE boot = ? AND mono IS NOT NULL",
+                    (offset_us, self._boot_key),
+                )
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            self._hold_from = None
+            return cursor.rowcount
+
+    # --- batching (publisher) ---
+
+    def _batchable(self, lo: int, hi: int) -> tuple[int, int] | None:
+        if self._hold_from is not None:
+            hi = min(hi, self._hold_from - 1)
+        return (lo, hi) if lo <= hi else None
+
+    def _create(self, rows: list[tuple[int, int, bytes, int | None]]) -> SpoolBatch:
+        batch = SpoolBatch(id=self.next_batch, rows=rows)
+        db = self.db
+        db.execute("BEGIN")
+        try:
+            db.execute(
+                "INSERT INTO batches(id, lo, hi, n) VALUES (?, ?, ?, ?)",
+                (batch.id, batch.lo, batch.hi, len(rows)),
+            )
+            self._set_meta("next_batch", batch.id + 1)
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        self.next_batch += 1
+        _remove_range(self._gaps, batch.lo, batch.hi)
+        return batch
+
+    def _select(self, lo: int, hi: int, limit: int, *, newest: bool) -> list[Any]:
+        order = "DESC" if newest else "ASC"
+        rows = self.db.execute(
+            f"SELECT seq, ts, data, boot FROM samples WHERE seq BETWEEN ? AND ? "
+            f"ORDER BY seq {order} LIMIT ?",
+            (lo, hi, limit),
+        ).fetchall()
+        if newest:
+            rows.reverse()
+        return rows
+
+    def _tail(self) -> list[int] | None:
+        if self._gaps and self._gaps[-1][1] == self.next_seq - 1:
+            return self._gaps[-1]
+        return None
+
+    def take_live(self, max_samples: int, max_age_s: float) -> SpoolBatch | None:
+        """The newest unbatched samples as a new batch, once there are enough or they are old."""
+        with self._lock:
+            tail = self._tail()
+            if tail is None:
+                return None
+            span = self._batchable(tail[0], tail[1])
+            if span is None:
+                return None
+            lo, hi = span
+            waited = time.monotonic() - (self._tail_since or 0.0)
+            if hi - lo + 1 < max_samples and waited < max_age_s:
+                return None
+            rows = self._select(lo, hi, max_samples, newest=True)
+            if not rows:
+                _remove_range(self._gaps, lo, hi)
+                return None
+            self._tail_since = time.monotonic()
+            return self._create(rows)
+
+    def take_backlog(self, max_samples: int) -> SpoolBatch | None:
+        """The oldest unbatched samples (not the live tail) as a new batch."""
+        with self._lock:
+            while self._gaps:
+                gap = self._gaps[0]
+                if gap is self._tail():
+                    return None
+                span = self._batchable(gap[0], gap[1])
+                if span is None:
+                    return None
+                rows = self._select(span[0], span[1], max_samples, newest=False)
+                if rows:
+                    return self._create(rows)
+                _remove_range(self._gaps, span[0], span[1])  # evicted: nothing left there
+            return None
+
+    def backlog_start(self) -> int | None:
+        """The oldest unbatched seq outside the live tail (for ordering against resends)."""
+        with self._lock:
+            if self._gaps and self._gaps[0] is not self._tail():
+                return self._gaps[0][0]
+            return None
+
+    def load_batch(self, batch_id: int) -> SpoolBatch | None:
+        """A stored batch with its rows, to resend it; None if evicted."""
+        with self._lock:
+            found = self.db.execute(
+                "SELECT lo, hi FROM batches WHERE id = ?", (batch_id,)
+            ).fetchone()
+            if found is None:
+                return None
+            rows = self._select(found[0], found[1], found[1] - found[0] + 1, newest=False)
+            return SpoolBatch(id=batch_id, rows=rows) if rows else None
+
+    def pending_batches(self) -> list[int]:
+        """Ids of batches not yet durable, oldest first."""
+        with self._lock:
+            return [
+                row[0]
+                for row in self.db.execute(
+                    "SELECT id FROM batches WHERE state < ? ORDER BY lo", (DURABLE,)
+                )
+            ]
+
+    def mark(self, ids: Sequence[int], state: int) -> None:
+        """Record PUBACKs (``PUBLISHED``) or end-to-end acks (``DURABLE``) in one transaction."""
+        if not ids:
+            return
+        now = time.time()
+        with self._lock:
+            db = self.db
+            db.execute("BEGIN")
+            try:
+                if state == PUBLISHED:
+                    db.executemany(
+                        "UPDATE batches SET state = max(state, 1), sent_at = coalesce(sent_at, ?) "
+                        "WHERE id = ?",
+                        [(now, i) for i in ids],
+                    )
+                else:
+                    db.executemany(
+                        "UPDATE batches SET state = 2, acked_at = ? WHERE id = ?",
+                        [(now, i) for i in ids],
+                    )
+                    self._set_meta("last_ack_wall", now)
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+
+    def set_meta(self, key: str, value: object) -> None:
+        """Store a status value (clock state...) for ``revline edge status``."""
+        with self._lock:
+            self._set_meta(key, value)
+
+    # --- size cap ---
+
+    def used_bytes(self) -> int:
+        """Bytes in use in the database file (free pages excluded)."""
+        db = self.db
+        (pages,) = db.execute("PRAGMA page_count").fetchone()
+        (free,) = db.execute("PRAGMA freelist_count").fetchone()
+        (size,) = db.execute("PRAGMA page_size").fetchone()
+        return int((pages - free) * size)
+
+    def enforce_cap(self) -> tuple[int, int]:
+        """Evict down to 90 % of the cap: durable rows first, then oldest unsent. Returns counts."""
+        if self.max_bytes is None:
+            return 0, 0
+        with self._lock:
+            used = self.used_bytes()
+            if used <= self.max_bytes or self._rows == 0:
+                return 0, 0
+            per_row = used / self._rows
+            target = int((used - 0.9 * self.max_bytes) / per_row) + 1
+            db = self.db
+            db.execute("BEGIN")
+            try:
+                durable = self._evict_durable(target)
+                unsent = self._evict_unsent(target - durable) if durable < target else 0
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            self._rows -= durable + unsent
+        if unsent:
+            log.warning(
+                "spool full: evicted unsent samples", extra=kv(evicted_unsent=unsent)
+            )
+        return durable, unsent
+
+    def _evict_durable(self, target: int) -> int:
+        db = self.db
+        removed = 0
+        batches = db.execute(
+            "SELECT id, lo, hi FROM batches WHERE state = ? ORDER BY lo", (DURABLE,)
+        ).fetchall()
+        for batch_id, lo, hi in batches:
+            if removed >= target:
+                break
+            removed += _delete_rows(db, lo, hi)
+            db.execute("DELETE FROM batches WHERE id = ?", (batch_id,))
+        if removed:
+            self._set_meta("evicted_durable", int(self._meta("evicted_durable")) + removed)
+        return removed
+
+    def _evict_unsent(self, target: int) -> int:
+        db = self.db
+        removed = 0
+        while removed < target:
+            row = db.execute("SELECT min(seq) FROM samples").fetchone()
+            if row[0] is None:
+                break
+            seq = int(row[0])
+            batch = db.execute(
+                "SELECT id, lo, hi FROM batches WHERE lo <= ? AND hi >= ?", (seq, seq)
+            ).fetchone()
+            if batch is not None:
+                # A batch goes whole or not at all: a partial one could not be resent identically.
+                lo, hi = batch[1], batch[2]
+                db.execute("DELETE FROM batches WHERE id = ?", (batch[0],))
+                self.dropped_batches.add(batch[0])
+            else:
+                nxt = db.execute("SELECT min(lo) FROM batches WHERE lo > ?", (seq,)).fetchone()[0]
+                lo = seq
+                hi = seq + (target - removed) - 1
+                if nxt is not None:
+                    hi = min(hi, nxt - 1)
+                _remove_range(self._gaps, lo, hi)
+                if self._hold_from is not None and self._hold_from <= hi:
+                    (self._hold_from,) = db.execute(
+                        "SELECT min(seq) FROM samples WHERE boot = ? AND mono IS NOT NULL "
+                        "AND seq > ?",
+                        (self._boot_key, hi),
+                    ).fetchone()
+            removed += _delete_rows(db, lo, hi)
+        self._set_meta("evicted_unsent", int(self._meta("evicted_unsent")) + removed)
+        return removed
+
+    def unbatched(self) -> int:
+        """Samples not yet in any batch (upper bound: evicted holes count)."""
+        with self._lock:
+            return sum(hi - lo + 1 for lo, hi in self._gaps)
+
+
+def _delete_rows(db: sqlite3.Connection, lo: int, hi: int) -> int:
+    return db.execute("DELETE FROM samples WHERE seq BETWEEN ? AND ?", (lo, hi)).rowcount
+
+
+def _uncovered(lo: int, hi: int, ranges: Sequence[tuple[int, int]]) -> list[list[int]]:
+    """Parts of ``[lo, hi]`` not covered by the sorted ``ranges``."""
+    gaps: list[list[int]] = []
+    cursor = lo
+    for r_lo, r_hi in ranges:
+        if r_lo > cursor:
+            gaps.append([cursor, min(r_lo - 1, hi)])
+        cursor = max(cursor, r_hi + 1)
+    if cursor <= hi:
+        gaps.append([cursor, hi])
+    return [g for g in gaps if g[0] <= g[1]]
+
+
+def _remove_range(gaps: list[list[int]], lo: int, hi: int) -> None:
+    """Take ``[lo, hi]`` out of the sorted disjoint ``gaps``, splitting one if needed."""
+    i = max(bisect.bisect_right([g[0] for g in gaps], lo) - 1, 0)
+    out: list[list[int]] = gaps[:i]
+    for g_lo, g_hi in gaps[i:]:
+        if g_hi < lo or g_lo > hi:
+            out.append([g_lo, g_hi])
+            continue
+        if g_lo < lo:
+            out.append([g_lo, lo - 1])
+        if g_hi > hi:
+            out.append([hi + 1, g_hi])
+    gaps[:] = out
