@@ -17,10 +17,17 @@ import msgspec
 from revline.contract import Vin
 from revline.settings import ConfigError, load
 
-__all__ = ["DEFAULT_CONFIG_PATH", "ENV_PREFIX", "EdgeSettings", "load_edge_settings"]
+__all__ = [
+    "DEFAULT_CONFIG_PATH",
+    "DEFAULT_SPOOL_PATH",
+    "ENV_PREFIX",
+    "EdgeSettings",
+    "load_edge_settings",
+]
 
 DEFAULT_CONFIG_PATH: Final = Path("/etc/revline/edge.toml")
 ENV_PREFIX: Final = "REVLINE_EDGE_"
+DEFAULT_SPOOL_PATH: Final = "/var/lib/revline/edge-spool.db"
 
 Positive = Annotated[float, msgspec.Meta(gt=0)]
 PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
@@ -65,7 +72,7 @@ class EdgeSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     """Simulated seconds per real second (tests and demos drive faster than real time)."""
 
     # --- spool ---
-    spool_path: str = "/var/lib/revline/edge-spool.db"
+    spool_path: str = DEFAULT_SPOOL_PATH
     flush_interval_s: Annotated[float, msgspec.Meta(gt=0, le=10)] = 0.5
     """Samples are committed to the spool at least this often; a crash loses at most this much."""
     spool_max_mb: Annotated[float, msgspec.Meta(ge=1)] = 512.0
@@ -81,6 +88,8 @@ class EdgeSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     batch_max_age_s: Positive = 1.0
     inflight_max: PositiveInt = 20
     """Messages published but not yet PUBACKed, at most; fed from the spool."""
+    unacked_max: PositiveInt = 100
+    """Batches published but not yet acked end to end, at most; the rest waits in the spool."""
     ack_timeout_s: Positive = 30.0
     """A batch PUBACKed but not acked end to end after this long is sent again, same bytes."""
     live_window_s: Positive = 10.0

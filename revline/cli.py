@@ -23,7 +23,7 @@ __all__ = ["Commands", "main"]
 
 Runner = Callable[[argparse.Namespace], int]
 
-COMMAND_MODULES = ("revline.tail",)
+COMMAND_MODULES = ("revline.tail", "consumer.cli", "edge.cli", "consumer.migrate_cli")
 
 
 @dataclass(frozen=True)

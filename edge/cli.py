@@ -1,0 +1,94 @@
+"""``revline edge``, ``revline edge status`` and ``revline bench edge`` (stdlib-only imports)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from revline.cli import Commands
+
+__all__ = ["register"]
+
+# Flags that override the config file; every other key comes from TOML or REVLINE_EDGE_*.
+_FLAGS = (
+    ("--vin", str, "vehicle identification number"),
+    ("--source", str, "sim | obd | ble"),
+    ("--mqtt-url", str, "broker URL, mqtt://user:pass@host:port or mqtts://..."),
+    ("--spool-path", str, "SQLite spool file"),
+    ("--obd-port", str, "ELM327 serial port, e.g. /dev/rfcomm0"),
+    ("--gps", str, "none | gpsd | nmea"),
+    ("--sim-hz", float, "simulator samples per second"),
+    ("--sim-speedup", float, "simulated seconds per real second"),
+    ("--flush-interval-s", float, "seconds between spool commits"),
+    ("--ack-timeout-s", float, "resend a batch not acked end to end after this long"),
+    ("--clock", str, "auto | trusted | untrusted"),
+)
+
+
+def register(commands: Commands) -> None:
+    """Add ``revline edge [status]`` and ``revline bench edge``."""
+    parser = commands.add(
+        commands.top, "edge", "run the device publisher (or 'status': what the spool holds)", _run
+    )
+    parser.add_argument("action", nargs="?", default="run", choices=["run", "status"])
+    parser.add_argument(
+        "--config", type=Path, default=None, help="TOML file (/etc/revline/edge.toml)"
+    )
+    for flag, kind, help_text in _FLAGS:
+        parser.add_argument(flag, type=kind, default=None, help=help_text)
+
+    bench = commands.add(
+        commands.bench,
+        "edge",
+        "spool appends/s, backlog drain to a broker, bytes per sample",
+        _bench,
+    )
+    bench.add_argument("--mqtt-url", default="mqtt://127.0.0.1:1883", help="broker to drain into")
+    bench.add_argument("--samples", type=int, default=200_000, help="samples to append and drain")
+    bench.add_argument("--dir", type=Path, default=None, help="where to put the bench spool")
+
+
+def _flags(args: argparse.Namespace) -> dict[str, object]:
+    return {
+        flag[2:].replace("-", "_"): getattr(args, flag[2:].replace("-", "_"))
+        for flag, _, _ in _FLAGS
+    }
+
+
+def _run(args: argparse.Namespace) -> int:
+    from edge.config import DEFAULT_SPOOL_PATH, load_edge_settings  # noqa: PLC0415
+    from revline.settings import ConfigError  # noqa: PLC0415
+
+    flags = _flags(args)
+    if args.action == "status":
+        from edge.status import format_status, read_status  # noqa: PLC0415
+
+        # Status needs only the spool path: a config without a VIN still names it.
+        spool_path = flags.get("spool_path")
+        if spool_path is None:
+            try:
+                spool_path = load_edge_settings(args.config, flags=flags).spool_path
+            except ConfigError:
+                spool_path = DEFAULT_SPOOL_PATH
+        try:
+            print(format_status(read_status(str(spool_path))))
+        except FileNotFoundError as exc:
+            print(f"revline edge status: {exc}")
+            return 1
+        return 0
+
+    import asyncio  # noqa: PLC0415
+
+    from edge.service import run_edge  # noqa: PLC0415
+
+    settings = load_edge_settings(args.config, flags=flags)
+    asyncio.run(run_edge(settings))
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from edge.bench import run_bench  # noqa: PLC0415
+
+    return run_bench(mqtt_url=args.mqtt_url, samples=args.samples, directory=args.dir)

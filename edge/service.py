@@ -1,0 +1,134 @@
+"""``revline edge``: sources -> sampler -> spool -> publisher, one TaskGroup, clean SIGTERM.
+
+Shutdown order on SIGTERM/SIGINT: stop reading the sources, flush the sampler's buffer to the
+spool, let the publisher send what is open (at most ``shutdown_timeout_s``), close the sources,
+close the spool. Anything unpublished stays in the spool for the next start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import threading
+from collections.abc import Sequence
+
+from edge.clock import ClockModel, ClockSource, SystemClock, read_boot_id
+from edge.config import EdgeSettings
+from edge.publisher import Publisher
+from edge.reading import Source
+from edge.sampler import Sampler
+from edge.spool import Spool
+from revline.logs import kv
+
+__all__ = ["open_spool", "run_edge"]
+
+log = logging.getLogger("revline.edge")
+
+_STATS_EVERY_S = 60.0
+
+
+def open_spool(settings: EdgeSettings) -> Spool:
+    """The spool described by the settings (not yet entered)."""
+    return Spool(
+        settings.spool_path,
+        max_bytes=int(settings.spool_max_mb * 1_000_000),
+        boot_id=read_boot_id(),
+    )
+
+
+def _configured_sources(settings: EdgeSettings) -> list[Source]:
+    from edge.sources import open_sources  # noqa: PLC0415 - pulls python-OBD, bleak, serial
+
+    return open_sources(settings)
+
+
+async def _read(source: Source, sampler: Sampler) -> None:
+    async for reading in source.readings():
+        sampler.add(reading)
+    log.info("source ended", extra=kv(source=source.name))
+
+
+async def _publish(publisher: Publisher) -> None:
+    # The publisher is a thread: cancelling the awaiting task would not stop it, and it must be
+    # finished before the spool closes under it.
+    task = asyncio.ensure_future(asyncio.to_thread(publisher.run))
+    try:
+        await asyncio.shield(task)
+    except asyncio.CancelledError:
+        publisher.stop()
+        await task
+        raise
+
+
+async def _report(sampler: Sampler, publisher: Publisher, spool: Spool) -> None:
+    while True:
+        await asyncio.sleep(_STATS_EVERY_S)
+        log.info(
+            "edge running",
+            extra=kv(
+                written=sampler.written,
+                published=publisher.stats.samples,
+                acked_batches=publisher.stats.acked,
+                resent=publisher.stats.resent,
+                unbatched=spool.unbatched(),
+                connected=publisher.connected,
+                clock="trusted" if sampler.model.trusted else "untrusted",
+            ),
+        )
+
+
+async def run_edge(
+    settings: EdgeSettings,
+    *,
+    sources: Sequence[Source] | None = None,
+    clock: ClockSource | None = None,
+    stop: asyncio.Event | None = None,
+) -> None:
+    """Run until ``stop`` is set (or SIGTERM/SIGINT when running in the main thread)."""
+    stop = stop or asyncio.Event()
+    if threading.current_thread() is threading.main_thread():
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+    chosen = list(sources) if sources is not None else _configured_sources(settings)
+    clock = clock or SystemClock()
+    model = ClockModel(settings.clock)
+    with open_spool(settings) as spool:
+        sampler = Sampler(spool, model, clock, flush_interval_s=settings.flush_interval_s)
+        sampler.check_clock()
+        publisher = Publisher(settings, spool)
+        log.info(
+            "edge starting",
+            extra=kv(
+                vin=settings.vin,
+                sources=",".join(s.name for s in chosen),
+                spool=settings.spool_path,
+                next_seq=spool.next_seq,
+                clock="trusted" if model.trusted else "untrusted",
+            ),
+        )
+        async with contextlib.AsyncExitStack() as stack:
+            opened = [await stack.enter_async_context(s) for s in chosen]
+            flusher_stop = asyncio.Event()
+            async with asyncio.TaskGroup() as tg:
+                readers = [
+                    tg.create_task(_read(s, sampler), name=f"source-{s.name}") for s in opened
+                ]
+                flusher = tg.create_task(sampler.run_flusher(flusher_stop), name="flusher")
+                publishing = tg.create_task(_publish(publisher), name="publisher")
+                reporter = tg.create_task(_report(sampler, publisher, spool), name="report")
+                await stop.wait()
+                log.info("stopping: flushing the spool, then publishing what is open")
+                for task in readers:
+                    task.cancel()
+                flusher_stop.set()
+                await flusher
+                publisher.stop()
+                await publishing
+                reporter.cancel()
+        log.info(
+            "edge stopped",
+            extra=kv(written=sampler.written, unbatched=spool.unbatched(), next_seq=spool.next_seq),
+        )
