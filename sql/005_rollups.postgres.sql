@@ -1,0 +1,168 @@
+-- Dashboard rollups as plain tables with the same columns as the TimescaleDB continuous
+-- aggregates, kept up to date by revline_refresh_rollups() (the consumer's maintenance task).
+CREATE TABLE samples_1m (
+    vin text NOT NULL,
+    bucket timestamptz NOT NULL,
+    sample_count bigint NOT NULL,
+    speed_avg double precision,
+    speed_min real,
+    speed_max real,
+    rpm_avg double precision,
+    rpm_min real,
+    rpm_max real,
+    coolant_avg double precision,
+    coolant_min real,
+    coolant_max real,
+    intake_avg double precision,
+    intake_min real,
+    intake_max real,
+    throttle_avg double precision,
+    throttle_min real,
+    throttle_max real,
+    load_avg double precision,
+    load_min real,
+    load_max real,
+    maf_avg double precision,
+    maf_min real,
+    maf_max real,
+    fuel_avg double precision,
+    fuel_min real,
+    fuel_max real,
+    battery_avg double precision,
+    battery_min real,
+    battery_max real,
+    lat_avg double precision,
+    lat_min double precision,
+    lat_max double precision,
+    lon_avg double precision,
+    lon_min double precision,
+    lon_max double precision,
+    alt_avg double precision,
+    alt_min real,
+    alt_max real,
+    heading_avg double precision,
+    heading_min real,
+    heading_max real,
+    gps_speed_avg double precision,
+    gps_speed_min real,
+    gps_speed_max real,
+    PRIMARY KEY (vin, bucket)
+);
+
+CREATE TABLE samples_1h (
+    vin text NOT NULL,
+    bucket timestamptz NOT NULL,
+    sample_count bigint NOT NULL,
+    speed_avg double precision,
+    speed_min real,
+    speed_max real,
+    rpm_avg double precision,
+    rpm_min real,
+    rpm_max real,
+    coolant_avg double precision,
+    coolant_min real,
+    coolant_max real,
+    intake_avg double precision,
+    intake_min real,
+    intake_max real,
+    throttle_avg double precision,
+    throttle_min real,
+    throttle_max real,
+    load_avg double precision,
+    load_min real,
+    load_max real,
+    maf_avg double precision,
+    maf_min real,
+    maf_max real,
+    fuel_avg double precision,
+    fuel_min real,
+    fuel_max real,
+    battery_avg double precision,
+    battery_min real,
+    battery_max real,
+    lat_avg double precision,
+    lat_min double precision,
+    lat_max double precision,
+    lon_avg double precision,
+    lon_min double precision,
+    lon_max double precision,
+    alt_avg double precision,
+    alt_min real,
+    alt_max real,
+    heading_avg double precision,
+    heading_min real,
+    heading_max real,
+    gps_speed_avg double precision,
+    gps_speed_min real,
+    gps_speed_max real,
+    PRIMARY KEY (vin, bucket)
+);
+
+-- How far the rollups have seen samples, by received_at.
+CREATE TABLE revline_rollup_state (
+    rollup text PRIMARY KEY,
+    watermark timestamptz NOT NULL
+);
+INSERT INTO revline_rollup_state VALUES ('samples_1m', '-infinity'), ('samples_1h', '-infinity');
+
+-- Recomputes every (vehicle, bucket) that received a sample since the last refresh, from the raw
+-- rows, so late and backfilled samples are counted. received_at is the inserting transaction's
+-- start time, so a transaction still open at the last refresh can commit rows older than the
+-- watermark: the `overlap` re-reads that margin (recomputing a bucket twice is harmless).
+CREATE FUNCTION revline_refresh_rollup(rollup text, width interval, overlap interval)
+RETURNS bigint
+LANGUAGE plpgsql AS $$
+DECLARE
+    since timestamptz;
+    upto timestamptz := clock_timestamp();
+    buckets bigint;
+BEGIN
+    SELECT watermark INTO since FROM revline_rollup_state s WHERE s.rollup = revline_refresh_rollup.rollup
+    FOR UPDATE;
+    EXECUTE format($q$
+        WITH touched AS (
+            SELECT DISTINCT vin, date_bin($1, ts, timestamptz 'epoch') AS bucket
+            FROM samples WHERE received_at > $2 - $3
+        )
+        INSERT INTO %I
+        SELECT s.vin, t.bucket,
+            count(*) AS sample_count,
+            avg(speed) AS speed_avg, min(speed) AS speed_min, max(speed) AS speed_max,
+            avg(rpm) AS rpm_avg, min(rpm) AS rpm_min, max(rpm) AS rpm_max,
+            avg(coolant) AS coolant_avg, min(coolant) AS coolant_min, max(coolant) AS coolant_max,
+            avg(intake) AS intake_avg, min(intake) AS intake_min, max(intake) AS intake_max,
+            avg(throttle) AS throttle_avg, min(throttle) AS throttle_min, max(throttle) AS throttle_max,
+            avg(load) AS load_avg, min(load) AS load_min, max(load) AS load_max,
+            avg(maf) AS maf_avg, min(maf) AS maf_min, max(maf) AS maf_max,
+            avg(fuel) AS fuel_avg, min(fuel) AS fuel_min, max(fuel) AS fuel_max,
+            avg(battery) AS battery_avg, min(battery) AS battery_min, max(battery) AS battery_max,
+            avg(lat) AS lat_avg, min(lat) AS lat_min, max(lat) AS lat_max,
+            avg(lon) AS lon_avg, min(lon) AS lon_min, max(lon) AS lon_max,
+            avg(alt) AS alt_avg, min(alt) AS alt_min, max(alt) AS alt_max,
+            avg(heading) AS heading_avg, min(heading) AS heading_min, max(heading) AS heading_max,
+            avg(gps_speed) AS gps_speed_avg, min(gps_speed) AS gps_speed_min, max(gps_speed) AS gps_speed_max
+        FROM touched t
+        JOIN samples s ON s.vin = t.vin AND s.ts >= t.bucket AND s.ts < t.bucket + $1
+        GROUP BY s.vin, t.bucket
+        ON CONFLICT (vin, bucket) DO UPDATE SET
+            sample_count = excluded.sample_count,
+            speed_avg = excluded.speed_avg, speed_min = excluded.speed_min, speed_max = excluded.speed_max,
+            rpm_avg = excluded.rpm_avg, rpm_min = excluded.rpm_min, rpm_max = excluded.rpm_max,
+            coolant_avg = excluded.coolant_avg, coolant_min = excluded.coolant_min, coolant_max = excluded.coolant_max,
+            intake_avg = excluded.intake_avg, intake_min = excluded.intake_min, intake_max = excluded.intake_max,
+            throttle_avg = excluded.throttle_avg, throttle_min = excluded.throttle_min, throttle_max = excluded.throttle_max,
+            load_avg = excluded.load_avg, load_min = excluded.load_min, load_max = excluded.load_max,
+            maf_avg = excluded.maf_avg, maf_min = excluded.maf_min, maf_max = excluded.maf_max,
+            fuel_avg = excluded.fuel_avg, fuel_min = excluded.fuel_min, fuel_max = excluded.fuel_max,
+            battery_avg = excluded.battery_avg, battery_min = excluded.battery_min, battery_max = excluded.battery_max,
+            lat_avg = excluded.lat_avg, lat_min = excluded.lat_min, lat_max = excluded.lat_max,
+            lon_avg = excluded.lon_avg, lon_min = excluded.lon_min, lon_max = excluded.lon_max,
+            alt_avg = excluded.alt_avg, alt_min = excluded.alt_min, alt_max = excluded.alt_max,
+            heading_avg = excluded.heading_avg, heading_min = excluded.heading_min, heading_max = excluded.heading_max,
+            gps_speed_avg = excluded.gps_speed_avg, gps_speed_min = excluded.gps_speed_min, gps_speed_max = excluded.gps_speed_max
+    $q$, rollup) USING width, since, overlap;
+    GET DIAGNOSTICS buckets = ROW_COUNT;
+    UPDATE revline_rollup_state s SET watermark = upto WHERE s.rollup = revline_refresh_rollup.rollup;
+    RETURN buckets;
+END
+$$;
