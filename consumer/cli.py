@@ -1,0 +1,101 @@
+"""``revline consumer`` and ``revline bench consumer``; only stdlib and revline at top level."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from revline.cli import Commands
+
+__all__ = ["register"]
+
+# Flags map one to one onto ConsumerSettings keys; an unset flag (None) leaves the key to the
+# TOML file, the environment or the default.
+_FLAGS: tuple[tuple[str, type, str], ...] = (
+    ("mqtt_url", str, "broker URL, mqtt:// or mqtts://user:pass@host:port (env MQTT_URL)"),
+    ("database_url", str, "PostgreSQL URL (env DATABASE_URL)"),
+    ("client_id", str, "fixed MQTT client id (default revline-consumer-<hostname>)"),
+    ("group", str, "shared-subscription group: consumers in one group split the load"),
+    ("session_expiry_s", int, "how long the broker keeps our session while away (86400)"),
+    ("receive_maximum", int, "unacked messages the broker may send us at once (1000)"),
+    ("keepalive_s", int, "MQTT keepalive (30)"),
+    ("ca_file", str, "CA bundle for mqtts://"),
+    ("cert_file", str, "client certificate for mqtts://"),
+    ("key_file", str, "client key for mqtts://"),
+    ("batch_max_samples", int, "close a write batch at this many samples (20000)"),
+    ("batch_max_age_ms", int, "... or when its first message is this old (200)"),
+    ("max_future_s", float, "reject samples further ahead of our clock than this (300)"),
+    ("pool_size", int, "database connections (4)"),
+    ("statement_timeout_s", float, "database statement timeout (30)"),
+    ("retry_initial_s", float, "first retry delay after a database error (0.2)"),
+    ("retry_max_s", float, "longest retry delay (15)"),
+    ("shutdown_timeout_s", float, "on SIGTERM, commit what is in hand within this (10)"),
+    ("log_every_s", float, "summary log line interval (10)"),
+    ("metrics_host", str, "address of /metrics and /healthz (0.0.0.0)"),
+    ("metrics_port", int, "port of /metrics and /healthz; 0 disables (9108)"),
+)
+
+
+def register(commands: Commands) -> None:
+    """Add ``revline consumer`` and ``revline bench consumer``."""
+    parser = commands.add(
+        commands.top,
+        "consumer",
+        "ingest telemetry from MQTT into the database (ack after commit)",
+        run,
+    )
+    parser.add_argument("--config", type=Path, help="TOML file with settings")
+    for key, kind, help_text in _FLAGS:
+        parser.add_argument(f"--{key.replace('_', '-')}", dest=key, type=kind, help=help_text)
+
+    bench = commands.add(
+        commands.bench,
+        "consumer",
+        "end-to-end consumer throughput and latency vs a plain staged COPY",
+        run_bench,
+    )
+    bench.add_argument("--mqtt-url", default="mqtt://127.0.0.1:1883")
+    bench.add_argument(
+        "--database-url",
+        default="postgresql://postgres@127.0.0.1:5432/postgres",
+        help="server where a scratch database revline_bench_<pid> is created and dropped",
+    )
+    bench.add_argument("--samples", type=int, default=1_000_000, help="samples to publish")
+    bench.add_argument("--per-message", type=int, default=500, help="samples per MQTT message")
+    bench.add_argument("--vehicles", type=int, default=100, help="distinct VINs")
+    bench.add_argument("--publishers", type=int, default=1, help="publisher processes")
+    bench.add_argument("--batch-max-samples", type=int, default=20_000)
+    bench.add_argument("--profile", type=Path, help="write a cProfile of the consumer here")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Load settings (a bad value stops here with one line), then serve until SIGTERM/SIGINT."""
+    import asyncio  # noqa: PLC0415 - keep `revline --help` light
+
+    from consumer.config import load_settings  # noqa: PLC0415
+
+    flags = {key: getattr(args, key) for key, _, _ in _FLAGS}
+    settings = load_settings(config=args.config, flags=flags)
+
+    async def main() -> None:
+        import signal  # noqa: PLC0415
+
+        from consumer.service import Consumer  # noqa: PLC0415
+
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await Consumer(settings).run(stop)
+
+    asyncio.run(main())
+    return 0
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    """Run the consumer benchmark and print its table."""
+    from consumer.bench import main  # noqa: PLC0415
+
+    return main(args)

@@ -1,0 +1,435 @@
+"""``revline consumer``: MQTT -> decode/validate -> batch -> one transaction -> PUBACK -> e2e ack.
+
+One TaskGroup of named tasks:
+
+* ``collect`` takes messages from the subscriber, validates them and closes batches by size and
+  age; a full batch goes to a queue of one, so at most one batch waits while another is written.
+* ``write`` commits each batch in one transaction (retrying transient database errors with capped,
+  jittered backoff, forever), then PUBACKs its messages in arrival order, then publishes
+  ``ack/<vin>``. While it waits, ``collect`` stops taking batches, the broker stops sending once
+  ``receive_maximum`` messages are unacked, and memory stays flat.
+* ``report`` logs a summary every ``log_every_s``; ``health`` pings the database when idle.
+
+SIGTERM/SIGINT: stop taking messages, commit what was received, ack it, disconnect keeping the
+session; a write still failing after ``shutdown_timeout_s`` is abandoned unacked (the broker
+redelivers it to the next run), never lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import TypeVar
+
+from consumer.batcher import Batcher, Pending
+from consumer.config import ConsumerSettings
+from consumer.metrics import Metrics, MetricsServer
+from consumer.subscriber import Inbound, Subscriber
+from consumer.validate import Invalid, check
+from consumer.writer import Rejected, Writer, WriteResult, is_transient
+from revline.contract import SCHEMA_VERSION, Ack, Batch, ack_topic, encode
+from revline.logs import kv
+from revline.mqtt import parse_mqtt_url
+
+__all__ = ["Consumer", "Item"]
+
+log = logging.getLogger("revline.consumer")
+
+_T = TypeVar("_T")
+
+
+@dataclass(frozen=True, slots=True)
+class Item:
+    """One received message and what became of it: a batch to store, or a dead letter.
+
+    ``batch`` is set whenever the payload decoded, even if it was then refused (future
+    timestamps), so that the device still gets its end-to-end ack for it.
+    """
+
+    inbound: Inbound
+    batch: Batch | None = None
+    rejected: Rejected | None = None
+
+
+@dataclass(slots=True)
+class _Totals:
+    """Running figures for the periodic summary line."""
+
+    samples: int = 0
+    inserted: int = 0
+    batches: int = 0
+    rejected: int = 0
+    lag_s: float = 0.0
+    commit_s: float = 0.0
+    reasons: dict[str, int] = field(default_factory=dict)
+
+
+def _rejected(inbound: Inbound, reason: str, detail: str) -> Rejected:
+    return Rejected(
+        received_at=datetime.fromtimestamp(inbound.received_at, tz=UTC),
+        topic=inbound.topic,
+        reason=reason,
+        detail=detail,
+        payload=inbound.payload,
+    )
+
+
+def _sqlstate(exc: BaseException) -> str:
+    return str(getattr(exc, "sqlstate", "") or type(exc).__name__)
+
+
+class Consumer:
+    """The ingest service; ``await Consumer(settings).run(stop)`` until ``stop`` is set."""
+
+    def __init__(self, settings: ConsumerSettings) -> None:
+        self.settings = settings
+        self.metrics = Metrics()
+        self.totals = _Totals()
+        self.metrics_port: int | None = None
+        self._ready: asyncio.Queue[Pending[Item] | None] = asyncio.Queue(maxsize=1)
+        self._last_db_ok = 0.0
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Run until ``stop`` is set, then shut down within ``shutdown_timeout_s``."""
+        s = self.settings
+        async with contextlib.AsyncExitStack() as stack:
+            writer = await self._open_writer(stack, stop)
+            if writer is None:
+                return
+            subscriber = Subscriber(
+                parse_mqtt_url(s.mqtt_url),
+                client_id=s.effective_client_id,
+                subscription=s.subscription,
+                session_expiry_s=s.session_expiry_s,
+                receive_maximum=s.receive_maximum,
+                keepalive_s=s.keepalive_s,
+                ca_file=s.ca_file or None,
+                cert_file=s.cert_file or None,
+                key_file=s.key_file or None,
+                on_state=lambda up: self.metrics.set_up("broker", up=up),
+            )
+            await stack.enter_async_context(subscriber)
+            if s.metrics_port:
+                server = MetricsServer(self.metrics, host=s.metrics_host, port=s.metrics_port)
+                await stack.enter_async_context(server)
+                self.metrics_port = server.port
+            log.info(
+                "consumer started",
+                extra=kv(
+                    mode=writer.mode,
+                    broker=str(subscriber.address),
+                    subscription=s.subscription,
+                    group=s.group or "-",
+                    client_id=s.effective_client_id,
+                ),
+            )
+            await self._serve(writer, subscriber, stop)
+        log.info("consumer stopped", extra=kv(samples=self.totals.samples))
+
+    async def _open_writer(
+        self, stack: contextlib.AsyncExitStack, stop: asyncio.Event
+    ) -> Writer | None:
+        """Enter the writer, waiting for the database if it is not up yet."""
+        s = self.settings
+        attempt = 0
+        while not stop.is_set():
+            writer = Writer(
+                s.database_url, pool_size=s.pool_size, statement_timeout_s=s.statement_timeout_s
+            )
+            try:
+                await stack.enter_async_context(writer)
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise
+                attempt += 1
+                log.warning(
+                    "database unreachable at start; retrying",
+                    extra=kv(attempt=attempt, error=f"{type(exc).__name__}: {exc}"),
+                )
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), self._backoff(attempt))
+                continue
+            self._db_ok()
+            return writer
+        return None
+
+    async def _serve(self, writer: Writer, subscriber: Subscriber, stop: asyncio.Event) -> None:
+        s = self.settings
+        async with asyncio.TaskGroup() as tg:
+            collect = tg.create_task(self._collect(subscriber), name="collect")
+            write = tg.create_task(self._write_loop(writer, subscriber), name="write")
+            background = [
+                tg.create_task(self._report(), name="report"),
+                tg.create_task(self._health(writer), name="health"),
+            ]
+            await stop.wait()
+            log.info(
+                "stopping: committing what was received", extra=kv(limit_s=s.shutdown_timeout_s)
+            )
+            subscriber.stop_delivering()
+            subscriber.inbound.put_nowait(None)
+            _, late = await asyncio.wait({collect, write}, timeout=s.shutdown_timeout_s)
+            if late:
+                log.warning(
+                    "shutdown timeout: abandoning the batch in hand unacked; "
+                    "the broker redelivers it on the next start"
+                )
+            for task in (*late, *background):
+                task.cancel()
+
+    # -- collect -------------------------------------------------------------------------------
+
+    async def _collect(self, subscriber: Subscriber) -> None:
+        s = self.settings
+        loop = asyncio.get_running_loop()
+        batcher: Batcher[Item] = Batcher(
+            max_samples=s.batch_max_samples,
+            max_age=s.batch_max_age_ms / 1000,
+            max_items=s.receive_maximum,
+        )
+        inbound = subscriber.inbound
+        max_future_us = int(s.max_future_s * 1e6)
+        while True:
+            deadline = batcher.deadline()
+            try:
+                async with asyncio.timeout_at(deadline):
+                    got = await inbound.get()
+            except TimeoutError:
+                await self._ready.put(batcher.take())
+                continue
+            if got is None:
+                break
+            item = self._classify(got, max_future_us)
+            samples = len(item.batch.samples) if item.batch is not None else 0
+            for closed in batcher.add(item, samples, loop.time()):
+                await self._ready.put(closed)
+        # Stopping: what paho already handed over is committed too (it is bounded by
+        # receive_maximum); anything later stays unacked on the broker.
+        while not inbound.empty():
+            got = inbound.get_nowait()
+            if got is not None:
+                item = self._classify(got, max_future_us)
+                samples = len(item.batch.samples) if item.batch is not None else 0
+                for closed in batcher.add(item, samples, loop.time()):
+                    await self._ready.put(closed)
+        if len(batcher):
+            await self._ready.put(batcher.take())
+        await self._ready.put(None)
+
+    def _classify(self, inbound: Inbound, max_future_us: int) -> Item:
+        self.metrics.messages.inc()
+        verdict = check(
+            inbound.payload,
+            inbound.topic,
+            now_us=int(time.time() * 1e6),
+            max_future_us=max_future_us,
+        )
+        if isinstance(verdict, Invalid):
+            rejected = _rejected(inbound, verdict.reason, verdict.detail)
+            return Item(inbound, batch=verdict.batch, rejected=rejected)
+        return Item(inbound, batch=verdict)
+
+    # -- write ---------------------------------------------------------------------------------
+
+    async def _write_loop(self, writer: Writer, subscriber: Subscriber) -> None:
+        while True:
+            pending = await self._ready.get()
+            if pending is None:
+                return
+            if pending.items:
+                await self._commit(writer, subscriber, pending)
+
+    async def _commit(self, writer: Writer, subscriber: Subscriber, pending: Pending[Item]) -> None:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        result, rejected = await self._retry(lambda: self._store(writer, pending.items))
+        now = time.time()
+        # Only now, with the transaction committed, may the broker forget these messages.
+        subscriber.ack(item.inbound for item in pending.items)
+        self._publish_acks(subscriber, pending.items)
+
+        t = self.totals
+        t.samples += result.samples
+        t.inserted += result.inserted
+        t.batches += 1
+        t.rejected += len(rejected)
+        for r in rejected:
+            t.reasons[r.reason] = t.reasons.get(r.reason, 0) + 1
+            self.metrics.rejected.labels(r.reason).inc()
+        newest = max(
+            (item.batch.samples[-1].ts for item in pending.items if item.batch is not None),
+            default=None,
+        )
+        if newest is not None:
+            t.lag_s = now - newest / 1e6
+            self.metrics.lag_seconds.set(t.lag_s)
+        t.commit_s = now - pending.items[0].inbound.received_at
+        m = self.metrics
+        m.samples.inc(result.samples)
+        m.inserted.inc(result.inserted)
+        m.batches.inc()
+        m.commit_seconds.observe(t.commit_s)
+        log.debug(
+            "batch committed",
+            extra=kv(
+                messages=len(pending.items),
+                samples=result.samples,
+                inserted=result.inserted,
+                dup=result.samples - result.inserted,
+                rejected=len(rejected),
+                ms=(loop.time() - started) * 1000,
+            ),
+        )
+
+    async def _store(
+        self, writer: Writer, items: Sequence[Item]
+    ) -> tuple[WriteResult, list[Rejected]]:
+        """Write the batches in one transaction, then dead-letter the bad messages.
+
+        A permanent database error (a row the contract let through but the schema refuses) must
+        not wedge the pipeline: then each message is written on its own and the one that fails
+        is dead-lettered with reason ``db_error`` and its SQLSTATE.
+        """
+        rejected = [item.rejected for item in items if item.rejected is not None]
+        batches = [item.batch for item in items if item.batch is not None and item.rejected is None]
+        result = WriteResult(batches=0, samples=0, inserted=0)
+        if batches:
+            try:
+                result = await writer.write(batches)
+            except Exception as exc:
+                if is_transient(exc):
+                    raise
+                log.warning(
+                    "batch refused by the database; writing its messages one by one",
+                    extra=kv(error=f"{_sqlstate(exc)}: {exc}"),
+                )
+                result, refused = await self._store_each(writer, items)
+                rejected.extend(refused)
+        if rejected:
+            await writer.reject(rejected)
+        return result, rejected
+
+    async def _store_each(
+        self, writer: Writer, items: Sequence[Item]
+    ) -> tuple[WriteResult, list[Rejected]]:
+        batches = samples = inserted = 0
+        refused: list[Rejected] = []
+        for item in items:
+            if item.batch is None or item.rejected is not None:
+                continue
+            try:
+                one = await writer.write([item.batch])
+            except Exception as exc:
+                if is_transient(exc):
+                    raise
+                detail = f"SQLSTATE {_sqlstate(exc)}: {exc}"
+                refused.append(_rejected(item.inbound, "db_error", detail))
+                continue
+            batches += one.batches
+            samples += one.samples
+            inserted += one.inserted
+        return WriteResult(batches=batches, samples=samples, inserted=inserted), refused
+
+    def _publish_acks(self, subscriber: Subscriber, items: Sequence[Item]) -> None:
+        """Publish one ``ack/<vin>`` per vehicle naming its batches now durable, duplicates too.
+
+        A decoded batch that was dead-lettered (future timestamps, refused by the database) is
+        acked as well: its bytes are in ``rejected`` for an operator to replay, and a device
+        resending it forever would help nobody.
+        """
+        per_vin: dict[str, list[int]] = {}
+        for item in items:
+            batch = item.batch
+            if batch is None:
+                continue
+            ids = per_vin.setdefault(batch.vin, [])
+            if batch.batch not in ids:
+                ids.append(batch.batch)
+        for vin, ids in per_vin.items():
+            subscriber.publish(ack_topic(vin), encode(Ack(v=SCHEMA_VERSION, vin=vin, batches=ids)))
+
+    async def _retry(self, op: Callable[[], Awaitable[_T]]) -> _T:
+        """Run ``op`` until it succeeds, sleeping with capped jittered backoff on transient errors.
+
+        Bugs and permanent errors propagate (and stop the service); a database that is down or
+        slow is waited for, however long it takes.
+        """
+        attempt = 0
+        while True:
+            try:
+                value = await op()
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise
+                attempt += 1
+                self.metrics.db_errors.inc()
+                self.metrics.set_up("database", up=False)
+                delay = self._backoff(attempt)
+                log.warning(
+                    "database write failed; retrying the same batch",
+                    extra=kv(
+                        attempt=attempt,
+                        retry_in_s=delay,
+                        error=f"{type(exc).__name__}: {exc}",
+                    ),
+                )
+                await asyncio.sleep(delay)
+                continue
+            if attempt:
+                log.info("database write succeeded again", extra=kv(attempts=attempt + 1))
+            self._db_ok()
+            return value
+
+    def _backoff(self, attempt: int) -> float:
+        s = self.settings
+        cap = min(s.retry_max_s, s.retry_initial_s * 2.0 ** min(attempt - 1, 30))
+        return cap / 2 + random.uniform(0, cap / 2)  # jitter: consumers must not retry in step
+
+    def _db_ok(self) -> None:
+        self._last_db_ok = time.monotonic()
+        self.metrics.set_up("database", up=True)
+
+    # -- background ----------------------------------------------------------------------------
+
+    async def _health(self, writer: Writer) -> None:
+        while True:
+            await asyncio.sleep(5)
+            if time.monotonic() - self._last_db_ok < 5:
+                continue
+            try:
+                await asyncio.wait_for(writer.ping(), 5)
+            except Exception as exc:
+                if not is_transient(exc) and not isinstance(exc, TimeoutError):
+                    raise
+                self.metrics.set_up("database", up=False)
+            else:
+                self._db_ok()
+
+    async def _report(self) -> None:
+        every = self.settings.log_every_s
+        before = (self.totals.samples, self.totals.batches, time.monotonic())
+        while True:
+            await asyncio.sleep(every)
+            t = self.totals
+            now = time.monotonic()
+            samples, batches, then = before
+            log.info(
+                "summary",
+                extra=kv(
+                    samples_per_s=(t.samples - samples) / (now - then),
+                    batches=t.batches - batches,
+                    samples_total=t.samples,
+                    inserted_total=t.inserted,
+                    rejected_total=t.rejected,
+                    lag_s=t.lag_s,
+                    commit_s=t.commit_s,
+                    backlog=self._ready.qsize(),
+                ),
+            )
+            before = (t.samples, t.batches, now)
