@@ -7,6 +7,9 @@ It records what arrived, in order, so tests can check identities, duplicates and
 
 from __future__ import annotations
 
+import asyncio
+import sqlite3
+import sys
 import threading
 import time
 import uuid
@@ -17,6 +20,9 @@ from typing import Any
 
 import paho.mqtt.client as paho
 
+from edge.config import EdgeSettings
+from edge.service import run_edge
+from edge.sim import SimSource
 from revline.contract import Ack, Batch, ack_topic, decode_batch, encode, telemetry_topic
 from revline.mqtt import make_client, parse_mqtt_url
 
@@ -80,7 +86,7 @@ def running_acker(mqtt_url: str, vin: str) -> Iterator[Acker]:
     client.on_subscribe = on_subscribe
     client.on_message = on_message
     address = parse_mqtt_url(mqtt_url)
-    client.reconnect_delay_set(0.2, 1.0)
+    client.reconnect_delay_set(1, 2)
     client.connect(address.host, address.port)
     client.loop_start()
     try:
@@ -90,3 +96,69 @@ def running_acker(mqtt_url: str, vin: str) -> Iterator[Acker]:
     finally:
         client.disconnect()
         client.loop_stop()
+
+
+@contextmanager
+def running_edge(settings: EdgeSettings) -> Iterator[threading.Thread]:
+    """Run the real edge service with the simulator source in a thread; stop it on exit.
+
+    The simulator runs at ``settings.sim_hz`` x ``settings.sim_speedup`` samples per second.
+    """
+    loop_box: list[asyncio.AbstractEventLoop] = []
+    stop_box: list[asyncio.Event] = []
+    errors: list[BaseException] = []
+    started = threading.Event()
+
+    async def main() -> None:
+        stop_box.append(asyncio.Event())
+        loop_box.append(asyncio.get_running_loop())
+        started.set()
+        source = SimSource(hz=settings.sim_hz, seed=settings.sim_seed, speedup=settings.sim_speedup)
+        await run_edge(settings, sources=[source], stop=stop_box[0])
+
+    def target() -> None:
+        try:
+            asyncio.run(main())
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the test thread
+            errors.append(exc)
+            started.set()
+
+    thread = threading.Thread(target=target, name="edge", daemon=True)
+    thread.start()
+    started.wait(10)
+    try:
+        yield thread
+    finally:
+        if loop_box:
+            loop_box[0].call_soon_threadsafe(stop_box[0].set)
+        thread.join(60)
+        if errors:
+            raise errors[0]
+        assert not thread.is_alive(), "edge service did not stop"
+
+
+def spool_query(path: str, sql: str, *args: object) -> list[Any]:
+    """Rows of a read-only query on a spool, safe while the service writes it."""
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        return db.execute(sql, args).fetchall()
+    finally:
+        db.close()
+
+
+def _serve(spool_path: str, vin: str, mqtt_url: str, rate: float, flush: float) -> None:
+    """The edge service as its own process, for tests that kill it with SIGKILL."""
+    settings = EdgeSettings(
+        vin=vin,
+        spool_path=spool_path,
+        mqtt_url=mqtt_url,
+        clock="trusted",
+        sim_hz=10.0,
+        sim_speedup=rate / 10.0,
+        flush_interval_s=flush,
+    )
+    asyncio.run(run_edge(settings, sources=[SimSource(hz=10.0, speedup=rate / 10.0)]))
+
+
+if __name__ == "__main__":
+    _serve(sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4]), float(sys.argv[5]))
