@@ -33,6 +33,7 @@ from revline.settings import ConfigError, load
 
 __all__ = [
     "MODES",
+    "AsyncpgSession",
     "MigrateReport",
     "MigrateSettings",
     "Migration",
@@ -325,7 +326,7 @@ async def _apply_one(
         raise MigrationError(f"{migration.path.name} failed, nothing of it applied: {exc}") from exc
 
 
-class _AsyncpgSession:
+class AsyncpgSession:
     """:class:`Session` over one asyncpg connection."""
 
     def __init__(self, connection: Any) -> None:
@@ -346,6 +347,6 @@ async def migrate_dsn(
 
     connection = await asyncpg.connect(dsn)
     try:
-        return await migrate(_AsyncpgSession(connection), settings, directory)
+        return await migrate(AsyncpgSession(connection), settings, directory)
     finally:
         await connection.close()
