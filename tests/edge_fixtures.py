@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import paho.mqtt.client as paho
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from edge.config import EdgeSettings
 from edge.service import run_edge
@@ -62,10 +64,15 @@ def wait_for(predicate: Callable[[], bool], timeout: float, what: str, step: flo
 
 
 @contextmanager
-def running_acker(mqtt_url: str, vin: str) -> Iterator[Acker]:
-    """Run an acker in a background thread (paho loop_start), reconnecting on its own."""
+def running_acker(mqtt_url: str, vin: str, *, persistent: bool = False) -> Iterator[Acker]:
+    """Run an acker in a background thread (paho loop_start), reconnecting on its own.
+
+    ``persistent``: a fixed client id and a session kept by the broker, so that messages
+    published while the acker reconnects are queued for it, in order.
+    """
     acker = Acker(vin=vin)
-    client = make_client(parse_mqtt_url(mqtt_url), f"acker-{uuid.uuid4().hex[:8]}")
+    client_id = f"acker-{vin}" if persistent else f"acker-{uuid.uuid4().hex[:8]}"
+    client = make_client(parse_mqtt_url(mqtt_url), client_id)
     topic = telemetry_topic(vin)
     subscribed = threading.Event()
 
@@ -87,7 +94,9 @@ def running_acker(mqtt_url: str, vin: str) -> Iterator[Acker]:
     client.on_message = on_message
     address = parse_mqtt_url(mqtt_url)
     client.reconnect_delay_set(1, 2)
-    client.connect(address.host, address.port)
+    props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+    props.SessionExpiryInterval = 3600 if persistent else 0
+    client.connect(address.host, address.port, clean_start=not persistent, properties=props)
     client.loop_start()
     try:
         if not subscribed.wait(10):
@@ -126,7 +135,18 @@ def running_edge(settings: EdgeSettings) -> Iterator[threading.Thread]:
     thread = threading.Thread(target=target, name="edge", daemon=True)
     thread.start()
     started.wait(10)
+
+    def spool_ready() -> bool:
+        if errors:
+            raise errors[0]
+        try:
+            spool_query(settings.spool_path, "SELECT count(*) FROM batches")
+        except sqlite3.Error:
+            return False
+        return True
+
     try:
+        wait_for(spool_ready, 30, "the edge service to open its spool")
         yield thread
     finally:
         if loop_box:
