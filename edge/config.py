@@ -92,8 +92,6 @@ class EdgeSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     """Batches published but not yet acked end to end, at most; the rest waits in the spool."""
     ack_timeout_s: Positive = 30.0
     """A batch PUBACKed but not acked end to end after this long is sent again, same bytes."""
-    live_window_s: Positive = 10.0
-    """After an outage, samples younger than this are 'live' and sent before the backlog."""
     keepalive_s: Annotated[int, msgspec.Meta(ge=5, le=3600)] = 30
     session_expiry_s: Annotated[int, msgspec.Meta(ge=0)] = 7 * 24 * 3600
     reconnect_min_s: Positive = 1.0
@@ -103,8 +101,6 @@ class EdgeSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     clock: Literal["auto", "trusted", "untrusted"] = "auto"
     """``auto``: trust the wall clock once the system says NTP synchronised it, or GPS gives time.
     ``trusted``: always trust it (a board with an RTC). ``untrusted``: only GPS time counts."""
-    metrics_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 0
-    """Prometheus metrics on this port; 0 turns the endpoint off."""
     shutdown_timeout_s: Positive = 5.0
     """On SIGTERM, time allowed to flush the spool and publish what is open before closing."""
 
