@@ -44,8 +44,11 @@ class Elm327Emulator:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"emulator exited with {self.proc.returncode}")
-            first = out.read_text().splitlines()[:1] if out.exists() else []
-            if first and first[0].strip():
+            text = out.read_text() if out.exists() else ""
+            if net_port is not None and "STARTED" in text:
+                break  # in TCP mode no pty is printed
+            first = text.splitlines()[:1]
+            if net_port is None and first and first[0].strip():
                 self.pty = first[0].strip()
                 break
             time.sleep(0.05)
