@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from consumer.maintenance import MaintenanceReport
 
 __all__ = [
+    "COLD_SCALES",
     "INSERT_SAMPLES_SQL",
     "STAGING_COLUMNS",
     "STAGING_DDL",
@@ -41,6 +42,7 @@ __all__ = [
     "WriteResult",
     "Writer",
     "bench_write",
+    "cold_column",
     "is_transient",
     "records",
 ]
@@ -68,12 +70,45 @@ STAGING_DDL: Final = (
 )
 
 _TS: Final = "timestamptz 'epoch' + ts * interval '1 microsecond'"
-_COLD: Final = ("vin", "ts", "seq", *NUMERIC_FIELDS, "extra", "flags")
+
+COLD_SCALES: Final = {
+    "speed": (1, "smallint"),
+    "rpm": (2, "integer"),
+    "coolant": (1, "smallint"),
+    "intake": (1, "smallint"),
+    "throttle": (2, "smallint"),
+    "load": (2, "smallint"),
+    "maf": (2, "integer"),
+    "fuel": (2, "smallint"),
+    "battery": (3, "integer"),
+    "lat": (7, "integer"),
+    "lon": (7, "integer"),
+    "alt": (1, "integer"),
+    "heading": (1, "smallint"),
+    "gps_speed": (1, "smallint"),
+}
+"""Cold-table storage of each measurement: ``<field>_e<N>`` holds round(value * 10^N) in the
+given integer type. N is finer than any sensor's resolution (OBD rpm is 0.25, GPS 1e-7 degree),
+and the contract's bounds make overflow impossible. Integers compress by delta-of-delta to a few
+bits per smooth value; floats (Gorilla XOR) take 2-5 bytes each: see docs/storage.md."""
+
+
+def cold_column(name: str) -> str:
+    """The cold-table column of a measurement, e.g. ``speed_e1``."""
+    return f"{name}_e{COLD_SCALES[name][0]}"
+
+
+def _scaled(name: str) -> str:
+    digits, kind = COLD_SCALES[name]
+    return f"round({name}::float8 * 1e{digits})::{kind}"
+
+
+_COLD: Final = ("vin", "ts", "seq", *(cold_column(n) for n in NUMERIC_FIELDS), "extra", "flags")
 
 INSERT_SAMPLES_SQL: Final = (
     f"INSERT INTO samples ({', '.join(_COLD)}) "
-    f"SELECT vin, {_TS}, seq, {', '.join(NUMERIC_FIELDS)}, extra, flags FROM {STAGING_TABLE} "
-    "ON CONFLICT (vin, ts, seq) DO NOTHING"
+    f"SELECT vin, {_TS}, seq, {', '.join(_scaled(n) for n in NUMERIC_FIELDS)}, extra, flags "
+    f"FROM {STAGING_TABLE} ON CONFLICT (vin, ts, seq) DO NOTHING"
 )
 """Cold insert; the command tag's count is the number of new rows (duplicates are skipped)."""
 

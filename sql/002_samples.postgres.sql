@@ -1,6 +1,7 @@
--- Cold table: every sample ever received. OBD values are real (float4): a sensor's resolution is
--- far coarser than float4's 7 digits, and it halves the bytes. lat/lon stay double (float4 is
--- ~2 m off at 180 degrees).
+-- Cold table: every sample ever received. Each measurement is stored as a scaled integer,
+-- `<field>_e<N>` = round(value * 10^N), N finer than the sensor's resolution (COLD_SCALES in
+-- consumer/writer.py): smooth integer series compress to about a byte a value, floats to 2-5.
+-- Read it in real units through the view samples_decoded (006_decoded.sql).
 -- Plain PostgreSQL: native partitions, one per UTC day, created ahead by revline_ensure_partitions
 -- (run by `revline migrate` and the consumer's maintenance task). The DEFAULT partition takes any
 -- row with no partition yet, so an insert is never refused; maintenance moves rows out of it.
@@ -9,20 +10,20 @@ CREATE TABLE samples (
     ts timestamptz NOT NULL,
     seq bigint NOT NULL,
     received_at timestamptz NOT NULL DEFAULT now(),
-    speed real,
-    rpm real,
-    coolant real,
-    intake real,
-    throttle real,
-    load real,
-    maf real,
-    fuel real,
-    battery real,
-    lat double precision,
-    lon double precision,
-    alt real,
-    heading real,
-    gps_speed real,
+    speed_e1 smallint,
+    rpm_e2 integer,
+    coolant_e1 smallint,
+    intake_e1 smallint,
+    throttle_e2 smallint,
+    load_e2 smallint,
+    maf_e2 integer,
+    fuel_e2 smallint,
+    battery_e3 integer,
+    lat_e7 integer,
+    lon_e7 integer,
+    alt_e1 integer,
+    heading_e1 smallint,
+    gps_speed_e1 smallint,
     flags integer NOT NULL DEFAULT 0,
     extra jsonb,
     -- The sample's identity: a redelivered batch inserts nothing (ON CONFLICT DO NOTHING). The

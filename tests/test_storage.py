@@ -87,7 +87,7 @@ def test_failing_migration_leaves_the_database_as_it_was(database_url: str, tmp_
     """A migration failing halfway is rolled back entirely and not recorded; fixed, it applies."""
     for path in default_sql_dir().glob("*.sql"):
         shutil.copy(path, tmp_path / path.name)
-    broken = tmp_path / "006_broken.sql"
+    broken = tmp_path / "099_broken.sql"
     broken.write_text(
         "CREATE TABLE half_done (id int);\nALTER TABLE samples ADD COLUMN x int;\nSELECT 1/0;\n"
     )
@@ -95,14 +95,14 @@ def test_failing_migration_leaves_the_database_as_it_was(database_url: str, tmp_
     async def scenario() -> None:
         await migrate_dsn(database_url, SETTINGS)
         before = await _schema(database_url)
-        with pytest.raises(MigrationError, match=r"006_broken\.sql failed"):
+        with pytest.raises(MigrationError, match=r"099_broken\.sql failed"):
             await migrate_dsn(database_url, SETTINGS, tmp_path)
         assert await _schema(database_url) == before
         keys = {r["key"] for r in await _fetch(database_url, "SELECT key FROM revline_migrations")}
-        assert "006_broken" not in keys
+        assert "099_broken" not in keys
         broken.write_text("CREATE TABLE half_done (id int);\n")
         report = await migrate_dsn(database_url, SETTINGS, tmp_path)
-        assert report.applied == ["006_broken"]
+        assert report.applied == ["099_broken"]
 
     _run(scenario())
 
@@ -169,9 +169,19 @@ def test_migrate_command_rejects_a_bad_interval(
 
 
 def test_same_batch_twice_stores_each_sample_once(database_url: str, unique_vin: str) -> None:
-    """Writing a batch again (a redelivery) inserts nothing new; timestamps keep every µs."""
+    """Writing a batch again (a redelivery) inserts nothing new; timestamps keep every µs and
+    values read back exactly at sensor resolution."""
     ts = now_us() - 10_000_001
-    samples = [sample(ts + i * 100_001, i, speed=float(i), extra={"X": 1.5}) for i in range(50)]
+    samples = [
+        sample(
+            ts + i * 100_001,
+            i,
+            speed=i + 0.5,
+            lat=round(48.1234567 + i * 1e-7, 7),
+            extra={"X": 1.5},
+        )
+        for i in range(50)
+    ]
 
     async def scenario() -> None:
         await _migrated(database_url)
@@ -183,12 +193,12 @@ def test_same_batch_twice_stores_each_sample_once(database_url: str, unique_vin:
         assert (again.batches, again.samples, again.inserted) == (2, 100, 0)
         rows = await _fetch(
             database_url,
-            "SELECT (extract(epoch FROM ts) * 1000000)::bigint AS us, seq, speed, extra "
-            "FROM samples WHERE vin = $1 ORDER BY seq",
+            "SELECT (extract(epoch FROM ts) * 1000000)::bigint AS us, seq, speed, lat, extra "
+            "FROM samples_decoded WHERE vin = $1 ORDER BY seq",
             unique_vin,
         )
-        assert [(r["us"], r["seq"], r["speed"]) for r in rows] == [
-            (s.ts, s.seq, s.speed) for s in samples
+        assert [(r["us"], r["seq"], r["speed"], r["lat"]) for r in rows] == [
+            (s.ts, s.seq, s.speed, s.lat) for s in samples
         ]
         assert rows[0]["extra"] == '{"X": 1.5}'
 
