@@ -10,10 +10,16 @@ from collections import Counter
 import obd
 import pytest
 
+from edge.ble import BridgedObdSource
+from edge.config import EdgeSettings
+from edge.gps import GpsdSource, NmeaSource
+from edge.obd_source import ObdSource
 from edge.pids import FIELD_BY_PID, PidSchedule, convert, split_supported
 from edge.reading import Reading
 from edge.sim import DriveSimulator, SimSource, simulate_readings, simulate_samples
+from edge.sources import open_sources
 from revline.contract import Batch, Sample, decode_batch, encode
+from revline.settings import ConfigError
 
 VIN = "1HGCM82633A004352"
 
@@ -172,3 +178,20 @@ def test_sim_source_paces_readings_and_runs_faster_with_speedup() -> None:
     assert all(r.wall_us is None for r in readings)
     expected = DriveSimulator(1)
     assert [r.values for r in readings] == [expected.step(0.1) for _ in range(100)]
+
+
+def test_open_sources_builds_the_configured_engine_and_gps_sources() -> None:
+    """Settings choose the engine source and the GPS source; 'none' adds no GPS."""
+    sim = open_sources(EdgeSettings(vin=VIN))
+    assert [type(s) for s in sim] == [SimSource]
+    obd_gpsd = open_sources(EdgeSettings(vin=VIN, source="obd", gps="gpsd", gpsd_port=2948))
+    assert [type(s) for s in obd_gpsd] == [ObdSource, GpsdSource]
+    ble_nmea = open_sources(EdgeSettings(vin=VIN, source="ble", ble_name="OBDII", gps="nmea"))
+    assert [type(s) for s in ble_nmea] == [BridgedObdSource, NmeaSource]
+
+
+def test_open_sources_names_the_key_of_an_unknown_pid() -> None:
+    """A misspelt PID stops the program at start with the config key in the message."""
+    settings = EdgeSettings(vin=VIN, source="obd", obd_slow_pids=["COOLANT_TEMP", "COLANT"])
+    with pytest.raises(ConfigError, match=r"obd_slow_pids.*COLANT"):
+        open_sources(settings)
