@@ -126,8 +126,7 @@ def _drain_until(publisher: Publisher, spool: Spool, n: int) -> float:
     try:
         while True:
             time.sleep(0.01)
-            (open_,) = spool.db.execute("SELECT count(*) FROM batches WHERE state < 2").fetchone()
-            if spool.unbatched() == 0 and open_ == 0:
+            if spool.unbatched() == 0 and spool.open_batches() == 0:
                 return n / (time.perf_counter() - start)
             if not thread.is_alive():
                 raise RuntimeError("publisher stopped early")

@@ -150,12 +150,9 @@ class SpoolBatch:
 def encode_batch(vin: str, batch: SpoolBatch) -> bytes:
     """The exact wire bytes of a stored batch (the same every time it is called)."""
     samples = [
-        row_to_sample(seq, ts, data, flagged=boot is not None)
-        for seq, ts, data, boot in batch.rows
+        row_to_sample(seq, ts, data, flagged=boot is not None) for seq, ts, data, boot in batch.rows
     ]
-    return msgspec.msgpack.encode(
-        Batch(v=SCHEMA_VERSION, vin=vin, batch=batch.id, samples=samples)
-    )
+    return msgspec.msgpack.encode(Batch(v=SCHEMA_VERSION, vin=vin, batch=batch.id, samples=samples))
 
 
 class Spool:
@@ -425,15 +422,27 @@ class Spool:
             rows = self._select(found[0], found[1], found[1] - found[0] + 1, newest=False)
             return SpoolBatch(id=batch_id, rows=rows) if rows else None
 
-    def pending_batches(self) -> list[int]:
-        """Ids of batches not yet durable, oldest first."""
+    def pending_batches_info(self) -> list[tuple[int, int, int]]:
+        """``(id, lo, samples)`` of batches not yet durable, oldest first."""
         with self._lock:
-            return [
-                row[0]
-                for row in self.db.execute(
-                    "SELECT id FROM batches WHERE state < ? ORDER BY lo", (DURABLE,)
-                )
-            ]
+            return self.db.execute(
+                "SELECT id, lo, n FROM batches WHERE state < ? ORDER BY lo", (DURABLE,)
+            ).fetchall()
+
+    def open_batches(self) -> int:
+        """Batches not yet durable."""
+        with self._lock:
+            (count,) = self.db.execute(
+                "SELECT count(*) FROM batches WHERE state < ?", (DURABLE,)
+            ).fetchone()
+            return int(count)
+
+    def take_dropped(self) -> list[int]:
+        """Batches evicted before they were durable since the last call."""
+        with self._lock:
+            dropped = list(self.dropped_batches)
+            self.dropped_batches.clear()
+            return dropped
 
     def mark(self, ids: Sequence[int], state: int) -> None:
         """Record PUBACKs (``PUBLISHED``) or end-to-end acks (``DURABLE``) in one transaction."""
@@ -497,9 +506,7 @@ class Spool:
                 raise
             self._rows -= durable + unsent
         if unsent:
-            log.warning(
-                "spool full: evicted unsent samples", extra=kv(evicted_unsent=unsent)
-            )
+            log.warning("spool full: evicted unsent samples", extra=kv(evicted_unsent=unsent))
         return durable, unsent
 
     def _evict_durable(self, target: int) -> int:

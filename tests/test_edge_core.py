@@ -17,12 +17,14 @@ from edge.sampler import Sampler, clean_values
 from edge.spool import (
     DURABLE,
     FIELD_SCALES,
+    PUBLISHED,
     Spool,
     SpoolBatch,
     encode_batch,
     pack_values,
     row_to_sample,
 )
+from edge.status import format_status, read_status
 from revline.contract import FLAG_CLOCK_UNSYNCED, decode_batch
 from revline.settings import ConfigError
 
@@ -332,3 +334,28 @@ def test_bad_config_value_names_the_key() -> None:
         load_edge_settings(environ={"REVLINE_EDGE_VIN": VIN, "REVLINE_EDGE_INFLIGHT_MAX": "0"})
     with pytest.raises(ConfigError, match="vin"):
         load_edge_settings(environ={})
+
+
+def test_status_reports_depth_by_state_and_oldest_unsent(tmp_path: Path) -> None:
+    """Status splits the spool into unsent, published and durable and ages the oldest unsent."""
+    path = tmp_path / "s.db"
+    now_us = T0 + 3_600_000_000
+    with Spool(path) as spool:
+        spool.write(rows(1500))
+        done = spool.take_live(500, 0.0)
+        sent = spool.take_backlog(500)
+        assert done is not None
+        assert sent is not None
+        spool.mark([done.id], DURABLE)
+        spool.mark([sent.id], PUBLISHED)
+    status = read_status(path, now=now_us / 1e6)
+    assert (status.samples, status.unsent, status.published, status.durable) == (
+        1500,
+        500,
+        500,
+        500,
+    )
+    # Oldest unsent is seq 500 (0-499 PUBACKed): 50 s after T0 at 10 Hz.
+    assert status.oldest_unsent_age_s == pytest.approx(3600 - 50.0)
+    assert status.last_ack_age_s is not None
+    assert "unsent         500" in format_status(status)
