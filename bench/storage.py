@@ -16,38 +16,43 @@ import asyncio
 import time
 
 from consumer.migrate import MigrateSettings, migrate
-from consumer.writer import bench_write
+from consumer.writer import COLD_SCALES, bench_write, cold_column
+from revline.contract import NUMERIC_FIELDS
 from tests.storage_fixtures import PGliteSession
 
 # One row per second per vehicle. Values follow slow sines (a drive), quantised to each PID's
 # real resolution: speed 1 km/h, rpm 0.25, temperatures 1 degC, percentages 100/255, MAF 0.01 g/s,
 # battery 1 mV, GPS 1e-7 degree, altitude 0.1 m, heading and GPS speed 0.1.
-_GENERATE = """
-INSERT INTO samples (vin, ts, seq, received_at, speed, rpm, coolant, intake, throttle, load, maf,
-                     fuel, battery, lat, lon, alt, heading, gps_speed, flags)
-SELECT
-    'SIM' || lpad(v::text, 14, '0'),
-    t0 + i * interval '1 second',
-    i,
-    t0 + i * interval '1 second' + interval '2 seconds',
-    round(60 + 40 * sin(i / 300.0 + v)),
-    round((1800 + 900 * sin(i / 300.0 + v) + 200 * sin(i / 17.0)) * 4) / 4,
-    round(least(90, 20 + i / 20.0)),
-    round(25 + 3 * sin(i / 2000.0)),
-    round((20 + 15 * sin(i / 40.0 + v)) * 2.55) / 2.55,
-    round((35 + 20 * sin(i / 40.0 + v)) * 2.55) / 2.55,
-    round((12 + 8 * sin(i / 40.0 + v))::numeric, 2),
-    round((80 - i / 1000.0) * 2.55) / 2.55,
-    round((14.1 + 0.2 * sin(i / 100.0))::numeric, 3),
-    round((48.1 + v * 0.01 + 0.02 * sin(i / 1000.0))::numeric, 7),
-    round((11.5 + v * 0.01 + 0.02 * cos(i / 1000.0))::numeric, 7),
-    round((520 + 30 * sin(i / 700.0))::numeric, 1),
-    round((180 + 179 * sin(i / 900.0))::numeric, 1),
-    round((60 + 40 * sin(i / 300.0 + v))::numeric, 1),
-    0
-FROM generate_series(1, $1::int) AS v,
-     generate_series(0, $2::int - 1) AS i,
-     (SELECT date_trunc('day', now()) - interval '3 days' AS t0) AS start
+_GENERATE = f"""
+INSERT INTO samples (vin, ts, seq, received_at, {", ".join(cold_column(n) for n in NUMERIC_FIELDS)},
+                     flags)
+SELECT vin, ts, seq, received_at,
+       {", ".join(f"round({n}::real::float8 * 1e{COLD_SCALES[n][0]})" for n in NUMERIC_FIELDS)},
+       0
+FROM (
+    SELECT
+        'SIM' || lpad(v::text, 14, '0') AS vin,
+        t0 + i * interval '1 second' AS ts,
+        i AS seq,
+        t0 + i * interval '1 second' + interval '2 seconds' AS received_at,
+        round(60 + 40 * sin(i / 300.0 + v)) AS speed,
+        round((1800 + 900 * sin(i / 300.0 + v) + 200 * sin(i / 17.0)) * 4) / 4 AS rpm,
+        round(least(90, 20 + i / 20.0)) AS coolant,
+        round(25 + 3 * sin(i / 2000.0)) AS intake,
+        round((20 + 15 * sin(i / 40.0 + v)) * 2.55) / 2.55 AS throttle,
+        round((35 + 20 * sin(i / 40.0 + v)) * 2.55) / 2.55 AS load,
+        round((12 + 8 * sin(i / 40.0 + v))::numeric, 2) AS maf,
+        round((80 - i / 1000.0) * 2.55) / 2.55 AS fuel,
+        round((14.1 + 0.2 * sin(i / 100.0))::numeric, 3) AS battery,
+        round((48.1 + v * 0.01 + 0.02 * sin(i / 1000.0))::numeric, 7) AS lat,
+        round((11.5 + v * 0.01 + 0.02 * cos(i / 1000.0))::numeric, 7) AS lon,
+        round((520 + 30 * sin(i / 700.0))::numeric, 1) AS alt,
+        round((180 + 179 * sin(i / 900.0))::numeric, 1) AS heading,
+        round((60 + 40 * sin(i / 300.0 + v))::numeric, 1) AS gps_speed
+    FROM generate_series(1, $1::int) AS v,
+         generate_series(0, $2::int - 1) AS i,
+         (SELECT date_trunc('day', now()) - interval '3 days' AS t0) AS start
+) AS drive
 """
 
 
