@@ -175,3 +175,29 @@ def test_kill_9_during_heavy_writing_keeps_the_spool_sound(
             lambda: len(set(acker.seqs())) >= len(seqs), 120, "the spool to drain after restart"
         )
     assert set(range(len(seqs))) <= set(acker.seqs())
+
+
+def test_sigterm_flushes_publishes_and_exits_cleanly(
+    tmp_path: Path, mqtt_url: str, unique_vin: str
+) -> None:
+    """On SIGTERM the edge flushes its buffer, publishes what is open, waits for acks, exits 0."""
+    path = str(tmp_path / "spool.db")
+    with running_acker(mqtt_url, unique_vin) as acker:
+        child = subprocess.Popen(
+            [sys.executable, "-m", "tests.edge_fixtures", path, unique_vin, mqtt_url, "200", "0.5"],
+            cwd=Path(__file__).resolve().parent.parent,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        try:
+            wait_for(lambda: len(acker.seqs()) >= 400, 60, "samples at the acker")
+            child.send_signal(signal.SIGTERM)
+            _, stderr = child.communicate(timeout=30)
+        finally:
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+        assert child.returncode == 0, stderr.decode()[-2000:]
+        total = spooled(path)
+        assert sorted(acker.seqs()) == list(range(total))
+    assert all_durable(path)
