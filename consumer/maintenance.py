@@ -134,3 +134,14 @@ async def maintain_forever(dsn: str, every_s: float = 60.0) -> None:
         except Exception:
             log.exception("storage maintenance failed; retrying next round")
         await asyncio.sleep(every_s)
+
+
+if __name__ == "__main__":
+    import sys
+
+    from consumer.migrate import load_settings
+
+    # Standalone: `python -m consumer.maintenance` (DATABASE_URL) or with the URL as argument,
+    # e.g. from cron when no consumer runs.
+    url = sys.argv[1] if len(sys.argv) > 1 else load_settings().database_url
+    print(asyncio.run(maintain_dsn(url)))
