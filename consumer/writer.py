@@ -112,14 +112,18 @@ INSERT_SAMPLES_SQL: Final = (
 )
 """Cold insert; the command tag's count is the number of new rows (duplicates are skipped)."""
 
-_ORDER: Final = "ORDER BY ts DESC, seq DESC"
-
 
 def _newest(name: str) -> str:
-    # Newest non-null value of one field in this write, per vehicle.
+    # Newest non-null value of one field in this write, per vehicle, in one hash-aggregate pass:
+    # arrays compare element by element, so max() of [ts, seq, value] is the newest sample's
+    # (array_agg(... ORDER BY) would sort once per field). float8 holds ts (µs) exactly up to
+    # year 2255, and real/double values exactly; seq as float8 only breaks ties of equal ts.
+    newest = (
+        f"max(ARRAY[ts::float8, seq::float8, {name}::float8]) FILTER (WHERE {name} IS NOT NULL)"
+    )
     return (
-        f"(array_agg({name} {_ORDER}) FILTER (WHERE {name} IS NOT NULL))[1] AS {name}, "
-        f"{_TS.replace('ts *', f'max(ts) FILTER (WHERE {name} IS NOT NULL) *')} AS {name}_ts"
+        f"({newest})[3]::{_type(name)} AS {name}, "
+        f"timestamptz 'epoch' + ({newest})[1] * interval '1 microsecond' AS {name}_ts"
     )
 
 
@@ -137,8 +141,8 @@ _STATE_COLS: Final = ", ".join(f"{n}, {n}_ts" for n in NUMERIC_FIELDS)
 
 UPSERT_STATE_SQL: Final = (
     "WITH newest AS ("
-    f"SELECT vin, max(ts) AS ts_us, (array_agg(seq {_ORDER}))[1] AS seq, "
-    f"(array_agg(flags {_ORDER}))[1] AS flags, "
+    "SELECT vin, max(ts) AS ts_us, (max(ARRAY[ts, seq, flags]))[2] AS seq, "
+    "(max(ARRAY[ts, seq, flags]))[3] AS flags, "
     + ", ".join(_newest(n) for n in NUMERIC_FIELDS)
     + f" FROM {STAGING_TABLE} GROUP BY vin), "
     # jsonb keeps the last of duplicate keys: extra keys merge oldest to newest.
