@@ -21,6 +21,7 @@ from consumer.migrate import (
 )
 from consumer.writer import Rejected, Writer, is_transient
 from revline.cli import main
+from tests.services import PostgresService
 from tests.storage_fixtures import ROLLUP_COLUMNS, batch, now_us, sample
 
 SETTINGS = MigrateSettings()
@@ -436,5 +437,43 @@ def test_is_transient_tells_outages_from_bugs(database_url: str) -> None:
         assert is_transient(asyncpg.exceptions.AdminShutdownError("terminating connection"))
         assert is_transient(asyncpg.exceptions.CannotConnectNowError("starting up"))
         assert not is_transient(ValueError("bug"))
+
+    _run(scenario())
+
+
+def test_writer_survives_a_killed_database(
+    fresh_postgres: PostgresService, database_url: str, unique_vin: str
+) -> None:
+    """A database killed with SIGKILL makes write() raise a transient error; after a restart the
+    same writer commits again, and a retried batch is stored exactly once."""
+    ts = now_us()
+    before = batch(unique_vin, [sample(ts + i, i, speed=1.0) for i in range(10)], 1)
+    during = batch(unique_vin, [sample(ts + 100 + i, 100 + i, speed=2.0) for i in range(10)], 2)
+
+    async def retried(writer: Writer) -> int:
+        for _ in range(60):
+            try:
+                return (await writer.write([during])).inserted
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise
+                await asyncio.sleep(0.5)
+        raise AssertionError("database did not come back")
+
+    async def scenario() -> None:
+        await _migrated(database_url)
+        async with Writer(database_url, statement_timeout_s=5) as writer:
+            await writer.write([before])
+            await asyncio.to_thread(fresh_postgres.kill)
+            with pytest.raises(Exception) as failed:  # noqa: PT011 - any error, judged below
+                await writer.write([during])
+            assert is_transient(failed.value), failed.value
+            await asyncio.to_thread(fresh_postgres.start)
+            inserted = await retried(writer)
+            again = await writer.write([before, during])
+        assert inserted == 10
+        assert again.inserted == 0
+        rows = await _fetch(database_url, "SELECT seq FROM samples WHERE vin = $1", unique_vin)
+        assert sorted(r["seq"] for r in rows) == [*range(10), *range(100, 110)]
 
     _run(scenario())
