@@ -28,6 +28,7 @@ _FLAGS: tuple[tuple[str, type, str], ...] = (
     ("batch_max_age_ms", int, "... or when its first message is this old (200)"),
     ("max_future_s", float, "reject samples further ahead of our clock than this (300)"),
     ("pool_size", int, "database connections (4)"),
+    ("write_concurrency", int, "batches written at once, acked in order (2)"),
     ("statement_timeout_s", float, "database statement timeout (30)"),
     ("retry_initial_s", float, "first retry delay after a database error (0.2)"),
     ("retry_max_s", float, "longest retry delay (15)"),
@@ -67,6 +68,7 @@ def register(commands: Commands) -> None:
     bench.add_argument("--vehicles", type=int, default=100, help="distinct VINs")
     bench.add_argument("--publishers", type=int, default=1, help="publisher processes")
     bench.add_argument("--batch-max-samples", type=int, default=20_000)
+    bench.add_argument("--write-concurrency", type=int, default=2)
     bench.add_argument("--profile", type=Path, help="write a cProfile of the consumer here")
 
 

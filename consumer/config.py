@@ -40,6 +40,8 @@ class ConsumerSettings(msgspec.Struct, frozen=True, kw_only=True):
     max_future_s: Seconds = 300.0
     """A sample further ahead of our clock than this is rejected as ``future_timestamp``."""
     pool_size: Annotated[int, msgspec.Meta(ge=1, le=100)] = 4
+    write_concurrency: Annotated[int, msgspec.Meta(ge=1, le=8)] = 2
+    """Batches written at once (each in its own transaction); acks stay in arrival order."""
     statement_timeout_s: Seconds = 30.0
     retry_initial_s: Seconds = 0.2
     retry_max_s: Seconds = 15.0

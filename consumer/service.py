@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import gc
 import logging
 import random
 import time
@@ -42,6 +44,7 @@ __all__ = ["Consumer", "Item"]
 log = logging.getLogger("revline.consumer")
 
 _T = TypeVar("_T")
+_Stored = tuple[WriteResult, list[Rejected]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -238,17 +241,43 @@ class Consumer:
     # -- write ---------------------------------------------------------------------------------
 
     async def _write_loop(self, writer: Writer, subscriber: Subscriber) -> None:
-        while True:
-            pending = await self._ready.get()
-            if pending is None:
-                return
-            if pending.items:
-                await self._commit(writer, subscriber, pending)
+        """Write up to ``write_concurrency`` batches at once; ack strictly in arrival order.
 
-    async def _commit(self, writer: Writer, subscriber: Subscriber, pending: Pending[Item]) -> None:
+        MQTT wants PUBACKs in the order the PUBLISHes came, and a later batch must not be acked
+        while an earlier one may still fail: so a committed batch waits for its predecessors.
+        """
+        slots = asyncio.Semaphore(self.settings.write_concurrency)
+        inflight: asyncio.Queue[tuple[Pending[Item], float, asyncio.Task[_Stored]] | None]
+        inflight = asyncio.Queue()
         loop = asyncio.get_running_loop()
-        started = loop.time()
-        result, rejected = await self._retry(lambda: self._store(writer, pending.items))
+
+        async def acknowledge_in_order() -> None:
+            while (entry := await inflight.get()) is not None:
+                pending, started, task = entry
+                self._acknowledge(subscriber, pending, started, await task)
+                slots.release()
+
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(acknowledge_in_order(), name="ack")
+            number = 0
+            while (pending := await self._ready.get()) is not None:
+                if not pending.items:
+                    continue
+                await slots.acquire()
+                number += 1
+                task = tg.create_task(
+                    self._retry(functools.partial(self._store, writer, pending.items)),
+                    name=f"write-{number}",
+                )
+                inflight.put_nowait((pending, loop.time(), task))
+            inflight.put_nowait(None)
+
+    def _acknowledge(
+        self, subscriber: Subscriber, pending: Pending[Item], started: float, stored: _Stored
+    ) -> None:
+        """The batch is committed: PUBACK its messages, publish e2e acks, count and log it."""
+        loop = asyncio.get_running_loop()
+        result, rejected = stored
         now = time.time()
         # Only now, with the transaction committed, may the broker forget these messages.
         subscriber.ack(item.inbound for item in pending.items)
@@ -379,6 +408,11 @@ class Consumer:
                         error=f"{type(exc).__name__}: {exc}",
                     ),
                 )
+                # A failed write leaves reference cycles (exception, traceback, frames) that hold
+                # the batch's staging rows; in a long outage they pile up faster than the cyclic
+                # GC's full passes come, and RSS climbs. Collecting here keeps memory flat, and
+                # costs nothing that matters while the database is down anyway.
+                gc.collect()
                 await asyncio.sleep(delay)
                 continue
             if attempt:

@@ -142,7 +142,7 @@ def test_database_outage_is_waited_out_with_bounded_memory(
     # not commit, however many the broker queued; so its memory did not follow the backlog.
     assert received_during <= 40 + 40
     second_half = rss[len(rss) // 2 :]
-    assert max(second_half) - rss[len(rss) // 2] < 20 * 1024, rss
+    assert max(second_half) - rss[len(rss) // 2] < 20 * 1024, repr(rss)
     assert max(rss) < 300 * 1024, rss
 
 
