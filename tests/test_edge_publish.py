@@ -44,6 +44,11 @@ def spooled(path: str) -> int:
     return int(n)
 
 
+def published(path: str) -> int:
+    (n,) = spool_query(path, "SELECT count(*) FROM batches WHERE state = ?", PUBLISHED)[0]
+    return int(n)
+
+
 def all_durable(path: str) -> bool:
     (open_,) = spool_query(path, "SELECT count(*) FROM batches WHERE state < ?", DURABLE)[0]
     return int(open_) == 0
@@ -113,15 +118,11 @@ def test_broker_killed_after_puback_before_commit_resends_every_sample(
     with running_acker(url, unique_vin) as acker:
         acker.acking = False  # the consumer has not committed anything yet
         with running_edge(settings):
+            # PUBACKed to the edge and delivered to the consumer, which has not committed them.
             wait_for(
-                lambda: (
-                    spool_query(path, "SELECT count(*) FROM batches WHERE state = ?", PUBLISHED)[0][
-                        0
-                    ]
-                    >= 4
-                ),
+                lambda: published(path) >= 4 and len(acker.batches) >= 4,
                 60,
-                "batches PUBACKed but not acked",
+                "batches PUBACKed and delivered but not acked",
             )
             fresh_mosquitto.kill()  # SIGKILL: no persistence written since the last autosave
             fresh_mosquitto.start()
