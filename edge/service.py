@@ -85,10 +85,14 @@ async def run_edge(
     sources: Sequence[Source] | None = None,
     clock: ClockSource | None = None,
     stop: asyncio.Event | None = None,
+    handle_signals: bool = True,
 ) -> None:
-    """Run until ``stop`` is set (or SIGTERM/SIGINT when running in the main thread)."""
+    """Run until ``stop`` is set (or SIGTERM/SIGINT when running in the main thread).
+
+    ``handle_signals=False`` leaves signals to the caller, e.g. the demo running several edges.
+    """
     stop = stop or asyncio.Event()
-    if threading.current_thread() is threading.main_thread():
+    if handle_signals and threading.current_thread() is threading.main_thread():
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)

@@ -23,7 +23,13 @@ __all__ = ["Commands", "main"]
 
 Runner = Callable[[argparse.Namespace], int]
 
-COMMAND_MODULES = ("revline.tail", "consumer.cli", "edge.cli", "consumer.migrate_cli")
+COMMAND_MODULES = (
+    "revline.tail",
+    "revline.demo",
+    "consumer.cli",
+    "consumer.migrate_cli",
+    "edge.cli",
+)
 
 
 @dataclass(frozen=True)
