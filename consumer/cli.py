@@ -69,6 +69,9 @@ def register(commands: Commands) -> None:
     bench.add_argument("--publishers", type=int, default=1, help="publisher processes")
     bench.add_argument("--batch-max-samples", type=int, default=20_000)
     bench.add_argument("--write-concurrency", type=int, default=2)
+    bench.add_argument(
+        "--rate", type=float, default=0, help="publish at this many samples/s (0: a burst)"
+    )
     bench.add_argument("--profile", type=Path, help="write a cProfile of the consumer here")
 
 
