@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from edge.config import EdgeSettings
     from revline.cli import Commands
 
 __all__ = ["register"]
@@ -156,15 +157,48 @@ async def _send_garbage(mqtt_url: str, vin: str) -> None:
         client.loop_stop()
 
 
+def _edge_settings(
+    args: argparse.Namespace, mqtt_url: str, spools: dict[str, Path]
+) -> list[EdgeSettings]:
+    from edge.config import EdgeSettings  # noqa: PLC0415
+
+    return [
+        EdgeSettings(
+            vin=vin,
+            source="sim",
+            sim_seed=i,
+            sim_hz=10.0,
+            sim_speedup=args.speedup,
+            spool_path=str(path),
+            mqtt_url=mqtt_url,
+            clock="trusted",  # the demo machine's clock; a Pi would wait for NTP or GPS
+            batch_max_age_s=0.5,
+            ack_timeout_s=5.0,  # resend quickly after the broker crash
+            shutdown_timeout_s=30.0,
+        )
+        for i, (vin, path) in enumerate(spools.items())
+    ]
+
+
+async def _chaos(broker: Any) -> None:
+    _say("*** chaos: killing the broker with SIGKILL (it loses what it PUBACKed) ***")
+    await asyncio.to_thread(broker.kill)
+    await asyncio.sleep(3.0)
+    await asyncio.to_thread(broker.start)
+    _say("*** broker restarted; devices resend what was never acked end to end ***")
+
+
 async def _demo(args: argparse.Namespace, stack: _Stack, workdir: Path) -> int:
     from consumer.config import ConsumerSettings  # noqa: PLC0415
+    from consumer.maintenance import maintain_dsn  # noqa: PLC0415
     from consumer.migrate import MigrateSettings, migrate_dsn  # noqa: PLC0415
     from consumer.service import Consumer  # noqa: PLC0415
-    from edge.config import EdgeSettings  # noqa: PLC0415
     from edge.service import run_edge  # noqa: PLC0415
 
     report = await migrate_dsn(stack.database_url, MigrateSettings(database_url=stack.database_url))
     _say(f"database schema: mode {report.mode}, {len(report.applied)} migrations applied")
+    if report.mode == "postgres":
+        await maintain_dsn(stack.database_url)  # today's partitions, as `revline migrate` does
 
     stop_all = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -184,22 +218,7 @@ async def _demo(args: argparse.Namespace, stack: _Stack, workdir: Path) -> int:
     vins = DEMO_VINS[: args.vehicles]
     spools = {vin: workdir / f"spool-{vin}.db" for vin in vins}
     edge_stop = asyncio.Event()
-    edges = [
-        EdgeSettings(
-            vin=vin,
-            source="sim",
-            sim_seed=i,
-            sim_hz=10.0,
-            sim_speedup=args.speedup,
-            spool_path=str(spools[vin]),
-            mqtt_url=stack.mqtt_url,
-            clock="trusted",  # the demo machine's clock; a Pi would wait for NTP or GPS
-            batch_max_age_s=0.5,
-            ack_timeout_s=5.0,  # resend quickly after the broker crash below
-            shutdown_timeout_s=30.0,
-        )
-        for i, vin in enumerate(vins)
-    ]
+    edges = _edge_settings(args, stack.mqtt_url, spools)
     _say(
         f"driving {len(vins)} simulated vehicles for {args.seconds:.0f} s at {args.speedup:g}x "
         f"({10 * args.speedup * len(vins):.0f} samples/s); broker {stack.mqtt_url}"
@@ -217,17 +236,13 @@ async def _demo(args: argparse.Namespace, stack: _Stack, workdir: Path) -> int:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop_all.wait(), 5.0)
             elapsed = time.monotonic() - started
-            if chaos_at is not None and elapsed >= chaos_at:
-                chaos_at = None
-                _say("*** chaos: killing the broker with SIGKILL (it loses what it PUBACKed) ***")
-                await asyncio.to_thread(stack.broker.kill)
-                await asyncio.sleep(3.0)
-                await asyncio.to_thread(stack.broker.start)
-                _say("*** broker restarted; devices resend what was never acked end to end ***")
-            if not garbage_sent and elapsed >= args.seconds / 2:
+            if not garbage_sent:
                 garbage_sent = True
                 await _send_garbage(stack.mqtt_url, vins[0])
                 _say("sent one malformed message: it must land in the dead-letter table")
+            if chaos_at is not None and elapsed >= chaos_at:
+                chaos_at = None
+                await _chaos(stack.broker)
             with contextlib.suppress(OSError):
                 await _table(stack.database_url, spools, started)
         _say("stopping the cars; each waits until its spool is acked end to end ...")
