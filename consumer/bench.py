@@ -227,8 +227,11 @@ def _drop_session(mqtt_url: str, client_id: str) -> None:
     client.loop_stop()
 
 
-def _ceiling(url: str, plan: list[tuple[str, int, int, int]], t0: int, per_tx: int) -> float:
-    """Samples/s of a plain staged COPY + cold insert of the same rows, per_tx rows a commit."""
+def _ceiling(
+    url: str, plan: list[tuple[str, int, int, int]], t0: int, per_tx: int, connections: int
+) -> float:
+    """Samples/s of a plain staged COPY + cold insert of the same rows, per_tx rows a commit,
+    on as many connections at once as the consumer writes with."""
     from consumer.writer import (  # noqa: PLC0415
         INSERT_SAMPLES_SQL,
         STAGING_COLUMNS,
@@ -248,18 +251,27 @@ def _ceiling(url: str, plan: list[tuple[str, int, int, int]], t0: int, per_tx: i
         size += len(batch.samples)
     rows = [records(group) for group in groups]  # built before the clock starts
 
+    async def copy(connection: Any, chunks: list[list[tuple[Any, ...]]]) -> None:
+        for chunk in chunks:
+            async with connection.transaction():
+                await connection.copy_records_to_table(
+                    STAGING_TABLE, records=chunk, columns=STAGING_COLUMNS
+                )
+                await connection.execute(INSERT_SAMPLES_SQL)
+
     async def run() -> float:
-        async with Writer(url, pool_size=1) as writer:
+        async with Writer(url, pool_size=connections) as writer:
             pool = writer._require_pool()
-            async with pool.acquire() as connection:
+            held = [await pool.acquire() for _ in range(connections)]
+            try:
                 began = time.perf_counter()
-                for chunk in rows:
-                    async with connection.transaction():
-                        await connection.copy_records_to_table(
-                            STAGING_TABLE, records=chunk, columns=STAGING_COLUMNS
-                        )
-                        await connection.execute(INSERT_SAMPLES_SQL)
+                async with asyncio.TaskGroup() as tg:
+                    for i, connection in enumerate(held):
+                        tg.create_task(copy(connection, rows[i::connections]))
                 return time.perf_counter() - began
+            finally:
+                for connection in held:
+                    await pool.release(connection)
 
     seconds = asyncio.run(run())
     return sum(len(r) for r in rows) / seconds
@@ -369,13 +381,14 @@ def main(args: argparse.Namespace) -> int:
     with _scratch_database(args.database_url, f"{stem}_e2e") as url:
         rate, latencies, stored = _end_to_end(args, url, plan, t0)
     with _scratch_database(args.database_url, f"{stem}_copy") as url:
-        ceiling = _ceiling(url, plan, t0, args.batch_max_samples)
+        ceiling = _ceiling(url, plan, t0, args.batch_max_samples, args.write_concurrency)
     mode = f"paced at {args.rate:,.0f}/s" if args.rate else "burst"
     p50 = statistics.median(latencies) * 1e3
     p99 = latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))] * 1e3
     print(f"{'':34} {'samples/s':>10} {'p50 ms':>7} {'p99 ms':>7}")
     print(f"{'end to end, ' + mode:34} {rate:>10,.0f} {p50:>7.0f} {p99:>7.0f}")
     print(f"{'plain staged COPY (ceiling)':34} {ceiling:>10,.0f}")
+    print(f"(ceiling: same rows, same transaction size, {args.write_concurrency} connection(s))")
     print(f"end to end / ceiling = {rate / ceiling:.0%}; stored {stored:,} of {total:,} samples")
     print(
         "(the consumer subscribes telemetry/+: messages other people publish to the same broker "
