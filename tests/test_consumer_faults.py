@@ -301,3 +301,32 @@ def test_subscription_is_restored_when_the_broker_lost_the_session(
                 make_batches(unique_vin, 1_000, first_batch=100, t0=int(time.time() * 1e6))
             )
         wait_until(lambda: cold_counts(database_url, unique_vin)[0] == 2_000, what="second 1k")
+
+
+def test_sigterm_while_the_database_is_down_exits_zero_and_loses_nothing(
+    mqtt_url: str, database_url: str, unique_vin: str, fresh_postgres: PostgresService
+) -> None:
+    """A stop that cannot commit gives up after the timeout, unacked; the next run stores it all."""
+    migrate(database_url)
+    batches = make_batches(unique_vin, 4_000, per_message=500)
+    with consumer_process(
+        mqtt_url=mqtt_url,
+        database_url=database_url,
+        client_id=f"c-{unique_vin}",
+        args=["--shutdown-timeout-s", "2", "--retry-max-s", "1", "--statement-timeout-s", "5"],
+    ) as consumer:
+        consumer.start()
+        fresh_postgres.stop()
+        with publisher(mqtt_url) as pub:
+            pub.publish_batches(batches)
+        wait_until(
+            lambda: consumer.metric("revline_consumer_db_errors_total") >= 1, what="a failed write"
+        )
+        assert consumer.terminate() == 0
+        assert "shutdown timeout" in consumer.log_text()
+        fresh_postgres.start()
+        consumer.start()
+        wait_until(
+            lambda: cold_counts(database_url, unique_vin)[0] >= 4_000, what="all samples stored"
+        )
+        assert cold_counts(database_url, unique_vin) == (4_000, 4_000)
