@@ -8,13 +8,14 @@ import msgspec
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
-from revline.contract import ack_topic, decode_ack
+from revline.contract import ack_topic, decode_ack, encode
 from tests.consumer_fixtures import (
     cold_counts,
     consumer_process,
     make_batches,
     migrate,
     publisher,
+    query,
     wait_until,
 )
 from tests.services import parse_mqtt_url
@@ -147,3 +148,42 @@ def test_bad_config_stops_at_start_with_one_line_naming_the_key() -> None:
     assert len(lines) == 1
     assert "batch_max_samples" in lines[0]
     assert "flag --batch-max-samples" in lines[0]
+
+
+def test_a_message_the_database_refuses_is_dead_lettered_and_the_rest_stored(
+    mqtt_url: str, database_url: str, unique_vin: str
+) -> None:
+    """A permanent DB error splits the batch: the refused message goes to `rejected` as db_error."""
+    migrate(database_url)
+    # A rule the contract does not know, enforced by the real database: sequence 666 is refused.
+    query(
+        database_url,
+        "CREATE FUNCTION refuse_666() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+        "IF NEW.seq = 666 THEN RAISE EXCEPTION 'seq 666 refused' USING ERRCODE = '23514'; END IF; "
+        "RETURN NEW; END $$",
+    )
+    query(
+        database_url,
+        "CREATE TRIGGER refuse_666 BEFORE INSERT ON samples "
+        "FOR EACH ROW EXECUTE FUNCTION refuse_666()",
+    )
+    batches = make_batches(unique_vin, 2_000, per_message=500)  # seq 666 is in batch 1
+    listener = AckListener(mqtt_url, unique_vin)
+    try:
+        with (
+            consumer_process(
+                mqtt_url=mqtt_url, database_url=database_url, client_id=f"c-{unique_vin}"
+            ) as consumer,
+            publisher(mqtt_url) as pub,
+        ):
+            consumer.start()
+            pub.publish_batches(batches)
+            wait_until(lambda: sorted(listener.seen()) == [0, 1, 2, 3], what="acks of 4 batches")
+            assert cold_counts(database_url, unique_vin) == (1_500, 1_500)
+            rows = query(database_url, "SELECT reason, detail, payload FROM rejected")
+            assert [row["reason"] for row in rows] == ["db_error"]
+            assert "23514" in rows[0]["detail"]
+            assert bytes(rows[0]["payload"]) == encode(batches[1])
+            assert consumer.healthy()
+    finally:
+        listener.close()
