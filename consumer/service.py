@@ -194,7 +194,9 @@ class Consumer:
         batcher: Batcher[Item] = Batcher(
             max_samples=s.batch_max_samples,
             max_age=s.batch_max_age_ms / 1000,
-            max_items=s.receive_maximum,
+            # The broker sends at most receive_maximum unacked messages: leave room for the
+            # batches being written plus the one being collected, or the pipeline stalls.
+            max_items=max(1, s.receive_maximum // (s.write_concurrency + 1)),
         )
         inbound = subscriber.inbound
         max_future_us = int(s.max_future_s * 1e6)
