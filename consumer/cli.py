@@ -57,7 +57,11 @@ def register(commands: Commands) -> None:
         "end-to-end consumer throughput and latency vs a plain staged COPY",
         run_bench,
     )
-    bench.add_argument("--mqtt-url", default="mqtt://127.0.0.1:1883")
+    bench.add_argument(
+        "--mqtt-url",
+        help="use this broker (nobody else should publish telemetry there); "
+        "default: a private mosquitto started for the run",
+    )
     bench.add_argument(
         "--database-url",
         default="postgresql://postgres@127.0.0.1:5432/postgres",
