@@ -34,6 +34,7 @@ _FLAGS: tuple[tuple[str, type, str], ...] = (
     ("retry_max_s", float, "longest retry delay (15)"),
     ("shutdown_timeout_s", float, "on SIGTERM, commit what is in hand within this (10)"),
     ("log_every_s", float, "summary log line interval (10)"),
+    ("maintenance_every_s", float, "plain PostgreSQL: partitions/retention/rollups pass (300)"),
     ("metrics_host", str, "address of /metrics and /healthz (0.0.0.0)"),
     ("metrics_port", int, "port of /metrics and /healthz; 0 disables (9108)"),
 )

@@ -171,6 +171,8 @@ class Consumer:
                 tg.create_task(self._report(), name="report"),
                 tg.create_task(self._health(writer), name="health"),
             ]
+            if s.maintenance_every_s > 0:
+                background.append(tg.create_task(self._maintain(writer), name="maintenance"))
             await stop.wait()
             log.info(
                 "stopping: committing what was received", extra=kv(limit_s=s.shutdown_timeout_s)
@@ -446,6 +448,18 @@ class Consumer:
                 self.metrics.set_up("database", up=False)
             else:
                 self._db_ok()
+
+    async def _maintain(self, writer: Writer) -> None:
+        # Without this a plain-PostgreSQL database fills its DEFAULT partition once the days
+        # created by `revline migrate` run out, and the rollups never move.
+        while True:
+            try:
+                await writer.maintain()
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise
+                log.warning("storage maintenance postponed", extra=kv(error=str(exc)))
+            await asyncio.sleep(self.settings.maintenance_every_s)
 
     async def _report(self) -> None:
         every = self.settings.log_every_s

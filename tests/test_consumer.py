@@ -187,3 +187,33 @@ def test_a_message_the_database_refuses_is_dead_lettered_and_the_rest_stored(
             assert consumer.healthy()
     finally:
         listener.close()
+
+
+def test_plain_postgres_maintenance_runs_inside_the_consumer(
+    mqtt_url: str, database_url: str, unique_vin: str
+) -> None:
+    """On plain PostgreSQL the consumer creates today's partitions and keeps the rollups fresh."""
+    migrate(database_url)  # schema only: no partition for today exists yet
+    with (
+        consumer_process(
+            mqtt_url=mqtt_url,
+            database_url=database_url,
+            client_id=f"c-{unique_vin}",
+            args=["--maintenance-every-s", "1"],
+        ) as consumer,
+        publisher(mqtt_url) as pub,
+    ):
+        consumer.start()
+        pub.publish_batches(make_batches(unique_vin, 1_000))
+        wait_until(lambda: cold_counts(database_url, unique_vin) == (1_000, 1_000), what="rows")
+        wait_until(
+            lambda: query(
+                database_url,
+                "SELECT coalesce(sum(sample_count), 0) AS n FROM samples_1m WHERE vin = $1",
+                unique_vin,
+            )[0]["n"]
+            == 1_000,
+            what="the 1-minute rollup to count every sample",
+        )
+        (row,) = query(database_url, "SELECT count(*) AS n FROM samples_default")
+        assert row["n"] == 0  # every row sits in its daily partition
