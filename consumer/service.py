@@ -83,6 +83,9 @@ def _rejected(inbound: Inbound, reason: str, detail: str) -> Rejected:
     )
 
 
+_REJECTIONS_LOGGED_PER_SUMMARY = 10
+
+
 def _sqlstate(exc: BaseException) -> str:
     return str(getattr(exc, "sqlstate", "") or type(exc).__name__)
 
@@ -97,6 +100,7 @@ class Consumer:
         self.metrics_port: int | None = None
         self._ready: asyncio.Queue[Pending[Item] | None] = asyncio.Queue(maxsize=1)
         self._last_db_ok = 0.0
+        self._rejections_logged = 0
 
     async def run(self, stop: asyncio.Event) -> None:
         """Run until ``stop`` is set, then shut down within ``shutdown_timeout_s``."""
@@ -238,9 +242,27 @@ class Consumer:
             max_future_us=max_future_us,
         )
         if isinstance(verdict, Invalid):
+            self._log_rejection(inbound, verdict)
             rejected = _rejected(inbound, verdict.reason, verdict.detail)
             return Item(inbound, batch=verdict.batch, rejected=rejected)
         return Item(inbound, batch=verdict)
+
+    def _log_rejection(self, inbound: Inbound, verdict: Invalid) -> None:
+        # One line per bad message helps whoever is publishing by hand; a flood (a broken device,
+        # an attack) is capped per summary interval, the rejected table keeps every one anyway.
+        self._rejections_logged += 1
+        if self._rejections_logged <= _REJECTIONS_LOGGED_PER_SUMMARY:
+            log.warning(
+                "message rejected",
+                extra=kv(
+                    topic=inbound.topic,
+                    reason=verdict.reason,
+                    detail=verdict.detail[:200],
+                    bytes=len(inbound.payload),
+                ),
+            )
+        elif self._rejections_logged == _REJECTIONS_LOGGED_PER_SUMMARY + 1:
+            log.warning("more messages rejected: see the next summary and the rejected table")
 
     # -- write ---------------------------------------------------------------------------------
 
@@ -483,3 +505,4 @@ class Consumer:
                 ),
             )
             before = (t.samples, t.batches, now)
+            self._rejections_logged = 0

@@ -245,7 +245,10 @@ def _decode(
         message = strict[1].decode(payload) if as_json else strict[0].decode(payload)
     except msgspec.ValidationError as exc:
         _raise_for_version(payload, as_json=as_json)
-        raise ContractError("invalid", str(exc)) from exc
+        detail = str(exc)
+        if " - at `$" not in detail:  # the top level itself is wrong: say what it looked like
+            detail += f" (payload starts {payload[:16]!r}: not a MessagePack map or JSON object)"
+        raise ContractError("invalid", detail) from exc
     except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         # msgspec's MessagePack decoder lets invalid UTF-8 in a string escape as
         # UnicodeDecodeError rather than DecodeError (found by the hypothesis corruption test).

@@ -272,6 +272,10 @@ def test_hostile_messages_are_dead_lettered_and_valid_ones_stored(
         assert consumer.process is not None
         assert consumer.process.poll() is None
         assert consumer.healthy()
+        # Rejections are logged with their reason, but a flood is capped, not 1,000 lines.
+        logged = consumer.log_text().count("message rejected")
+        assert 10 <= logged < 1_000
+        assert "message rejected topic=" in consumer.log_text()
         # A JSON batch, as published by hand with mosquitto_pub, is accepted too.
         pub.publish(telemetry_topic(unique_vin), encoded_json).wait_for_publish(30)
         wait_until(
