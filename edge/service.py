@@ -113,6 +113,12 @@ async def run_edge(
                 clock="trusted" if model.trusted else "untrusted",
             ),
         )
+        if not model.trusted:
+            log.warning(
+                "system clock not synchronised: samples wait in the spool with their monotonic "
+                "time and are published once NTP or a GPS fix gives the time (set clock = "
+                "'trusted' for a board with a real-time clock)"
+            )
         async with contextlib.AsyncExitStack() as stack:
             opened = [await stack.enter_async_context(s) for s in chosen]
             flusher_stop = asyncio.Event()
