@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
-import msgspec
 import pytest
 
 from consumer.migrate import (
@@ -24,7 +23,18 @@ from consumer.migrate import (
     default_sql_dir,
     migrate,
 )
-from consumer.writer import INSERT_SAMPLES_SQL, STAGING_DDL, STAGING_TABLE, UPSERT_STATE_SQL
+from consumer.writer import (
+    INSERT_SAMPLES_SQL,
+    STAGING_COLUMNS,
+    STAGING_DDL,
+    STAGING_TABLE,
+    STATE_COLUMNS,
+    STATE_DDL,
+    STATE_TABLE,
+    UPSERT_STATE_SQL,
+    records,
+    state_rows,
+)
 from revline.contract import Batch
 from tests.storage_fixtures import ROLLUP_COLUMNS, PGliteSession, batch, now_us, sample
 
@@ -34,18 +44,26 @@ SETTINGS = MigrateSettings()
 MINUTE_US = 60_000_000
 
 
-async def write(session: Session, batches: list[Batch]) -> None:
-    """What Writer.write does, through a Session: stage, insert cold, upsert hot, one transaction.
-    Staging is filled from JSON here instead of binary COPY; the statements are the writer's."""
-    rows = [{"vin": b.vin, **msgspec.structs.asdict(s)} for b in batches for s in b.samples]
-    await session.execute(STAGING_DDL)
-    await session.execute("BEGIN")
+async def stage(session: Session, table: str, columns: tuple[str, ...], rows: list[Any]) -> None:
+    """Fill a staging table from JSON (the writer binary-COPYs; PGlite has no COPY here)."""
     await session.execute(
-        f"INSERT INTO {STAGING_TABLE} SELECT * FROM "
-        f"jsonb_populate_recordset(NULL::{STAGING_TABLE}, $1::text::jsonb)",
-        json.dumps(rows),
+        f"INSERT INTO {table} SELECT * FROM "
+        f"jsonb_populate_recordset(NULL::{table}, $1::text::jsonb)",
+        json.dumps([dict(zip(columns, row, strict=True)) for row in rows]),
     )
+
+
+async def write(session: Session, batches: list[Batch]) -> None:
+    """What Writer.write does, through a Session, in one transaction: stage the samples, insert
+    cold, stage the per-vehicle state (the writer's own state_rows), upsert hot. The
+    statements are the writer's."""
+    rows = records(batches)
+    await session.execute(STAGING_DDL)
+    await session.execute(STATE_DDL)
+    await session.execute("BEGIN")
+    await stage(session, STAGING_TABLE, STAGING_COLUMNS, rows)
     await session.execute(INSERT_SAMPLES_SQL)
+    await stage(session, STATE_TABLE, STATE_COLUMNS, state_rows(rows))
     await session.execute(UPSERT_STATE_SQL)
     await session.execute("COMMIT")
 
