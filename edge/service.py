@@ -21,6 +21,7 @@ from edge.reading import Source
 from edge.sampler import Sampler
 from edge.spool import Spool
 from revline.logs import kv
+from revline.settings import ConfigError
 
 __all__ = ["open_spool", "run_edge"]
 
@@ -41,7 +42,11 @@ def open_spool(settings: EdgeSettings) -> Spool:
 def _configured_sources(settings: EdgeSettings) -> list[Source]:
     from edge.sources import open_sources  # noqa: PLC0415 - pulls python-OBD, bleak, serial
 
-    return open_sources(settings)
+    try:
+        return open_sources(settings)
+    except ImportError as exc:
+        expected = f"needs the edge extra: pip install 'revline[edge]' (missing module {exc.name})"
+        raise ConfigError("source", f"{settings.source!r}", expected) from exc
 
 
 async def _read(source: Source, sampler: Sampler) -> None:
