@@ -26,6 +26,7 @@ Runner = Callable[[argparse.Namespace], int]
 COMMAND_MODULES = (
     "revline.tail",
     "revline.demo",
+    "revline.devices",
     "consumer.cli",
     "consumer.migrate_cli",
     "edge.cli",

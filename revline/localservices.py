@@ -160,19 +160,28 @@ def mqtt_answers(host: str, port: int, *, timeout: float = 2.0) -> bool:
         client_id=f"revline-probe-{token_hex(4)}",
         protocol=MQTTv311,  # a clean 3.1.1 session leaves nothing in the broker's persistence
     )
+    answered = False
+
+    def on_connect(*_: object) -> None:
+        # Any CONNACK counts, a refusal too: a broker with allow_anonymous false is up and says
+        # "not authorised" to this anonymous probe.
+        nonlocal answered
+        answered = True
+
+    client.on_connect = on_connect
     try:
         client.connect(host, port, keepalive=10)
     except OSError:
         return False
     try:
         deadline = time.monotonic() + timeout
-        while not client.is_connected() and time.monotonic() < deadline:
+        while not answered and time.monotonic() < deadline:
             client.loop(timeout=0.05)
-        return client.is_connected()
     except OSError:
         return False
     finally:
         client.disconnect()
+    return answered
 
 
 async def _postgres_probe(url: str, connect_timeout: float) -> bool:
