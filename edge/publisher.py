@@ -114,8 +114,10 @@ class Publisher:
     def _on_disconnect(
         self, _c: paho.Client, _u: Any, _f: Any, reason: Any, _p: Any = None
     ) -> None:
+        # paho may report one loss twice (e.g. a keepalive timeout): log it once.
         if self.connected:
             log.warning("disconnected", extra=kv(reason=str(reason)))
+        self.connected = False
         self._lost = True
 
     def _on_publish(self, _c: paho.Client, _u: Any, mid: int, reason: Any, _p: Any) -> None:
