@@ -27,6 +27,7 @@ COMMAND_MODULES = (
     "revline.tail",
     "revline.demo",
     "revline.devices",
+    "revline.simulate",
     "consumer.cli",
     "consumer.migrate_cli",
     "edge.cli",
