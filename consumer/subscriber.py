@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import ssl
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -25,7 +24,7 @@ from types import TracebackType
 from typing import Any, Self
 
 import paho.mqtt.client as paho
-from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
+from paho.mqtt.enums import MQTTErrorCode, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
@@ -158,31 +157,15 @@ class Subscriber:
 
     def _make_client(self, protocol: MQTTProtocolVersion) -> paho.Client:
         ca_file, cert_file, key_file = self._tls_files
-        if protocol == paho.MQTTv5:
-            client = make_client(
-                self.address,
-                self.client_id,
-                ca_file=ca_file,
-                cert_file=cert_file,
-                key_file=key_file,
-            )
-            client.manual_ack_set(on=True)
-            return client
-        client = paho.Client(
-            callback_api_version=CallbackAPIVersion.VERSION2,
-            client_id=self.client_id,
-            protocol=paho.MQTTv311,
-            clean_session=False,
-            manual_ack=True,
+        return make_client(
+            self.address,
+            self.client_id,
+            ca_file=ca_file,
+            cert_file=cert_file,
+            key_file=key_file,
+            protocol=protocol,
+            manual_ack=True,  # PUBACK only after commit: see Subscriber.ack
         )
-        if self.address.username is not None:
-            client.username_pw_set(self.address.username, self.address.password)
-        if self.address.tls:
-            context = ssl.create_default_context(cafile=ca_file)
-            if cert_file:
-                context.load_cert_chain(cert_file, key_file)
-            client.tls_set_context(context)
-        return client
 
     # -- paho callbacks (paho's thread) --------------------------------------------------------
 

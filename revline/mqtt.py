@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit
 
 import paho.mqtt.client as paho
-from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from revline.settings import ConfigError
 
@@ -58,17 +58,30 @@ def make_client(
     ca_file: str | None = None,
     cert_file: str | None = None,
     key_file: str | None = None,
+    protocol: MQTTProtocolVersion = MQTTProtocolVersion.MQTTv5,
+    manual_ack: bool = False,
 ) -> paho.Client:
-    """A paho MQTT 5 client configured with credentials and TLS; not yet connected.
+    """A paho client configured with credentials and TLS; not yet connected.
 
-    Callers connect with ``clean_start=False`` and a session expiry so that QoS 1 messages
-    queued while they were away are delivered when they come back.
+    MQTT 5 callers connect with ``clean_start=False`` and a session expiry so that QoS 1 messages
+    queued while they were away are delivered when they come back; an MQTT 3.1.1 client gets the
+    equivalent persistent session (``clean_session=False``) here, since 3.1.1 sets it per client.
     """
-    client = paho.Client(
-        callback_api_version=CallbackAPIVersion.VERSION2,
-        client_id=client_id,
-        protocol=paho.MQTTv5,
-    )
+    if protocol == MQTTProtocolVersion.MQTTv5:
+        client = paho.Client(
+            callback_api_version=CallbackAPIVersion.VERSION2,
+            client_id=client_id,
+            protocol=protocol,
+            manual_ack=manual_ack,
+        )
+    else:
+        client = paho.Client(
+            callback_api_version=CallbackAPIVersion.VERSION2,
+            client_id=client_id,
+            protocol=protocol,
+            clean_session=False,
+            manual_ack=manual_ack,
+        )
     if address.username is not None:
         client.username_pw_set(address.username, address.password)
     if address.tls:
