@@ -39,11 +39,9 @@ from urllib.parse import urlsplit
 import asyncpg
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 
 from revline.contract import Batch, Sample, decode_ack, encode, telemetry_topic
-from revline.mqtt import parse_mqtt_url
+from revline.mqtt import drop_session, parse_mqtt_url
 
 __all__ = ["main"]
 
@@ -250,22 +248,6 @@ def _healthy(port: int) -> bool:
         return False
 
 
-def _drop_session(mqtt_url: str, client_id: str) -> None:
-    address = parse_mqtt_url(mqtt_url)
-    client = paho.Client(
-        callback_api_version=CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5
-    )
-    props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-    props.SessionExpiryInterval = 0
-    client.connect(address.host, address.port, clean_start=True, properties=props)
-    client.loop_start()
-    deadline = time.monotonic() + 5
-    while not client.is_connected() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    client.disconnect()
-    client.loop_stop()
-
-
 def _ceiling(
     url: str, plan: list[tuple[str, int, int, int]], t0: int, per_tx: int, connections: int
 ) -> float:
@@ -398,7 +380,7 @@ def _end_to_end(
         consumer.wait(60)
         acks.close()
         with contextlib.suppress(OSError):
-            _drop_session(args.mqtt_url, client_id)
+            drop_session(parse_mqtt_url(args.mqtt_url), client_id)
     with acks.lock:
         done = dict(acks.acked)
     total = sum(n for *_, n in plan)

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import ssl
+import time
 from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from revline.settings import ConfigError
 
-__all__ = ["BrokerAddress", "make_client", "parse_mqtt_url"]
+__all__ = ["BrokerAddress", "drop_session", "make_client", "parse_mqtt_url"]
 
 
 @dataclass(frozen=True)
@@ -90,3 +93,23 @@ def make_client(
             context.load_cert_chain(cert_file, key_file)
         client.tls_set_context(context)
     return client
+
+
+def drop_session(address: BrokerAddress, client_id: str, *, timeout_s: float = 5.0) -> None:
+    """Make the broker forget ``client_id``'s persistent session and what it queued for it.
+
+    A clean-start connect with a session expiry of 0, then a disconnect: used when a consumer
+    (a benchmark's, a test's) is gone for good, so the broker stops queueing for it.
+    """
+    client = make_client(address, client_id)
+    props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+    props.SessionExpiryInterval = 0
+    client.connect(address.host, address.port, clean_start=True, properties=props)
+    client.loop_start()
+    try:
+        deadline = time.monotonic() + timeout_s
+        while not client.is_connected() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        client.disconnect()
+    finally:
+        client.loop_stop()
