@@ -19,9 +19,7 @@ import asyncio
 import contextlib
 import multiprocessing as mp
 import os
-import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -41,6 +39,7 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
 from revline.contract import Batch, Sample, decode_ack, encode, telemetry_topic
+from revline.localservices import MosquittoService, free_port
 from revline.mqtt import drop_session, parse_mqtt_url
 
 __all__ = ["main"]
@@ -196,48 +195,21 @@ def _scratch_database(server_url: str, name: str) -> Iterator[str]:
         asyncio.run(_admin(server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
-_BROKER_CONF = """listener {port} 127.0.0.1
-allow_anonymous true
-persistence false
 # Mosquitto's default of 1000 silently drops QoS 1 messages queued beyond it: a burst of many
 # small messages would lose some and the bench would wait for acks that never come.
-max_queued_messages 0
-max_queued_bytes 0
-max_inflight_messages 1000
-log_type error
-"""
+_BROKER_CONFIG = (
+    "persistence false",
+    "max_queued_messages 0",
+    "max_queued_bytes 0",
+    "max_inflight_messages 1000",
+)
 
 
 @contextlib.contextmanager
 def _private_broker() -> Iterator[str]:
     """A Mosquitto of our own on a free port, configured like broker/mosquitto.conf's queues."""
-    port = _free_port()
-    with tempfile.TemporaryDirectory(prefix="revline-bench-broker-") as tmp:
-        conf = Path(tmp) / "mosquitto.conf"
-        conf.write_text(_BROKER_CONF.format(port=port))
-        binary = shutil.which("mosquitto", path=os.environ.get("PATH", "") + ":/usr/sbin")
-        if binary is None:
-            raise RuntimeError("mosquitto not found: install it or pass --mqtt-url")
-        broker = subprocess.Popen([binary, "-c", str(conf)])
-        try:
-            deadline = time.monotonic() + 10
-            while True:
-                with socket.socket() as sock:
-                    if sock.connect_ex(("127.0.0.1", port)) == 0:
-                        break
-                if time.monotonic() > deadline or broker.poll() is not None:
-                    raise RuntimeError("private mosquitto did not start")
-                time.sleep(0.05)
-            yield f"mqtt://127.0.0.1:{port}"
-        finally:
-            broker.terminate()
-            broker.wait(10)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    with MosquittoService(use_docker=False, extra_config=_BROKER_CONFIG) as broker:
+        yield broker.url
 
 
 def _healthy(port: int) -> bool:
@@ -299,7 +271,7 @@ def _ceiling(
 
 
 def _start_consumer(args: argparse.Namespace, url: str, client_id: str) -> tuple[Any, Path]:
-    port = _free_port()
+    port = free_port()
     log_file = Path(tempfile.gettempdir()) / f"{client_id}.log"
     command = [sys.executable]
     if args.profile:

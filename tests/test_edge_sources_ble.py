@@ -10,7 +10,8 @@ import pytest
 
 from edge.ble import KNOWN_UARTS, BridgedObdSource, TcpTransport, UartChoice, pick_uart
 from edge.reading import Reading
-from tests.edge_sources_fixtures import Elm327Emulator, emulator_in, free_port
+from tests.edge_sources_fixtures import Elm327Emulator, emulator_in
+from tests.services import free_port
 
 
 @pytest.fixture
