@@ -44,6 +44,8 @@ import asyncpg
 from paho.mqtt.client import Client, MQTTv311
 from paho.mqtt.enums import CallbackAPIVersion
 
+from revline import mqtt
+
 if TYPE_CHECKING:
     from types import TracebackType
 
@@ -94,11 +96,9 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def parse_mqtt_url(url: str) -> tuple[str, int]:
-    """Split ``mqtt://host:port`` into host and port (1883 when absent, 8883 for ``mqtts``)."""
-    parts = urlsplit(url)
-    if parts.scheme not in {"mqtt", "mqtts", "tcp"} or not parts.hostname:
-        raise ValueError(f"not an MQTT URL (mqtt://host:port): {url!r}")
-    return parts.hostname, parts.port or (8883 if parts.scheme == "mqtts" else 1883)
+    """Host and port of ``mqtt://host:port`` (1883 when absent, 8883 for ``mqtts``)."""
+    address = mqtt.parse_mqtt_url(url, key="MQTT_URL")
+    return address.host, address.port
 
 
 def _postgres_host_port(url: str) -> tuple[str, int]:
