@@ -13,7 +13,6 @@ import argparse
 import asyncio
 import contextlib
 import signal
-import sqlite3
 import sys
 import tempfile
 import time
@@ -108,12 +107,10 @@ async def _query(database_url: str, sql: str, *params: object) -> list[Any]:
 
 def _spool_total(path: Path) -> tuple[int, int]:
     """(samples, samples not yet acked end to end) in one vehicle's spool."""
-    with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
-        (total,) = db.execute("SELECT count(*) FROM samples").fetchone()
-        (open_,) = db.execute(
-            "SELECT coalesce(sum(n), 0) FROM batches WHERE state < 2"
-        ).fetchone()
-    return int(total), int(open_)
+    from edge.status import read_status  # noqa: PLC0415
+
+    status = read_status(path)
+    return status.samples, status.samples - status.durable
 
 
 async def _table(database_url: str, spools: dict[str, Path], started: float) -> None:
