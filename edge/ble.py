@@ -78,8 +78,10 @@ class PtyBridge:
     """A pty pair; :meth:`run` pumps bytes between its master side and a transport.
 
     The bridge keeps its own handle on the slave side, so python-OBD may close and reopen
-    ``slave_path`` (a reconnect) without the master seeing an end of file. Bytes python-OBD
-    writes while no transport is up are dropped: a stale command must not reach the next link.
+    ``slave_path`` (a reconnect) without the master seeing an end of file. A command python-OBD
+    writes while no transport is up is sent once the next link is up: python-OBD is waiting for
+    its answer, and it flushes its input before every command, so a late answer cannot be taken
+    for the next one. (Dropping it instead stalled python-OBD for minutes under load.)
     """
 
     def __init__(self) -> None:
@@ -128,8 +130,6 @@ class PtyBridge:
 
     async def run(self, transport: Transport) -> None:
         """Pump both ways until the transport closes (returns) or the caller cancels."""
-        while not self._outgoing.empty():  # whatever was written while the link was down
-            self._outgoing.get_nowait()
         try:
             async with asyncio.TaskGroup() as group:
                 group.create_task(self._up(transport), name="bridge-up")
