@@ -95,13 +95,15 @@ def make_client(
     return client
 
 
-def drop_session(address: BrokerAddress, client_id: str, *, timeout_s: float = 5.0) -> None:
+def drop_session(
+    address: BrokerAddress, client_id: str, *, ca_file: str | None = None, timeout_s: float = 5.0
+) -> None:
     """Make the broker forget ``client_id``'s persistent session and what it queued for it.
 
     A clean-start connect with a session expiry of 0, then a disconnect: used when a consumer
     (a benchmark's, a test's) is gone for good, so the broker stops queueing for it.
     """
-    client = make_client(address, client_id)
+    client = make_client(address, client_id, ca_file=ca_file)
     props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
     props.SessionExpiryInterval = 0
     client.connect(address.host, address.port, clean_start=True, properties=props)

@@ -103,10 +103,10 @@ def publisher(mqtt_url: str) -> Iterator[Publisher]:
         pub.close()
 
 
-def drop_session(mqtt_url: str, client_id: str) -> None:
+def drop_session(mqtt_url: str, client_id: str, ca_file: str | None = None) -> None:
     """Remove a consumer's persistent session from the broker, so it queues nothing more."""
     with contextlib.suppress(OSError):  # a test may have left the broker down
-        mqtt.drop_session(mqtt.parse_mqtt_url(mqtt_url), client_id)
+        mqtt.drop_session(mqtt.parse_mqtt_url(mqtt_url), client_id, ca_file=ca_file)
 
 
 class ConsumerProcess:
@@ -236,7 +236,9 @@ def consumer_process(
         yield proc
     finally:
         proc.close()
-        drop_session(mqtt_url, client_id)
+        # A TLS broker is only reachable with the CA the consumer was given.
+        ca_file = args[args.index("--ca-file") + 1] if "--ca-file" in args else None
+        drop_session(mqtt_url, client_id, ca_file)
 
 
 def query(database_url: str, sql: str, *args: Any) -> list[asyncpg.Record]:
