@@ -1,7 +1,8 @@
 """The ``revline`` command: one entry point, a subcommand per job.
 
-Each package registers its own subcommands through a ``register(commands)`` function in a module
-that imports only the standard library and ``revline`` at top level, so that ``revline --help``
+This module only lists the parts; each part registers its own subcommands through a
+``register(commands)`` function in a module that imports only the standard library and the core
+at top level, so that ``revline --help``
 works on a Pi without asyncpg and on a server without Bluetooth libraries. Heavy imports happen
 inside each subcommand's ``run``.
 """
@@ -13,7 +14,8 @@ import importlib
 import logging
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TypeAlias
 
 from revline import __version__
 from revline.logs import setup_logging
@@ -24,23 +26,34 @@ __all__ = ["Commands", "main"]
 Runner = Callable[[argparse.Namespace], int]
 
 COMMAND_MODULES = (
-    "revline.tail",
-    "revline.demo",
-    "revline.devices",
-    "revline.simulate",
-    "consumer.cli",
-    "consumer.migrate_cli",
-    "edge.cli",
+    "revline.tools.tail",
+    "revline.tools.demo",
+    "revline.tools.devices",
+    "revline.tools.simulate",
+    "revline.consumer.cli",
+    "revline.storage.cli",
+    "revline.edge.cli",
+    "revline.bench.cli",
 )
+
+
+_Group: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 
 
 @dataclass(frozen=True)
 class Commands:
-    """Where subcommand modules add their parsers: top level, ``bench ...`` and ``device ...``."""
+    """Where each part adds its subcommands: at the top level, or in a named group such as
+    ``bench ...`` or ``device ...`` that the first part to ask for it creates."""
 
-    top: argparse._SubParsersAction[argparse.ArgumentParser]
-    bench: argparse._SubParsersAction[argparse.ArgumentParser]
-    device: argparse._SubParsersAction[argparse.ArgumentParser]
+    top: _Group
+    _groups: dict[str, _Group] = field(default_factory=dict)
+
+    def group(self, name: str, help_text: str) -> _Group:
+        """The subcommands of ``revline <name> ...``, created on first use."""
+        if name not in self._groups:
+            parser = self.top.add_parser(name, help=help_text, description=help_text)
+            self._groups[name] = parser.add_subparsers(dest=name, metavar="WHAT", required=True)
+        return self._groups[name]
 
     def add(
         self,
@@ -69,16 +82,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="log verbosity (default: info)",
     )
     parser.add_argument("--log-json", action="store_true", help="log one JSON object per line")
-    top = parser.add_subparsers(dest="command", metavar="COMMAND")
-    bench = top.add_parser("bench", help="benchmarks that print figures against a baseline")
-    device = top.add_parser("device", help="manage device credentials on the broker")
-    commands = Commands(
-        top=top,
-        bench=bench.add_subparsers(dest="bench", metavar="WHAT", required=True),
-        device=device.add_subparsers(dest="device", metavar="ACTION", required=True),
-    )
+    commands = Commands(top=parser.add_subparsers(dest="command", metavar="COMMAND"))
     for name in COMMAND_MODULES:
-        module = importlib.import_module(name)
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name is None or not (name + ".").startswith(exc.name + "."):
+                raise
+            continue  # a part this installation leaves out (the server image has no edge)
         module.register(commands)
     return parser
 

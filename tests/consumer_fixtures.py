@@ -257,7 +257,7 @@ def query(database_url: str, sql: str, *args: Any) -> list[asyncpg.Record]:
 
 def migrate(database_url: str) -> None:
     """Create the schema in a fresh database."""
-    from consumer.migrate import MigrateSettings, migrate_dsn  # noqa: PLC0415
+    from revline.storage.migrate import MigrateSettings, migrate_dsn  # noqa: PLC0415
 
     asyncio.run(migrate_dsn(database_url, MigrateSettings(database_url=database_url)))
 

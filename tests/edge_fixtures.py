@@ -22,10 +22,10 @@ import paho.mqtt.client as paho
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from edge.config import EdgeSettings
-from edge.service import run_edge
-from edge.sim import SimSource
 from revline.contract import Ack, Batch, ack_topic, decode_batch, encode, telemetry_topic
+from revline.edge.config import EdgeSettings
+from revline.edge.service import run_edge
+from revline.edge.sim import SimSource
 from revline.mqtt import make_client, parse_mqtt_url
 
 

@@ -1,3 +1,3 @@
 """The real-service machinery lives in ``revline.localservices`` (the demo uses it too)."""
 
-from revline.localservices import *  # noqa: F403
+from revline.tools.localservices import *  # noqa: F403

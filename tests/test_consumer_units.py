@@ -8,9 +8,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from consumer.batcher import Batcher
-from consumer.config import load_settings
-from consumer.validate import Invalid, check
+from revline.consumer.batcher import Batcher
+from revline.consumer.config import load_settings
+from revline.consumer.validate import Invalid, check
 from revline.contract import Batch, Sample, encode, encode_json, telemetry_topic
 from revline.settings import ConfigError
 

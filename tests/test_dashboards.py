@@ -12,10 +12,10 @@ from typing import Any
 
 import asyncpg
 
-from consumer.maintenance import maintain_dsn
-from consumer.writer import Rejected, Writer
-from edge.sim import simulate_samples
+from revline.consumer.writer import Rejected, Writer
 from revline.contract import Batch
+from revline.edge.sim import simulate_samples
+from revline.storage.maintenance import maintain_dsn
 from tests.consumer_fixtures import migrate
 
 DASHBOARD = (

@@ -10,11 +10,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from edge.clock import ClockModel
-from edge.config import load_edge_settings
-from edge.reading import Reading
-from edge.sampler import Sampler, clean_values
-from edge.spool import (
+from revline.contract import FLAG_CLOCK_UNSYNCED, decode_batch
+from revline.edge.clock import ClockModel
+from revline.edge.config import load_edge_settings
+from revline.edge.reading import Reading
+from revline.edge.sampler import Sampler, clean_values
+from revline.edge.spool import (
     DURABLE,
     FIELD_SCALES,
     PUBLISHED,
@@ -24,8 +25,7 @@ from edge.spool import (
     pack_values,
     row_to_sample,
 )
-from edge.status import format_status, read_status
-from revline.contract import FLAG_CLOCK_UNSYNCED, decode_batch
+from revline.edge.status import format_status, read_status
 from revline.settings import ConfigError
 
 VIN = "1HGCM82633A004352"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from edge.config import EdgeSettings
+from revline.edge.config import EdgeSettings
 from tests.consumer_fixtures import cold_counts, consumer_process, migrate
 from tests.edge_fixtures import running_edge, spool_query, wait_for
 

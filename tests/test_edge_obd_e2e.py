@@ -10,9 +10,9 @@ import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
-from edge.config import ENV_PREFIX, EdgeSettings, load_edge_settings
-from edge.spool import row_to_sample
 from revline.contract import Sample
+from revline.edge.config import ENV_PREFIX, EdgeSettings, load_edge_settings
+from revline.edge.spool import row_to_sample
 from tests.consumer_fixtures import ROOT, cold_counts, consumer_process, migrate, query
 from tests.edge_fixtures import running_acker, spool_query, wait_for
 from tests.edge_sources_fixtures import emulator_in

@@ -11,8 +11,8 @@ import sys
 import time
 from pathlib import Path
 
-from edge.config import EdgeSettings
-from edge.spool import DURABLE, PUBLISHED, Spool
+from revline.edge.config import EdgeSettings
+from revline.edge.spool import DURABLE, PUBLISHED, Spool
 from tests.edge_fixtures import running_acker, running_edge, spool_query, wait_for
 from tests.services import MosquittoService
 

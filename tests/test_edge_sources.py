@@ -10,15 +10,15 @@ from collections import Counter
 import obd
 import pytest
 
-from edge.ble import BridgedObdSource
-from edge.config import EdgeSettings
-from edge.gps import GpsdSource, NmeaSource
-from edge.obd_source import ObdSource
-from edge.pids import FIELD_BY_PID, PidSchedule, convert, split_supported
-from edge.reading import Reading
-from edge.sim import DriveSimulator, SimSource, simulate_readings, simulate_samples
-from edge.sources import open_sources
 from revline.contract import Batch, Sample, decode_batch, encode
+from revline.edge.ble import BridgedObdSource
+from revline.edge.config import EdgeSettings
+from revline.edge.gps import GpsdSource, NmeaSource
+from revline.edge.obd_source import ObdSource
+from revline.edge.pids import FIELD_BY_PID, PidSchedule, convert, split_supported
+from revline.edge.reading import Reading
+from revline.edge.sim import DriveSimulator, SimSource, simulate_readings, simulate_samples
+from revline.edge.sources import open_sources
 from revline.settings import ConfigError
 
 VIN = "1HGCM82633A004352"

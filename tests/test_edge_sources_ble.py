@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from edge.ble import KNOWN_UARTS, BridgedObdSource, TcpTransport, UartChoice, pick_uart
-from edge.reading import Reading
+from revline.edge.ble import KNOWN_UARTS, BridgedObdSource, TcpTransport, UartChoice, pick_uart
+from revline.edge.reading import Reading
 from tests.edge_sources_fixtures import Elm327Emulator, emulator_in
 from tests.services import free_port
 

@@ -12,8 +12,8 @@ from datetime import UTC, datetime
 
 import pytest
 
-from edge.gps import GpsdSource, NmeaParser, NmeaSource, fix_from_tpv
-from edge.reading import Reading
+from revline.edge.gps import GpsdSource, NmeaParser, NmeaSource, fix_from_tpv
+from revline.edge.reading import Reading
 
 # The textbook pair of sentences (NMEA 0183, checksums as sent by receivers).
 RMC = "$GPRMC,123519,A,4807.038,N,01131.000,E,022.4,084.4,230394,003.1,W*6A"

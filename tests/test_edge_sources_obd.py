@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from edge.obd_source import ObdSource
-from edge.reading import Reading
+from revline.edge.obd_source import ObdSource
+from revline.edge.reading import Reading
 from tests.edge_sources_fixtures import Elm327Emulator, emulator_in
 
 

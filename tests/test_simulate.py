@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from revline.contract import is_valid_vin
-from revline.simulate import fleet_vins
+from revline.tools.simulate import fleet_vins
 from tests.consumer_fixtures import consumer_process, migrate, query, wait_until
 
 ROOT = Path(__file__).parent.parent

@@ -11,16 +11,16 @@ from typing import Any
 import asyncpg
 import pytest
 
-from consumer.maintenance import maintain
-from consumer.migrate import (
+from revline.cli import main
+from revline.consumer.writer import Rejected, Writer, is_transient
+from revline.storage.maintenance import maintain
+from revline.storage.migrate import (
     MigrateSettings,
     MigrationError,
     default_sql_dir,
     discover,
     migrate_dsn,
 )
-from consumer.writer import Rejected, Writer, is_transient
-from revline.cli import main
 from tests.services import PostgresService
 from tests.storage_fixtures import ROLLUP_COLUMNS, batch, now_us, sample
 

@@ -11,8 +11,7 @@ import msgspec
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from consumer.migrate import MigrateSettings, migrate_dsn
-from consumer.writer import (
+from revline.consumer.writer import (
     STAGING_COLUMNS,
     STAGING_DDL,
     STAGING_TABLE,
@@ -22,6 +21,7 @@ from consumer.writer import (
     state_rows,
 )
 from revline.contract import NUMERIC_FIELDS, Batch, Sample
+from revline.storage.migrate import MigrateSettings, migrate_dsn
 from tests.storage_fixtures import batch, sample
 
 BASE_US = 1_700_000_000_000_000

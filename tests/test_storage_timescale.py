@@ -1,4 +1,4 @@
-"""The TimescaleDB path, on TimescaleDB compiled to WASM (tests/timescale/, PGlite).
+"""The TimescaleDB path, on TimescaleDB compiled to WASM (revline/tools/pglite/, PGlite).
 
 The same migration runner applies the same sql/ files; the writer's own SQL constants write the
 rows. Node.js is required: without it these tests fail (they never skip).
@@ -15,15 +15,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from consumer.migrate import (
-    AsyncpgSession,
-    MigrateSettings,
-    MigrationError,
-    Session,
-    default_sql_dir,
-    migrate,
-)
-from consumer.writer import (
+from revline.consumer.writer import (
     INSERT_SAMPLES_SQL,
     STAGING_COLUMNS,
     STAGING_DDL,
@@ -36,6 +28,14 @@ from consumer.writer import (
     state_rows,
 )
 from revline.contract import Batch
+from revline.storage.migrate import (
+    AsyncpgSession,
+    MigrateSettings,
+    MigrationError,
+    Session,
+    default_sql_dir,
+    migrate,
+)
 from tests.storage_fixtures import ROLLUP_COLUMNS, PGliteSession, batch, now_us, sample
 
 pytestmark = pytest.mark.timescale

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from revline.contract import Ack, Batch, Sample, encode, encode_json
-from revline.tail import format_message
+from revline.tools.tail import format_message
 
 VIN = "1HGCM82633A004352"
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from edge.config import EdgeSettings
+from revline.edge.config import EdgeSettings
 from tests.consumer_fixtures import cold_counts, consumer_process, migrate
 from tests.edge_fixtures import running_edge, spool_query, wait_for
 from tests.services import MosquittoFactory, free_port

@@ -1,12 +1,12 @@
 """Storage figures: bytes per sample on TimescaleDB after compression, writer throughput.
 
-    python -m bench.storage compression [--vehicles 100] [--samples 10000]
-    python -m bench.storage writer --database-url postgresql://... [--samples 200000]
+    python -m revline.bench.storage compression [--vehicles 100] [--samples 10000]
+    python -m revline.bench.storage writer --database-url postgresql://... [--samples 200000]
 
-``compression`` runs on TimescaleDB compiled to WASM (tests/timescale/, needs Node.js): the same
-migrations, then simulated 1 Hz drives generated inside the database (smooth signals quantised
+``compression`` runs on TimescaleDB compiled to WASM (revline/tools/pglite/, needs Node.js): the
+same migrations, then simulated 1 Hz drives generated inside the database (smooth signals quantised
 to what the sensors really report, not random noise), then every chunk compressed.
-``writer`` is consumer.writer.bench_write on a migrated database.
+``writer`` is :func:`bench_write`: the consumer's writer vs a bare staged COPY.
 """
 
 from __future__ import annotations
@@ -15,10 +15,18 @@ import argparse
 import asyncio
 import time
 
-from consumer.migrate import MigrateSettings, migrate
-from consumer.writer import COLD_SCALES, bench_write, cold_column
-from revline.contract import NUMERIC_FIELDS
-from tests.storage_fixtures import PGliteSession
+from revline.consumer.writer import (
+    COLD_SCALES,
+    INSERT_SAMPLES_SQL,
+    STAGING_COLUMNS,
+    STAGING_TABLE,
+    Writer,
+    cold_column,
+    records,
+)
+from revline.contract import NUMERIC_FIELDS, Batch, Sample
+from revline.storage.migrate import MigrateSettings, migrate
+from revline.tools.pglite import PGliteSession
 
 # One row per second per vehicle. Values follow slow sines (a drive), quantised to each PID's
 # real resolution: speed 1 km/h, rpm 0.25, temperatures 1 degC, percentages 100/255, MAF 0.01 g/s,
@@ -104,9 +112,73 @@ async def compression(vehicles: int, per_vehicle: int) -> dict[str, float]:
     return result
 
 
+def _simulated(vins: int, per_vin: int, start_us: int) -> list[Batch]:
+    batches = []
+    for v in range(vins):
+        vin = f"1BENCH{v:011d}"
+        samples = [
+            Sample(
+                ts=start_us + i * 1_000_000,
+                seq=i,
+                speed=50.0 + (i % 60),
+                rpm=2000.0 + (i % 300),
+                coolant=90.0,
+                throttle=20.0,
+                battery=13.8,
+                lat=48.1 + i * 1e-5,
+                lon=11.5 + i * 1e-5,
+            )
+            for i in range(per_vin)
+        ]
+        batches.append(Batch(v=1, vin=vin, batch=v, samples=samples))
+    return batches
+
+
+async def bench_write(dsn: str, n: int = 200_000, *, per_write: int = 20_000) -> dict[str, float]:
+    """Print and return samples/s of :meth:`Writer.write` against a bare staged COPY of the same
+    rows into the same tables (the baseline), on an already migrated database. Writes rows for
+    ``1BENCH...`` VINs one year back."""
+    start_us = int((time.time() - 365 * 86400) * 1_000_000)
+    vins = max(1, per_write // 500)
+    writes = max(1, n // per_write)
+    async with Writer(dsn, pool_size=1) as writer:
+        plan = [_simulated(vins, per_write // vins, start_us + k * 10**12) for k in range(writes)]
+        baseline_plan = [
+            _simulated(vins, per_write // vins, start_us + (k + writes) * 10**12)
+            for k in range(writes)
+        ]
+        began = time.perf_counter()
+        for batches in plan:
+            await writer.write(batches)
+        writer_s = time.perf_counter() - began
+
+        began = time.perf_counter()
+        async with writer._require_pool().acquire() as connection:
+            for batches in baseline_plan:
+                async with connection.transaction():
+                    await connection.copy_records_to_table(
+                        STAGING_TABLE, records=records(batches), columns=STAGING_COLUMNS
+                    )
+                    await connection.execute(INSERT_SAMPLES_SQL)
+        baseline_s = time.perf_counter() - began
+    total = writes * per_write
+    result = {
+        "samples": float(total),
+        "writer_per_s": total / writer_s,
+        "staged_copy_per_s": total / baseline_s,
+        "ratio": baseline_s / writer_s,
+    }
+    print(
+        f"writer: {result['writer_per_s']:,.0f} samples/s; staged COPY + cold insert only: "
+        f"{result['staged_copy_per_s']:,.0f} samples/s; writer/baseline = {result['ratio']:.0%} "
+        f"({total:,} samples, {per_write:,} per transaction)"
+    )
+    return result
+
+
 def main() -> None:
     """Command line: ``compression`` or ``writer``."""
-    parser = argparse.ArgumentParser(prog="python -m bench.storage")
+    parser = argparse.ArgumentParser(prog="python -m revline.bench.storage")
     sub = parser.add_subparsers(dest="what", required=True)
     comp = sub.add_parser("compression", help="bytes per sample on TimescaleDB (WASM)")
     comp.add_argument("--vehicles", type=int, default=100)

@@ -27,8 +27,8 @@ from typing import Any, Final, Protocol, Self
 
 import stamina
 
-from edge.obd_source import ObdSource
-from edge.reading import Reading
+from revline.edge.obd_source import ObdSource
+from revline.edge.reading import Reading
 from revline.logs import kv
 
 __all__ = [

@@ -13,14 +13,14 @@ from typing import TYPE_CHECKING, Any
 from revline.settings import ConfigError
 
 if TYPE_CHECKING:
-    from edge.config import EdgeSettings
-    from edge.reading import Source
+    from revline.edge.config import EdgeSettings
+    from revline.edge.reading import Source
 
 __all__ = ["open_sources"]
 
 
 def _obd_options(settings: EdgeSettings) -> dict[str, Any]:
-    from edge.obd_source import unknown_pids  # noqa: PLC0415
+    from revline.edge.obd_source import unknown_pids  # noqa: PLC0415
 
     for key in ("obd_fast_pids", "obd_slow_pids", "obd_extra_pids"):
         unknown = unknown_pids(getattr(settings, key))
@@ -43,17 +43,17 @@ def open_sources(settings: EdgeSettings) -> list[Source]:
     """The configured sources, not yet entered; ConfigError names a key that cannot work."""
     sources: list[Source] = []
     if settings.source == "sim":
-        from edge.sim import SimSource  # noqa: PLC0415
+        from revline.edge.sim import SimSource  # noqa: PLC0415
 
         sources.append(
             SimSource(hz=settings.sim_hz, seed=settings.sim_seed, speedup=settings.sim_speedup)
         )
     elif settings.source == "obd":
-        from edge.obd_source import ObdSource  # noqa: PLC0415
+        from revline.edge.obd_source import ObdSource  # noqa: PLC0415
 
         sources.append(ObdSource(port=settings.obd_port, **_obd_options(settings)))
     else:
-        from edge.ble import BleTransport, BridgedObdSource  # noqa: PLC0415
+        from revline.edge.ble import BleTransport, BridgedObdSource  # noqa: PLC0415
 
         options = _obd_options(settings)
         options.pop("baudrate")  # a pty has no baud rate
@@ -63,11 +63,11 @@ def open_sources(settings: EdgeSettings) -> list[Source]:
         )
 
     if settings.gps == "gpsd":
-        from edge.gps import GpsdSource  # noqa: PLC0415
+        from revline.edge.gps import GpsdSource  # noqa: PLC0415
 
         sources.append(GpsdSource(host=settings.gpsd_host, port=settings.gpsd_port))
     elif settings.gps == "nmea":
-        from edge.gps import NmeaSource  # noqa: PLC0415
+        from revline.edge.gps import NmeaSource  # noqa: PLC0415
 
         sources.append(NmeaSource(device=settings.gps_device, baudrate=settings.gps_baudrate))
     return sources

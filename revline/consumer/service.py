@@ -29,12 +29,12 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TypeVar
 
-from consumer.batcher import Batcher, Pending
-from consumer.config import ConsumerSettings
-from consumer.metrics import Metrics, MetricsServer
-from consumer.subscriber import Inbound, Subscriber
-from consumer.validate import Invalid, check
-from consumer.writer import Rejected, Writer, WriteResult, is_transient
+from revline.consumer.batcher import Batcher, Pending
+from revline.consumer.config import ConsumerSettings
+from revline.consumer.metrics import Metrics, MetricsServer
+from revline.consumer.subscriber import Inbound, Subscriber
+from revline.consumer.validate import Invalid, check
+from revline.consumer.writer import Rejected, Writer, WriteResult, is_transient
 from revline.contract import SCHEMA_VERSION, Ack, Batch, ack_topic, encode
 from revline.logs import kv
 from revline.mqtt import parse_mqtt_url

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Final, Literal, Self
 
-from edge.reading import Reading
 from revline.contract import Sample
+from revline.edge.reading import Reading
 
 __all__ = ["DriveSimulator", "SimSource", "simulate_readings", "simulate_samples"]
 

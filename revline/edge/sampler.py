@@ -14,10 +14,10 @@ from typing import Final
 
 import msgspec
 
-from edge.clock import ClockJump, ClockModel, ClockSource
-from edge.reading import Reading
-from edge.spool import Spool, SpoolRow, pack_values
 from revline.contract import Sample
+from revline.edge.clock import ClockJump, ClockModel, ClockSource
+from revline.edge.reading import Reading
+from revline.edge.spool import Spool, SpoolRow, pack_values
 from revline.logs import kv
 
 __all__ = ["FIELD_BOUNDS", "Sampler", "clean_values"]

@@ -1,4 +1,4 @@
-"""``revline consumer`` and ``revline bench consumer``; only stdlib and revline at top level."""
+"""``revline consumer``; only the standard library and the core at top level."""
 
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ _FLAGS: tuple[tuple[str, type, str], ...] = (
 
 
 def register(commands: Commands) -> None:
-    """Add ``revline consumer`` and ``revline bench consumer``."""
+    """Add ``revline consumer``."""
     parser = commands.add(
         commands.top,
         "consumer",
@@ -52,39 +52,13 @@ def register(commands: Commands) -> None:
     for key, kind, help_text in _FLAGS:
         parser.add_argument(f"--{key.replace('_', '-')}", dest=key, type=kind, help=help_text)
 
-    bench = commands.add(
-        commands.bench,
-        "consumer",
-        "end-to-end consumer throughput and latency vs a plain staged COPY",
-        run_bench,
-    )
-    bench.add_argument(
-        "--mqtt-url",
-        help="use this broker (nobody else should publish telemetry there); "
-        "default: a private mosquitto started for the run",
-    )
-    bench.add_argument(
-        "--database-url",
-        default="postgresql://postgres@127.0.0.1:5432/postgres",
-        help="server where a scratch database revline_bench_<pid> is created and dropped",
-    )
-    bench.add_argument("--samples", type=int, default=1_000_000, help="samples to publish")
-    bench.add_argument("--per-message", type=int, default=500, help="samples per MQTT message")
-    bench.add_argument("--vehicles", type=int, default=100, help="distinct VINs")
-    bench.add_argument("--publishers", type=int, default=1, help="publisher processes")
-    bench.add_argument("--batch-max-samples", type=int, default=20_000)
-    bench.add_argument("--write-concurrency", type=int, default=2)
-    bench.add_argument(
-        "--rate", type=float, default=0, help="publish at this many samples/s (0: a burst)"
-    )
-    bench.add_argument("--profile", type=Path, help="write a cProfile of the consumer here")
 
 
 def run(args: argparse.Namespace) -> int:
     """Load settings (a bad value stops here with one line), then serve until SIGTERM/SIGINT."""
     import asyncio  # noqa: PLC0415 - keep `revline --help` light
 
-    from consumer.config import load_settings  # noqa: PLC0415
+    from revline.consumer.config import load_settings  # noqa: PLC0415
 
     flags = {key: getattr(args, key) for key, _, _ in _FLAGS}
     settings = load_settings(config=args.config, flags=flags)
@@ -92,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     async def main() -> None:
         import signal  # noqa: PLC0415
 
-        from consumer.service import Consumer  # noqa: PLC0415
+        from revline.consumer.service import Consumer  # noqa: PLC0415
 
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -102,10 +76,3 @@ def run(args: argparse.Namespace) -> int:
 
     asyncio.run(main())
     return 0
-
-
-def run_bench(args: argparse.Namespace) -> int:
-    """Run the consumer benchmark and print its table."""
-    from consumer.bench import main  # noqa: PLC0415
-
-    return main(args)

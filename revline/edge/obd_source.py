@@ -30,8 +30,8 @@ import obd
 import stamina
 from obd import OBDStatus
 
-from edge.pids import PidSchedule, convert, split_supported
-from edge.reading import Reading
+from revline.edge.pids import PidSchedule, convert, split_supported
+from revline.edge.reading import Reading
 from revline.logs import kv
 
 __all__ = ["AdapterLostError", "ObdSource", "unknown_pids"]

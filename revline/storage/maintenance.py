@@ -139,7 +139,7 @@ async def maintain_forever(dsn: str, every_s: float = 60.0) -> None:
 if __name__ == "__main__":
     import sys
 
-    from consumer.migrate import load_settings
+    from revline.storage.migrate import load_settings
 
     # Standalone: `python -m consumer.maintenance` (DATABASE_URL) or with the URL as argument,
     # e.g. from cron when no consumer runs.

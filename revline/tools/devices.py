@@ -30,7 +30,7 @@ _SERVICE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 def register(commands: Commands) -> None:
     """Add ``revline device add``."""
     parser = commands.add(
-        commands.device,
+        commands.group("device", "manage device credentials on the broker"),
         "add",
         "create or reset the broker login of a vehicle (user = VIN) or of a service",
         run,

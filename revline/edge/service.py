@@ -14,12 +14,12 @@ import signal
 import threading
 from collections.abc import Sequence
 
-from edge.clock import ClockModel, ClockSource, SystemClock, read_boot_id
-from edge.config import EdgeSettings
-from edge.publisher import Publisher
-from edge.reading import Source
-from edge.sampler import Sampler
-from edge.spool import Spool
+from revline.edge.clock import ClockModel, ClockSource, SystemClock, read_boot_id
+from revline.edge.config import EdgeSettings
+from revline.edge.publisher import Publisher
+from revline.edge.reading import Source
+from revline.edge.sampler import Sampler
+from revline.edge.spool import Spool
 from revline.logs import kv
 from revline.settings import ConfigError
 
@@ -40,7 +40,7 @@ def open_spool(settings: EdgeSettings) -> Spool:
 
 
 def _configured_sources(settings: EdgeSettings) -> list[Source]:
-    from edge.sources import open_sources  # noqa: PLC0415 - pulls python-OBD, bleak, serial
+    from revline.edge.sources import open_sources  # noqa: PLC0415 - pulls python-OBD, bleak, serial
 
     try:
         return open_sources(settings)

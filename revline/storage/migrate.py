@@ -13,7 +13,7 @@ its bookkeeping row, so a failing one leaves the database as it was; a session a
 around the whole run makes two concurrent migrators safe; a second run applies nothing.
 
 The runner talks to the database through :class:`Session` (two methods), so the very same code
-also drives TimescaleDB compiled to WASM in the tests (``tests/timescale/``).
+also drives TimescaleDB compiled to WASM in the tests (``revline/tools/pglite/``).
 """
 
 from __future__ import annotations
@@ -160,11 +160,11 @@ _PLACEHOLDER_RE = re.compile(r"\{\{\s*([a-z0-9_]+)\s*\}\}")
 
 
 def default_sql_dir() -> Path:
-    """``sql/`` next to the packages in a checkout, else ``revline/sql`` inside the wheel."""
-    checkout = Path(__file__).resolve().parent.parent / "sql"
-    if checkout.is_dir():
-        return checkout
-    return Path(str(importlib.resources.files("revline") / "sql"))
+    """``revline/storage/sql`` inside the wheel, else ``sql/`` at the root of a checkout."""
+    packaged = Path(str(importlib.resources.files("revline.storage") / "sql"))
+    if packaged.is_dir():
+        return packaged
+    return Path(__file__).resolve().parents[2] / "sql"
 
 
 def discover(directory: Path, mode: str) -> list[Migration]:

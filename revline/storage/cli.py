@@ -1,4 +1,4 @@
-"""``revline migrate`` (create or update the database schema) and ``revline bench storage``.
+"""``revline migrate``: create or update the database schema.
 
 Imports only the standard library and revline at top level (see revline/cli.py).
 """
@@ -25,7 +25,7 @@ _INTERVAL_FLAGS = (
 
 
 def register(commands: Commands) -> None:
-    """Add ``migrate`` and ``bench storage``."""
+    """Add ``revline migrate``."""
     parser = commands.add(
         commands.top, "migrate", "create or update the database schema (safe to re-run)", _run
     )
@@ -42,14 +42,6 @@ def register(commands: Commands) -> None:
     )
     parser.add_argument("--migrations-dir", type=Path, help="directory of NNN_*.sql files")
 
-    bench = commands.add(
-        commands.bench,
-        "storage",
-        "database writer vs a bare staged COPY, samples/s (on a migrated database)",
-        _bench,
-    )
-    bench.add_argument("--database-url", help="postgresql://... (env DATABASE_URL)")
-    bench.add_argument("--samples", type=int, default=200_000, help="samples to write (200000)")
 
 
 def _flags(args: argparse.Namespace) -> dict[str, object]:
@@ -58,8 +50,8 @@ def _flags(args: argparse.Namespace) -> dict[str, object]:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from consumer.maintenance import maintain_dsn  # noqa: PLC0415 - needs asyncpg
-    from consumer.migrate import MigrationError, load_settings, migrate_dsn  # noqa: PLC0415
+    from revline.storage.maintenance import maintain_dsn  # noqa: PLC0415 - needs asyncpg
+    from revline.storage.migrate import MigrationError, load_settings, migrate_dsn  # noqa: PLC0415
 
     settings = load_settings(flags=_flags(args))
     try:
@@ -79,13 +71,4 @@ def _run(args: argparse.Namespace) -> int:
             + (f" ({', '.join(maintenance.created)})" if maintenance.created else "")
             + f", {len(maintenance.dropped)} dropped by retention"
         )
-    return 0
-
-
-def _bench(args: argparse.Namespace) -> int:
-    from consumer.migrate import load_settings  # noqa: PLC0415
-    from consumer.writer import bench_write  # noqa: PLC0415
-
-    settings = load_settings(flags={"database_url": args.database_url})
-    asyncio.run(bench_write(settings.database_url, args.samples))
     return 0

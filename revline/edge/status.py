@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edge.spool import DURABLE, PUBLISHED
+from revline.edge.spool import DURABLE, PUBLISHED
 
 __all__ = ["SpoolStatus", "format_status", "read_status"]
 

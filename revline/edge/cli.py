@@ -1,4 +1,4 @@
-"""``revline edge``, ``revline edge status`` and ``revline bench edge`` (stdlib-only imports)."""
+"""``revline edge`` and ``revline edge status`` (stdlib-only imports)."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ _FLAGS = (
 
 
 def register(commands: Commands) -> None:
-    """Add ``revline edge [status]`` and ``revline bench edge``."""
+    """Add ``revline edge [status]``."""
     parser = commands.add(
         commands.top, "edge", "run the device publisher (or 'status': what the spool holds)", _run
     )
@@ -39,15 +39,6 @@ def register(commands: Commands) -> None:
     for flag, kind, help_text in _FLAGS:
         parser.add_argument(flag, type=kind, default=None, help=help_text)
 
-    bench = commands.add(
-        commands.bench,
-        "edge",
-        "spool appends/s, backlog drain to a broker, bytes per sample",
-        _bench,
-    )
-    bench.add_argument("--mqtt-url", default="mqtt://127.0.0.1:1883", help="broker to drain into")
-    bench.add_argument("--samples", type=int, default=200_000, help="samples to append and drain")
-    bench.add_argument("--dir", type=Path, default=None, help="where to put the bench spool")
 
 
 def _flags(args: argparse.Namespace) -> dict[str, object]:
@@ -58,12 +49,12 @@ def _flags(args: argparse.Namespace) -> dict[str, object]:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from edge.config import DEFAULT_SPOOL_PATH, load_edge_settings  # noqa: PLC0415
+    from revline.edge.config import DEFAULT_SPOOL_PATH, load_edge_settings  # noqa: PLC0415
     from revline.settings import ConfigError  # noqa: PLC0415
 
     flags = _flags(args)
     if args.action == "status":
-        from edge.status import format_status, read_status  # noqa: PLC0415
+        from revline.edge.status import format_status, read_status  # noqa: PLC0415
 
         # Status needs only the spool path: a config without a VIN still names it.
         spool_path = flags.get("spool_path")
@@ -81,14 +72,8 @@ def _run(args: argparse.Namespace) -> int:
 
     import asyncio  # noqa: PLC0415
 
-    from edge.service import run_edge  # noqa: PLC0415
+    from revline.edge.service import run_edge  # noqa: PLC0415
 
     settings = load_edge_settings(args.config, flags=flags)
     asyncio.run(run_edge(settings))
     return 0
-
-
-def _bench(args: argparse.Namespace) -> int:
-    from edge.bench import run_bench  # noqa: PLC0415
-
-    return run_bench(mqtt_url=args.mqtt_url, samples=args.samples, directory=args.dir)

@@ -39,8 +39,8 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
 from revline.contract import Batch, Sample, decode_ack, encode, telemetry_topic
-from revline.localservices import MosquittoService, free_port
 from revline.mqtt import drop_session, parse_mqtt_url
+from revline.tools.localservices import MosquittoService, free_port
 
 __all__ = ["main"]
 
@@ -182,7 +182,7 @@ async def _admin(url: str, sql: str) -> None:
 
 @contextlib.contextmanager
 def _scratch_database(server_url: str, name: str) -> Iterator[str]:
-    from consumer.migrate import MigrateSettings, migrate_dsn  # noqa: PLC0415
+    from revline.storage.migrate import MigrateSettings, migrate_dsn  # noqa: PLC0415
 
     asyncio.run(_admin(server_url, f'DROP DATABASE IF EXISTS "{name}"'))
     asyncio.run(_admin(server_url, f'CREATE DATABASE "{name}"'))
@@ -225,7 +225,7 @@ def _ceiling(
 ) -> float:
     """Samples/s of a plain staged COPY + cold insert of the same rows, per_tx rows a commit,
     on as many connections at once as the consumer writes with."""
-    from consumer.writer import (  # noqa: PLC0415
+    from revline.consumer.writer import (  # noqa: PLC0415
         INSERT_SAMPLES_SQL,
         STAGING_COLUMNS,
         STAGING_TABLE,

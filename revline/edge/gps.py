@@ -25,7 +25,7 @@ from typing import Any, Final, Self
 import pynmea2
 import stamina
 
-from edge.reading import Reading
+from revline.edge.reading import Reading
 from revline.logs import kv
 
 __all__ = ["GpsFix", "GpsdSource", "NmeaParser", "NmeaSource", "fix_from_tpv"]

@@ -10,7 +10,7 @@ The newest values are reduced in Python (:func:`state_rows`, one row per vehicle
 20k samples because batches arrive in order and the scan stops early) and COPYed into a second
 staging table: aggregating every staged row in SQL cost more than the cold insert itself.
 
-The SQL is in module constants so that the TimescaleDB check (tests/timescale/) runs the very
+The SQL is in module constants so that the TimescaleDB check (revline/tools/pglite/) runs the very
 same statements against TimescaleDB compiled to WASM.
 """
 
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -35,7 +34,7 @@ from revline.logs import kv
 if TYPE_CHECKING:
     from types import TracebackType
 
-    from consumer.maintenance import MaintenanceReport
+    from revline.storage.maintenance import MaintenanceReport
 
 __all__ = [
     "COLD_SCALES",
@@ -50,7 +49,6 @@ __all__ = [
     "Rejected",
     "WriteResult",
     "Writer",
-    "bench_write",
     "cold_column",
     "is_transient",
     "records",
@@ -420,71 +418,7 @@ class Writer:
 
     async def maintain(self) -> MaintenanceReport:
         """One maintenance pass (plain mode: partitions, retention, rollups; TimescaleDB: none)."""
-        from consumer.maintenance import maintain  # noqa: PLC0415 - avoids an import cycle
+        from revline.storage.maintenance import maintain  # noqa: PLC0415 - avoids an import cycle
 
         async with self._require_pool().acquire() as connection:
             return await maintain(connection)
-
-
-def _simulated(vins: int, per_vin: int, start_us: int) -> list[Batch]:
-    batches = []
-    for v in range(vins):
-        vin = f"1BENCH{v:011d}"
-        samples = [
-            Sample(
-                ts=start_us + i * 1_000_000,
-                seq=i,
-                speed=50.0 + (i % 60),
-                rpm=2000.0 + (i % 300),
-                coolant=90.0,
-                throttle=20.0,
-                battery=13.8,
-                lat=48.1 + i * 1e-5,
-                lon=11.5 + i * 1e-5,
-            )
-            for i in range(per_vin)
-        ]
-        batches.append(Batch(v=1, vin=vin, batch=v, samples=samples))
-    return batches
-
-
-async def bench_write(dsn: str, n: int = 200_000, *, per_write: int = 20_000) -> dict[str, float]:
-    """Print and return samples/s of :meth:`Writer.write` against a bare staged COPY of the same
-    rows into the same tables (the baseline), on an already migrated database. Writes rows for
-    ``1BENCH...`` VINs one year back."""
-    start_us = int((time.time() - 365 * 86400) * 1_000_000)
-    vins = max(1, per_write // 500)
-    writes = max(1, n // per_write)
-    async with Writer(dsn, pool_size=1) as writer:
-        plan = [_simulated(vins, per_write // vins, start_us + k * 10**12) for k in range(writes)]
-        baseline_plan = [
-            _simulated(vins, per_write // vins, start_us + (k + writes) * 10**12)
-            for k in range(writes)
-        ]
-        began = time.perf_counter()
-        for batches in plan:
-            await writer.write(batches)
-        writer_s = time.perf_counter() - began
-
-        began = time.perf_counter()
-        async with writer._require_pool().acquire() as connection:
-            for batches in baseline_plan:
-                async with connection.transaction():
-                    await connection.copy_records_to_table(
-                        STAGING_TABLE, records=records(batches), columns=STAGING_COLUMNS
-                    )
-                    await connection.execute(INSERT_SAMPLES_SQL)
-        baseline_s = time.perf_counter() - began
-    total = writes * per_write
-    result = {
-        "samples": float(total),
-        "writer_per_s": total / writer_s,
-        "staged_copy_per_s": total / baseline_s,
-        "ratio": baseline_s / writer_s,
-    }
-    print(
-        f"writer: {result['writer_per_s']:,.0f} samples/s; staged COPY + cold insert only: "
-        f"{result['staged_copy_per_s']:,.0f} samples/s; writer/baseline = {result['ratio']:.0%} "
-        f"({total:,} samples, {per_write:,} per transaction)"
-    )
-    return result

@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from edge.config import EdgeSettings
     from revline.cli import Commands
+    from revline.edge.config import EdgeSettings
 
 __all__ = ["register"]
 
@@ -76,7 +76,7 @@ class _Stack:
 
 @contextlib.contextmanager
 def _services(args: argparse.Namespace) -> Iterator[_Stack]:
-    from revline.localservices import MosquittoService, PostgresService  # noqa: PLC0415
+    from revline.tools.localservices import MosquittoService, PostgresService  # noqa: PLC0415
 
     with contextlib.ExitStack() as stack:
         broker = None
@@ -107,7 +107,7 @@ async def _query(database_url: str, sql: str, *params: object) -> list[Any]:
 
 def _spool_total(path: Path) -> tuple[int, int]:
     """(samples, samples not yet acked end to end) in one vehicle's spool."""
-    from edge.status import read_status  # noqa: PLC0415
+    from revline.edge.status import read_status  # noqa: PLC0415
 
     status = read_status(path)
     return status.samples, status.samples - status.durable
@@ -157,7 +157,7 @@ async def _send_garbage(mqtt_url: str, vin: str) -> None:
 def _edge_settings(
     args: argparse.Namespace, mqtt_url: str, spools: dict[str, Path]
 ) -> list[EdgeSettings]:
-    from edge.config import EdgeSettings  # noqa: PLC0415
+    from revline.edge.config import EdgeSettings  # noqa: PLC0415
 
     return [
         EdgeSettings(
@@ -186,11 +186,11 @@ async def _chaos(broker: Any) -> None:
 
 
 async def _demo(args: argparse.Namespace, stack: _Stack, workdir: Path) -> int:
-    from consumer.config import ConsumerSettings  # noqa: PLC0415
-    from consumer.maintenance import maintain_dsn  # noqa: PLC0415
-    from consumer.migrate import MigrateSettings, migrate_dsn  # noqa: PLC0415
-    from consumer.service import Consumer  # noqa: PLC0415
-    from edge.service import run_edge  # noqa: PLC0415
+    from revline.consumer.config import ConsumerSettings  # noqa: PLC0415
+    from revline.consumer.service import Consumer  # noqa: PLC0415
+    from revline.edge.service import run_edge  # noqa: PLC0415
+    from revline.storage.maintenance import maintain_dsn  # noqa: PLC0415
+    from revline.storage.migrate import MigrateSettings, migrate_dsn  # noqa: PLC0415
 
     report = await migrate_dsn(stack.database_url, MigrateSettings(database_url=stack.database_url))
     _say(f"database schema: mode {report.mode}, {len(report.applied)} migrations applied")
@@ -255,7 +255,7 @@ async def _demo(args: argparse.Namespace, stack: _Stack, workdir: Path) -> int:
 
 
 async def _verdict(database_url: str, spools: dict[str, Path]) -> int:
-    from consumer.maintenance import maintain_dsn  # noqa: PLC0415
+    from revline.storage.maintenance import maintain_dsn  # noqa: PLC0415
 
     await maintain_dsn(database_url)  # plain PostgreSQL: refresh the rollups now
     ok = True

@@ -2,7 +2,7 @@
 
 Layers (later wins): defaults < ``/etc/revline/edge.toml`` (or ``--config``) < ``REVLINE_EDGE_*``
 environment variables < command-line flags. Every value is validated at start; a bad one stops
-the program with one line naming the key (see ``revline.settings``). ``deploy/edge.toml.example``
+the program with one line naming the key (see ``revline.settings``). ``edge/edge.toml.example``
 lists every key with its default.
 """
 

@@ -25,11 +25,11 @@ from typing import Any
 
 import paho.mqtt.client as paho
 
-from edge.config import EdgeSettings
-from edge.publisher import Publisher
-from edge.sim import simulate_readings
-from edge.spool import DURABLE, Spool, SpoolBatch, encode_batch, pack_values
 from revline.contract import NUMERIC_FIELDS, Ack, ack_topic, decode_batch, encode, telemetry_topic
+from revline.edge.config import EdgeSettings
+from revline.edge.publisher import Publisher
+from revline.edge.sim import simulate_readings
+from revline.edge.spool import DURABLE, Spool, SpoolBatch, encode_batch, pack_values
 from revline.mqtt import make_client, parse_mqtt_url
 
 __all__ = ["run_bench"]

@@ -45,7 +45,7 @@ class _Fleet:
     """The simulated cars and their counters; ``batches()`` advances every car by one batch."""
 
     def __init__(self, vehicles: int, seed: int, hz: float, per_batch: int) -> None:
-        from edge.sim import DriveSimulator  # noqa: PLC0415 - keep `revline --help` light
+        from revline.edge.sim import DriveSimulator  # noqa: PLC0415 - keep `revline --help` light
 
         self.cars = [
             (vin, DriveSimulator(seed + i)) for i, vin in enumerate(fleet_vins(vehicles, seed))

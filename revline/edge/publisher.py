@@ -27,9 +27,9 @@ import paho.mqtt.client as paho
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from edge.config import EdgeSettings
-from edge.spool import DURABLE, PUBLISHED, Spool, SpoolBatch, encode_batch
 from revline.contract import ContractError, ack_topic, decode_ack, telemetry_topic
+from revline.edge.config import EdgeSettings
+from revline.edge.spool import DURABLE, PUBLISHED, Spool, SpoolBatch, encode_batch
 from revline.logs import kv
 from revline.mqtt import make_client, parse_mqtt_url
 
