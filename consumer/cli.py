@@ -16,9 +16,9 @@ __all__ = ["register"]
 _FLAGS: tuple[tuple[str, type, str], ...] = (
     ("mqtt_url", str, "broker URL, mqtt:// or mqtts://user:pass@host:port (env MQTT_URL)"),
     ("database_url", str, "PostgreSQL URL (env DATABASE_URL)"),
-    ("client_id", str, "fixed MQTT client id (default revline-consumer-<hostname>)"),
+    ("client_id", str, "fixed MQTT client id (default: the login, else revline-consumer-<host>)"),
     ("group", str, "shared-subscription group: consumers in one group split the load"),
-    ("session_expiry_s", int, "how long the broker keeps our session while away (86400)"),
+    ("session_expiry_s", int, "broker keeps our session this long while away (86400; group 60)"),
     ("receive_maximum", int, "unacked messages the broker may send us at once (1000)"),
     ("keepalive_s", int, "MQTT keepalive (30)"),
     ("ca_file", str, "CA bundle for mqtts://"),
@@ -83,11 +83,14 @@ def register(commands: Commands) -> None:
 def run(args: argparse.Namespace) -> int:
     """Load settings (a bad value stops here with one line), then serve until SIGTERM/SIGINT."""
     import asyncio  # noqa: PLC0415 - keep `revline --help` light
+    import logging  # noqa: PLC0415
 
-    from consumer.config import load_settings  # noqa: PLC0415
+    from consumer.config import load_settings, startup_warnings  # noqa: PLC0415
 
     flags = {key: getattr(args, key) for key, _, _ in _FLAGS}
     settings = load_settings(config=args.config, flags=flags)
+    for warning in startup_warnings(settings):
+        logging.getLogger("revline.consumer").warning(warning)
 
     async def main() -> None:
         import signal  # noqa: PLC0415

@@ -6,14 +6,29 @@ import os
 import socket
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Final
 
 import msgspec
 
 from revline.mqtt import parse_mqtt_url
 from revline.settings import ConfigError, load
 
-__all__ = ["ConsumerSettings", "load_settings"]
+__all__ = [
+    "GROUP_SESSION_EXPIRY_S",
+    "LONE_SESSION_EXPIRY_S",
+    "ConsumerSettings",
+    "load_settings",
+    "startup_warnings",
+]
+
+LONE_SESSION_EXPIRY_S: Final = 86_400
+"""Session expiry of a consumer alone: the broker queues for it through a day away."""
+GROUP_SESSION_EXPIRY_S: Final = 60
+"""Session expiry of a group member. Mosquitto keeps handing an offline member its share of the
+group's messages, so a member that died and was replaced under another client id swallows that
+share into its saved session until the session expires; devices resend what it swallowed after
+their ack timeout. Short, so that an orphan stops swallowing soon; long enough to ride out a
+restart under the same id. See docs/consumer.md, "Running N consumers"."""
 
 Positive = Annotated[int, msgspec.Meta(ge=1)]
 Seconds = Annotated[float, msgspec.Meta(gt=0)]
@@ -25,10 +40,14 @@ class ConsumerSettings(msgspec.Struct, frozen=True, kw_only=True):
     mqtt_url: str = "mqtt://127.0.0.1:1883"
     database_url: str = "postgresql://postgres@127.0.0.1:5432/postgres"
     client_id: str = ""
-    """Fixed MQTT client id, so that a restart resumes the same persistent session."""
+    """Fixed MQTT client id, so that a restart resumes the same persistent session. Default: the
+    login's user name (what the shipped broker enforces anyway), else, alone,
+    ``revline-consumer-<hostname>``; a group member needs one or the other."""
     group: str = ""
     """Shared-subscription group: several consumers with the same group split the load."""
-    session_expiry_s: Annotated[int, msgspec.Meta(ge=0, le=2**32 - 1)] = 86_400
+    session_expiry_s: Annotated[int, msgspec.Meta(ge=0, le=2**32 - 1)] | None = None
+    """How long the broker keeps our session, and queues for it, while we are away. Default:
+    ``LONE_SESSION_EXPIRY_S`` alone, ``GROUP_SESSION_EXPIRY_S`` in a group."""
     receive_maximum: Annotated[int, msgspec.Meta(ge=1, le=65_535)] = 1_000
     """Unacked QoS 1 messages the broker may have in flight to us: the backpressure bound."""
     keepalive_s: Annotated[int, msgspec.Meta(ge=5, le=3_600)] = 30
@@ -62,8 +81,19 @@ class ConsumerSettings(msgspec.Struct, frozen=True, kw_only=True):
 
     @property
     def effective_client_id(self) -> str:
-        """The configured client id, else ``revline-consumer-<hostname>``."""
-        return self.client_id or f"revline-consumer-{socket.gethostname()}"
+        """The configured client id, else the login, else ``revline-consumer-<hostname>``."""
+        # A container's hostname changes when it is re-created: fine for a lone consumer (its
+        # old session only queues copies until it expires), not for a group member (its old
+        # session would swallow a share of the traffic), which load_settings refuses.
+        login = parse_mqtt_url(self.mqtt_url).username
+        return self.client_id or login or f"revline-consumer-{socket.gethostname()}"
+
+    @property
+    def effective_session_expiry_s(self) -> int:
+        """The configured session expiry, else the default for a lone consumer or a member."""
+        if self.session_expiry_s is not None:
+            return self.session_expiry_s
+        return GROUP_SESSION_EXPIRY_S if self.group else LONE_SESSION_EXPIRY_S
 
 
 def load_settings(
@@ -86,6 +116,33 @@ def load_settings(
         )
     if "/" in settings.group or "+" in settings.group or "#" in settings.group:
         raise ConfigError("group", "", f"expected a name without / + #, got {settings.group!r}")
+    if settings.group and not (settings.client_id or parse_mqtt_url(settings.mqtt_url).username):
+        raise ConfigError(
+            "client_id",
+            "",
+            "a group member needs a stable client id: set client_id (e.g. revline-consumer-1) "
+            "or log in with a user name, which is then the id",
+        )
     if settings.retry_initial_s > settings.retry_max_s:
         raise ConfigError("retry_initial_s", "", "expected at most retry_max_s")
     return settings
+
+
+def startup_warnings(settings: ConsumerSettings) -> list[str]:
+    """What an operator must know about these settings before trusting them, one line each."""
+    warnings = []
+    login = parse_mqtt_url(settings.mqtt_url).username
+    if login and settings.client_id and settings.client_id != login:
+        warnings.append(
+            f"client_id {settings.client_id!r} is not the login {login!r}: a broker with "
+            "use_username_as_clientid (the shipped one) uses the login as the id instead"
+        )
+    if settings.group:
+        warnings.append(
+            f"group member {settings.effective_client_id!r}: if this process dies for good, "
+            "start its replacement with the same client id; under another id, the broker keeps "
+            "handing this member's share of the group's messages to its saved session until it "
+            f"expires after session_expiry_s={settings.effective_session_expiry_s} s, and the "
+            "devices resend them after their ack timeout (docs/consumer.md, Running N consumers)"
+        )
+    return warnings

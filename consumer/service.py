@@ -113,7 +113,7 @@ class Consumer:
                 parse_mqtt_url(s.mqtt_url),
                 client_id=s.effective_client_id,
                 subscription=s.subscription,
-                session_expiry_s=s.session_expiry_s,
+                session_expiry_s=s.effective_session_expiry_s,
                 receive_maximum=s.receive_maximum,
                 keepalive_s=s.keepalive_s,
                 ca_file=s.ca_file or None,

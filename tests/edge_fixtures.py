@@ -108,10 +108,13 @@ def running_acker(mqtt_url: str, vin: str, *, persistent: bool = False) -> Itera
 
 
 @contextmanager
-def running_edge(settings: EdgeSettings) -> Iterator[threading.Thread]:
+def running_edge(
+    settings: EdgeSettings, *, source: SimSource | None = None
+) -> Iterator[threading.Thread]:
     """Run the real edge service with the simulator source in a thread; stop it on exit.
 
-    The simulator runs at ``settings.sim_hz`` x ``settings.sim_speedup`` samples per second.
+    The simulator runs at ``settings.sim_hz`` x ``settings.sim_speedup`` samples per second;
+    ``source`` replaces it (e.g. one that stops sampling while the edge keeps publishing).
     """
     loop_box: list[asyncio.AbstractEventLoop] = []
     stop_box: list[asyncio.Event] = []
@@ -122,8 +125,10 @@ def running_edge(settings: EdgeSettings) -> Iterator[threading.Thread]:
         stop_box.append(asyncio.Event())
         loop_box.append(asyncio.get_running_loop())
         started.set()
-        source = SimSource(hz=settings.sim_hz, seed=settings.sim_seed, speedup=settings.sim_speedup)
-        await run_edge(settings, sources=[source], stop=stop_box[0])
+        sim = source or SimSource(
+            hz=settings.sim_hz, seed=settings.sim_seed, speedup=settings.sim_speedup
+        )
+        await run_edge(settings, sources=[sim], stop=stop_box[0])
 
     def target() -> None:
         try:
