@@ -16,7 +16,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote
@@ -104,9 +104,15 @@ def stage(source: Path, run_dir: Path) -> subprocess.CompletedProcess[str]:
 
 @contextlib.contextmanager
 def shipped_broker(
-    *, vehicles: Sequence[str] = (), consumers: Sequence[str] = ("revline-consumer-1",)
+    *,
+    vehicles: Sequence[str] = (),
+    consumers: Sequence[str] = ("revline-consumer-1",),
+    replace: Mapping[str, str] | None = None,
 ) -> Iterator[ShippedBroker]:
-    """A started broker as shipped, with these vehicle and consumer logins and ``OBSERVER``."""
+    """A started broker as shipped, with these vehicle and consumer logins and ``OBSERVER``.
+
+    ``replace``: shipped options to run with another value (e.g. a tiny ``max_queued_bytes``).
+    """
     work = Path(tempfile.mkdtemp(prefix="revline-shipped-"))
     try:
         work.chmod(0o755)  # the broker drops root for `mosquitto`, which must reach run/
@@ -130,7 +136,11 @@ def shipped_broker(
         assert staged.returncode == 0, staged.stderr
         lines = mosquitto_config_lines(
             source / "mosquitto.conf",
-            replace={"password_file": str(run_dir / "passwd"), "acl_file": str(run_dir / "acl")},
+            replace={
+                **(replace or {}),
+                "password_file": str(run_dir / "passwd"),
+                "acl_file": str(run_dir / "acl"),
+            },
         )
         with MosquittoService(extra_config=lines, use_docker=False) as service:
             yield ShippedBroker(service=service, passwords=passwords, staged=run_dir)

@@ -13,7 +13,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +23,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from edge.config import EdgeSettings
+from edge.reading import Reading
 from edge.service import run_edge
 from edge.sim import SimSource
 from revline.contract import Ack, Batch, ack_topic, decode_batch, encode, telemetry_topic
@@ -169,6 +170,30 @@ def spool_query(path: str, sql: str, *args: object) -> list[Any]:
         return db.execute(sql, args).fetchall()
     finally:
         db.close()
+
+
+class StoppableSim(SimSource):
+    """The simulator until ``stop`` is set; then the edge goes on publishing what it spooled."""
+
+    def __init__(self, stop: threading.Event, *, hz: float, speedup: float) -> None:
+        super().__init__(hz=hz, speedup=speedup)
+        self.stop = stop
+
+    async def readings(self) -> AsyncIterator[Reading]:
+        """The simulator's readings until ``stop`` is set."""
+        async for reading in super().readings():
+            if self.stop.is_set():
+                return
+            yield reading
+
+
+def spool_settled(path: str, stored: Callable[[], int]) -> bool:
+    """Every spooled sample is in a batch, every batch acked end to end, and ``stored()`` (the
+    database's count for the vehicle) has them all."""
+    (open_,) = spool_query(path, "SELECT count(*) FROM batches WHERE state < 2")[0]
+    (sampled,) = spool_query(path, "SELECT count(*) FROM samples")[0]
+    (batched,) = spool_query(path, "SELECT coalesce(sum(n), 0) FROM batches")[0]
+    return bool(open_ == 0 and sampled == batched <= stored())
 
 
 def _serve(spool_path: str, vin: str, mqtt_url: str, rate: float, flush: float) -> None:

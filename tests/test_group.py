@@ -9,7 +9,6 @@ behind: until it expires, it swallows that share, and the devices' resends too.
 from __future__ import annotations
 
 import threading
-from collections.abc import AsyncIterator
 from contextlib import AbstractContextManager
 from pathlib import Path
 
@@ -23,8 +22,6 @@ from consumer.config import (
 )
 from edge.config import EdgeSettings
 from edge.publisher import resend_timeout
-from edge.reading import Reading
-from edge.sim import SimSource
 from revline.settings import ConfigError
 from tests.broker_fixtures import MqttClient
 from tests.consumer_fixtures import (
@@ -34,7 +31,7 @@ from tests.consumer_fixtures import (
     migrate,
     wait_until,
 )
-from tests.edge_fixtures import running_edge, spool_query
+from tests.edge_fixtures import StoppableSim, running_edge, spool_query, spool_settled
 from tests.services import MosquittoFactory
 
 SAMPLES = "revline_consumer_samples_total"
@@ -73,20 +70,6 @@ def test_a_member_is_warned_at_start_what_an_orphan_costs() -> None:
     assert startup_warnings(load_settings(environ={})) == []
 
 
-class _StoppableSim(SimSource):
-    """The simulator until ``stop`` is set; then the edge keeps publishing what it spooled."""
-
-    def __init__(self, stop: threading.Event, *, hz: float, speedup: float) -> None:
-        super().__init__(hz=hz, speedup=speedup)
-        self.stop = stop
-
-    async def readings(self) -> AsyncIterator[Reading]:
-        async for reading in super().readings():
-            if self.stop.is_set():
-                return
-            yield reading
-
-
 def _swallowed(spool: str) -> bool:
     # A batch without its end-to-end ack while later ones have theirs: a consumer acks in arrival
     # order, so no live member holds it; it sits in the dead member's session.
@@ -96,13 +79,6 @@ def _swallowed(spool: str) -> bool:
         "(SELECT count(*) FROM batches n WHERE n.id > b.id AND n.state = 2) >= 3",
     )
     return bool(rows[0][0])
-
-
-def _settled(spool: str, database_url: str, vin: str) -> bool:
-    (open_,) = spool_query(spool, "SELECT count(*) FROM batches WHERE state < 2")[0]
-    (sampled,) = spool_query(spool, "SELECT count(*) FROM samples")[0]
-    (batched,) = spool_query(spool, "SELECT coalesce(sum(n), 0) FROM batches")[0]
-    return bool(open_ == 0 and sampled == batched <= cold_counts(database_url, vin)[0])
 
 
 def test_a_member_killed_and_replaced_under_a_new_id_loses_nothing_within_the_bound(
@@ -129,7 +105,7 @@ def test_a_member_killed_and_replaced_under_a_new_id_loses_nothing_within_the_bo
         shutdown_timeout_s=10.0,
     )
     sampling = threading.Event()
-    source = _StoppableSim(sampling, hz=10.0, speedup=20.0)  # 200 samples/s, ~5 batches/s
+    source = StoppableSim(sampling, hz=10.0, speedup=20.0)  # 200 samples/s, ~5 batches/s
 
     def member(name: str) -> AbstractContextManager[ConsumerProcess]:
         return consumer_process(
@@ -152,7 +128,7 @@ def test_a_member_killed_and_replaced_under_a_new_id_loses_nothing_within_the_bo
         wait_until(lambda: c.metric(SAMPLES) > 0, what="the replacement storing")
         sampling.set()
         wait_until(
-            lambda: _settled(spool, database_url, unique_vin),
+            lambda: spool_settled(spool, lambda: cold_counts(database_url, unique_vin)[0]),
             what=f"every sample stored within {bound_s} s (+ 20 s for a loaded machine)",
             timeout=bound_s + 20,
         )
