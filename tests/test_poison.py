@@ -28,6 +28,7 @@ from hypothesis import strategies as st
 from consumer.config import ConsumerSettings
 from consumer.migrate import MigrateSettings
 from consumer.validate import CONSUMER_REASONS, Invalid, check
+from revline._peek import json_version, msgpack_version
 from revline.contract import (
     EXTRA_KEY_PATTERN,
     MAX_DETAIL_CHARS,
@@ -393,6 +394,44 @@ def test_hostile_bytes_reach_the_consumer_check_as_invalid_never_as_an_exception
     verdict = check(payload, telemetry_topic(VIN), now_us=0, max_future_us=1, max_age_us=1)
     assert isinstance(verdict, Invalid)
     assert verdict.reason in CONTRACT_REASONS | set(CONSUMER_REASONS)
+
+
+@_UNIT
+@given(st.one_of(mp_any, json_any, st.binary(max_size=200)))
+def test_the_version_walker_never_raises(payload: bytes) -> None:
+    """Whatever the bytes, the walker that looks for `v` answers an int or None."""
+    for walk in (msgpack_version, json_version):
+        assert walk(payload) is None or isinstance(walk(payload), int)
+
+
+_plain = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**63 - 1)
+    | st.floats()
+    | st.text(max_size=8),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
+    ),
+    max_leaves=20,
+)
+
+
+@_UNIT
+@given(
+    st.dictionaries(st.text(max_size=8).filter(lambda k: k != "v"), _plain, max_size=6),
+    st.integers(-(2**63), 2**63 - 1),
+    st.integers(0, 6),
+)
+def test_the_version_walker_finds_v_wherever_it_is(
+    fields: dict[str, Any], v: int, position: int
+) -> None:
+    """`v` at any place among shallow fields is found in both wire forms, as msgspec encodes it."""
+    items = list(fields.items())
+    items.insert(min(position, len(items)), ("v", v))
+    message = dict(items)
+    assert msgpack_version(msgspec.msgpack.encode(message)) == v
+    assert json_version(msgspec.json.encode(message)) == v
 
 
 _DEEPEST = MAX_PAYLOAD_BYTES - 100
