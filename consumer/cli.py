@@ -27,6 +27,7 @@ _FLAGS: tuple[tuple[str, type, str], ...] = (
     ("batch_max_samples", int, "close a write batch at this many samples (20000)"),
     ("batch_max_age_ms", int, "... or when its first message is this old (200)"),
     ("max_future_s", float, "reject samples further ahead of our clock than this (300)"),
+    ("max_age_s", float, "reject samples older than this, inside the raw retention (358 d)"),
     ("pool_size", int, "database connections (4)"),
     ("write_concurrency", int, "batches written at once, acked in order (2)"),
     ("statement_timeout_s", float, "database statement timeout (30)"),

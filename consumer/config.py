@@ -58,6 +58,10 @@ class ConsumerSettings(msgspec.Struct, frozen=True, kw_only=True):
     batch_max_age_ms: Positive = 200
     max_future_s: Seconds = 300.0
     """A sample further ahead of our clock than this is rejected as ``future_timestamp``."""
+    max_age_s: Seconds = 358 * 86_400.0
+    """A sample older than this is rejected as ``too_old`` rather than acked and then deleted by
+    retention. Keep it a week inside ``revline migrate --raw-retention`` (default 12 months, at
+    least 365 days): a week covers a chunk or partition (1 day) and the retention job's period."""
     pool_size: Annotated[int, msgspec.Meta(ge=1, le=100)] = 4
     write_concurrency: Annotated[int, msgspec.Meta(ge=1, le=8)] = 2
     """Batches written at once (each in its own transaction); acks stay in arrival order."""

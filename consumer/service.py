@@ -240,6 +240,7 @@ class Consumer:
             inbound.topic,
             now_us=int(time.time() * 1e6),
             max_future_us=max_future_us,
+            max_age_us=int(self.settings.max_age_s * 1e6),
         )
         if isinstance(verdict, Invalid):
             self._log_rejection(inbound, verdict)
