@@ -6,7 +6,7 @@ import asyncio
 import shutil
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import asyncpg
 import pytest
@@ -26,6 +26,9 @@ from tests.storage_fixtures import ROLLUP_COLUMNS, batch, now_us, sample
 
 SETTINGS = MigrateSettings()
 DAY_US = 86_400 * 1_000_000
+T0_US: Final = 1_717_243_200_123_457
+"""2024-06-01T12:00:00.123457Z: the instant test data is stamped from, never the wall clock
+(only the partition test, whose subject is "today", reads the clock)."""
 
 
 def _run(coro: Any) -> Any:
@@ -172,7 +175,7 @@ def test_migrate_command_rejects_a_bad_interval(
 def test_same_batch_twice_stores_each_sample_once(database_url: str, unique_vin: str) -> None:
     """Writing a batch again (a redelivery) inserts nothing new; timestamps keep every µs and
     values read back exactly at sensor resolution."""
-    ts = now_us() - 10_000_001
+    ts = T0_US - 10_000_001
     samples = [
         sample(
             ts + i * 100_001,
@@ -216,7 +219,7 @@ def test_older_sample_after_newer_leaves_hot_row_unchanged(
     database_url: str, unique_vin: str
 ) -> None:
     """A backfilled sample older than the stored state changes nothing in vehicle_state."""
-    ts = now_us()
+    ts = T0_US
     newer = sample(ts, 100, speed=80.0, rpm=3000.0, lat=48.1234567, lon=11.5, extra={"A": 1.0})
     older = sample(ts - 60_000_000, 40, speed=10.0, rpm=900.0, lat=1.0, lon=2.0, extra={"A": 9.0})
 
@@ -239,7 +242,7 @@ def test_field_missing_from_newest_sample_keeps_last_value(
     database_url: str, unique_vin: str
 ) -> None:
     """Hot state takes each field's newest non-null value, within one write and across writes."""
-    ts = now_us()
+    ts = T0_US
 
     async def scenario() -> None:
         await _migrated(database_url)
@@ -367,10 +370,12 @@ def test_plain_mode_rollups_refresh_with_dashboard_columns(
 ) -> None:
     """Maintenance fills samples_1m/samples_1h (same columns as the TimescaleDB aggregates),
     including samples that arrive late for an already refreshed minute."""
-    minute = (now_us() // 60_000_000 - 5) * 60_000_000
+    minute = (T0_US // 60_000_000) * 60_000_000
+    # No retention: it counts back from today, and these rows are from a fixed day.
+    keep = MigrateSettings(raw_retention="forever", rollup_1m_retention="forever")
 
     async def scenario() -> None:
-        await _migrated(database_url)
+        await migrate_dsn(database_url, keep)
         connection = await asyncpg.connect(database_url)
         try:
             async with Writer(database_url) as writer:
@@ -446,7 +451,7 @@ def test_writer_survives_a_killed_database(
 ) -> None:
     """A database killed with SIGKILL makes write() raise a transient error; after a restart the
     same writer commits again, and a retried batch is stored exactly once."""
-    ts = now_us()
+    ts = T0_US
     before = batch(unique_vin, [sample(ts + i, i, speed=1.0) for i in range(10)], 1)
     during = batch(unique_vin, [sample(ts + 100 + i, 100 + i, speed=2.0) for i in range(10)], 2)
 
