@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -35,7 +36,11 @@ _FLAGS: tuple[tuple[str, type, str], ...] = (
     ("retry_max_s", float, "longest retry delay (15)"),
     ("shutdown_timeout_s", float, "on SIGTERM, commit what is in hand within this (10)"),
     ("log_every_s", float, "summary log line interval (10)"),
-    ("maintenance_every_s", float, "plain PostgreSQL: partitions/retention/rollups pass (300)"),
+    (
+        "maintenance_every_s",
+        float,
+        "plain PostgreSQL: partitions/retention/rollups pass every so often (300); 0: never",
+    ),
     ("metrics_host", str, "address of /metrics and /healthz (0.0.0.0)"),
     ("metrics_port", int, "port of /metrics and /healthz; 0 disables (9108)"),
 )
@@ -82,11 +87,15 @@ def register(commands: Commands) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Load settings (a bad value stops here with one line), then serve until SIGTERM/SIGINT."""
+    """Load settings (a bad value stops here with one line), then serve until SIGTERM/SIGINT.
+
+    A database that waiting cannot fix (missing, login refused, not migrated) stops it with one
+    line and exit code 1; one that is down or failing is waited for."""
     import asyncio  # noqa: PLC0415 - keep `revline --help` light
     import logging  # noqa: PLC0415
 
     from consumer.config import load_settings, startup_warnings  # noqa: PLC0415
+    from consumer.writer import UnusableDatabaseError  # noqa: PLC0415
 
     flags = {key: getattr(args, key) for key, _, _ in _FLAGS}
     settings = load_settings(config=args.config, flags=flags)
@@ -104,7 +113,11 @@ def run(args: argparse.Namespace) -> int:
             loop.add_signal_handler(sig, stop.set)
         await Consumer(settings).run(stop)
 
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    except UnusableDatabaseError as exc:
+        print(f"revline consumer: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -70,7 +70,7 @@ class ConsumerSettings(msgspec.Struct, frozen=True, kw_only=True):
     retry_max_s: Seconds = 15.0
     shutdown_timeout_s: Seconds = 10.0
     log_every_s: Seconds = 10.0
-    maintenance_every_s: Seconds = 300.0
+    maintenance_every_s: Annotated[float, msgspec.Meta(ge=0)] = 300.0
     """Plain PostgreSQL: create partitions ahead, apply retention, refresh rollups this often
     (first pass at start; 0 disables, e.g. when a cron job runs ``python -m consumer.maintenance``).
     TimescaleDB's own jobs do this there, so the pass is a no-op."""
