@@ -8,6 +8,8 @@ It records what arrived, in order, so tests can check identities, duplicates and
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
 import sqlite3
 import sys
 import threading
@@ -161,6 +163,85 @@ def running_edge(
         if errors:
             raise errors[0]
         assert not thread.is_alive(), "edge service did not stop"
+
+
+class HoldingProxy:
+    """A TCP proxy in front of the broker that can hold what the client sends, not what it gets.
+
+    While held, the client's packets (PUBLISH, PINGREQ) wait in the proxy, so the broker has not
+    seen them and sends no PUBACK, while messages from the broker still reach the client: the
+    window in which an ack can arrive for a batch the broker has not taken yet.
+    """
+
+    def __init__(self, upstream: tuple[str, int]) -> None:
+        self.upstream = upstream
+        self._flowing = threading.Event()
+        self._flowing.set()
+        self._closed = threading.Event()
+        self._server = socket.create_server(("127.0.0.1", 0))
+        self.port: int = self._server.getsockname()[1]
+        self._server.settimeout(0.2)
+        self._sockets: list[socket.socket] = []
+        self._threads = [threading.Thread(target=self._accept, name="proxy", daemon=True)]
+        self._threads[0].start()
+
+    def url(self) -> str:
+        """``mqtt://`` URL of the proxy."""
+        return f"mqtt://127.0.0.1:{self.port}"
+
+    def hold(self) -> None:
+        """Stop forwarding client -> broker (data waits, nothing is lost)."""
+        self._flowing.clear()
+
+    def release(self) -> None:
+        """Forward client -> broker again, held data first."""
+        self._flowing.set()
+
+    def close(self) -> None:
+        """Close every connection and the listener."""
+        self._closed.set()
+        self._flowing.set()
+        for sock in [self._server, *self._sockets]:
+            with contextlib.suppress(OSError):
+                sock.close()
+        for thread in self._threads:
+            thread.join(5)
+
+    def _accept(self) -> None:
+        while not self._closed.is_set():
+            try:
+                client, _ = self._server.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            server = socket.create_connection(self.upstream)
+            self._sockets += [client, server]
+            for src, dst, gated in ((client, server, True), (server, client, False)):
+                thread = threading.Thread(target=self._pump, args=(src, dst, gated), daemon=True)
+                self._threads.append(thread)
+                thread.start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, gated: bool) -> None:
+        with contextlib.suppress(OSError):
+            while data := src.recv(65536):
+                if gated:
+                    self._flowing.wait()
+                dst.sendall(data)
+        for sock in (src, dst):  # one side closed: close the pair, as a real link would
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+
+@contextmanager
+def holding_proxy(mqtt_url: str) -> Iterator[HoldingProxy]:
+    """A :class:`HoldingProxy` in front of ``mqtt_url``'s broker, closed on exit."""
+    address = parse_mqtt_url(mqtt_url)
+    proxy = HoldingProxy((address.host, address.port))
+    try:
+        yield proxy
+    finally:
+        proxy.close()
 
 
 def spool_query(path: str, sql: str, *args: object) -> list[Any]:
