@@ -28,6 +28,7 @@ from hypothesis import strategies as st
 from consumer.config import ConsumerSettings
 from consumer.migrate import MigrateSettings
 from consumer.validate import CONSUMER_REASONS, Invalid, check
+from edge.status import read_dead_letters, read_status
 from revline._peek import json_version, msgpack_version
 from revline.contract import (
     EXTRA_KEY_PATTERN,
@@ -731,6 +732,17 @@ def test_hostile_acks_do_not_stop_a_running_edge(
                     what="samples taken after the hostile acks, stored",
                 )
                 assert edge.is_alive()
+                # Every hostile ack is in the edge's own dead letters, raw bytes kept.
+                wait_until(
+                    lambda: read_status(str(path)).rejected >= len(poison) + 1,
+                    what="every hostile ack dead-lettered by the edge",
+                )
+                letters = read_dead_letters(str(path))
+                for payload in poison:
+                    assert any(
+                        letter.size == len(payload) and payload.startswith(letter.payload)
+                        for letter in letters
+                    ), payload[:40]
         finally:
             attacker.client.publish(topic, b"", qos=1, retain=True).wait_for_publish(30)
         total = spooled(path)
