@@ -7,7 +7,8 @@ See ``docs/wire.md`` for a worked example.
 
 Decoding is strict. Every way a payload can be wrong raises :class:`ContractError`, whose
 ``reason`` is a short, stable code (stored in the dead-letter table) and whose message says what
-exactly was wrong.
+exactly was wrong. Any bytes at all, however deep, long or malformed, give a message or a
+ContractError: nothing else (see "Hostile input" below).
 """
 
 from __future__ import annotations
@@ -17,10 +18,14 @@ from typing import Annotated, Final, TypeVar
 
 import msgspec
 
+from revline._peek import json_version, msgpack_version
+
 __all__ = [
     "ACK_PREFIX",
+    "EXTRA_KEY_PATTERN",
     "FLAG_CLOCK_UNSYNCED",
     "MAX_BATCH_SAMPLES",
+    "MAX_DETAIL_CHARS",
     "MAX_PAYLOAD_BYTES",
     "NUMERIC_FIELDS",
     "SCHEMA_VERSION",
@@ -35,6 +40,7 @@ __all__ = [
     "encode",
     "encode_json",
     "is_valid_vin",
+    "printable",
     "telemetry_topic",
     "vin_from_topic",
 ]
@@ -49,6 +55,14 @@ MAX_PAYLOAD_BYTES: Final = 2 * 1024 * 1024
 """Largest payload decoded at all; anything longer is rejected before parsing."""
 
 MAX_EXTRA_FIELDS: Final = 64
+
+EXTRA_KEY_PATTERN: Final = "^[A-Za-z0-9_]{1,64}$"
+"""Keys of ``extra``: python-OBD command names (``TIMING_ADVANCE``, ``O2_B1S1``) are ASCII letters,
+digits and ``_``. Anything else, control characters and NUL above all (PostgreSQL refuses a NUL
+in ``jsonb``, which turned a whole batch into ``db_error``), is refused as ``invalid``."""
+
+MAX_DETAIL_CHARS: Final = 500
+"""``ContractError.detail`` is cut to this: msgspec quotes unknown field names, however long."""
 
 TELEMETRY_PREFIX: Final = "telemetry/"
 ACK_PREFIX: Final = "ack/"
@@ -82,7 +96,7 @@ Lat = Annotated[float, _bounded(-90, 90)]
 Lon = Annotated[float, _bounded(-180, 180)]
 Alt = Annotated[float, _bounded(-1_000, 20_000)]
 Heading = Annotated[float, _bounded(0, 360)]
-ExtraKey = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+ExtraKey = Annotated[str, msgspec.Meta(pattern=EXTRA_KEY_PATTERN)]
 ExtraValue = Annotated[float, _bounded(-1e12, 1e12)]
 Extra = Annotated[dict[ExtraKey, ExtraValue], msgspec.Meta(max_length=MAX_EXTRA_FIELDS)]
 
@@ -157,20 +171,28 @@ class Ack(msgspec.Struct, forbid_unknown_fields=True):
     batches: Annotated[list[Seq], msgspec.Meta(min_length=1, max_length=100_000)]
 
 
-class _Header(msgspec.Struct):
-    """Only the version, read leniently to explain why a strict decode failed."""
+# C0 controls (NUL included), DEL, C1 controls and lone surrogates: PostgreSQL text refuses NUL
+# (SQLSTATE 22021) and UTF-8 cannot carry a surrogate; the others break log lines.
+_UNPRINTABLE: Final = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
 
-    v: int
+
+def printable(text: str, limit: int = MAX_DETAIL_CHARS) -> str:
+    """``text`` with control characters and surrogates escaped (``\\x00``), cut to ``limit``."""
+    text = _UNPRINTABLE.sub(lambda match: ascii(match.group())[1:-1], text)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 class ContractError(ValueError):
     """A payload that does not satisfy the contract.
 
     ``reason`` is a stable short code (``too_large``, ``undecodable``, ``invalid``,
-    ``unsupported_version``, ``vin_mismatch``, ``bad_topic``); ``detail`` says what was wrong.
+    ``unsupported_version``, ``vin_mismatch``, ``bad_topic``); ``detail`` says what was wrong. The
+    detail is stored in a text column and logged, so it never holds a control character (they are
+    escaped, see :func:`printable`) and is at most ``MAX_DETAIL_CHARS`` long.
     """
 
     def __init__(self, reason: str, detail: str) -> None:
+        detail = printable(detail)
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail
@@ -209,8 +231,6 @@ _batch_msgpack = msgspec.msgpack.Decoder(Batch)
 _batch_json = msgspec.json.Decoder(Batch)
 _ack_msgpack = msgspec.msgpack.Decoder(Ack)
 _ack_json = msgspec.json.Decoder(Ack)
-_header_msgpack = msgspec.msgpack.Decoder(_Header)
-_header_json = msgspec.json.Decoder(_Header)
 _encoder = msgspec.msgpack.Encoder()
 _json_encoder = msgspec.json.Encoder()
 
@@ -225,13 +245,25 @@ def encode_json(message: Batch | Ack) -> bytes:
     return _json_encoder.encode(message)
 
 
+_JSON_START: Final = re.compile(rb"[ \t\r\n]*+\{")
+
+
 def _is_json(payload: bytes) -> bool:
     # A MessagePack batch starts with a map header (0x80-0x8f, 0xde, 0xdf); '{' is 0x7b, which
     # in MessagePack is the integer 123, never a valid message. So one byte tells them apart.
-    return payload.lstrip(b" \t\r\n")[:1] == b"{"
+    return _JSON_START.match(payload) is not None
 
 
 _T = TypeVar("_T", Batch, Ack)
+
+
+# Hostile input. The strict decoders below are typed all the way down and forbid unknown fields,
+# so msgspec never descends further than a valid message does (4 levels): a deeper value is
+# refused where it appears, without recursion, at any depth (tests/test_poison.py proves it with
+# the recursion limit raised to a million). What a lenient decode would skip recursively (an
+# unknown field's value) is never decoded: the version of a refused payload is looked up by the
+# non-recursive walker in revline._peek. Keep every field typed: an `Any`, a `Raw` or a struct
+# without forbid_unknown_fields here would bring back recursion driven by the sender.
 
 
 def _decode(
@@ -241,31 +273,34 @@ def _decode(
     if len(payload) > MAX_PAYLOAD_BYTES:
         raise ContractError("too_large", f"{len(payload)} bytes, limit {MAX_PAYLOAD_BYTES}")
     as_json = _is_json(payload)
+    kind = "JSON" if as_json else "MessagePack"
     try:
         message = strict[1].decode(payload) if as_json else strict[0].decode(payload)
     except msgspec.ValidationError as exc:
-        _raise_for_version(payload, as_json=as_json)
+        version = json_version(payload) if as_json else msgpack_version(payload)
+        if version is not None and version not in SUPPORTED_VERSIONS:
+            raise ContractError(
+                "unsupported_version", f"schema version {version}, expected 1"
+            ) from exc
         detail = str(exc)
-        if " - at `$" not in detail:  # the top level itself is wrong: say what it looked like
+        if detail.startswith("Expected `object`, got") and " - at `" not in detail:
+            # The top level itself is wrong: say what it looked like.
             detail += f" (payload starts {payload[:16]!r}: not a MessagePack map or JSON object)"
         raise ContractError("invalid", detail) from exc
     except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         # msgspec's MessagePack decoder lets invalid UTF-8 in a string escape as
         # UnicodeDecodeError rather than DecodeError (found by the hypothesis corruption test).
-        kind = "JSON" if as_json else "MessagePack"
         raise ContractError("undecodable", f"not valid {kind}: {exc}") from exc
+    except RecursionError as exc:  # cannot happen with the typed decoders; never let it out
+        raise ContractError("undecodable", f"{kind} nested too deeply") from exc
+    except Exception as exc:  # a decoder bug must not stop a service either
+        # MemoryError, OverflowError, or whatever a future msgspec raises: this one payload is
+        # bad, the process goes on.
+        detail = f"{kind} decoder failed: {type(exc).__name__}: {exc}"
+        raise ContractError("undecodable", detail) from exc
     if message.v not in SUPPORTED_VERSIONS:
         raise ContractError("unsupported_version", f"schema version {message.v}, expected 1")
     return message
-
-
-def _raise_for_version(payload: bytes, *, as_json: bool) -> None:
-    try:
-        header = _header_json.decode(payload) if as_json else _header_msgpack.decode(payload)
-    except (msgspec.DecodeError, UnicodeDecodeError):
-        return
-    if header.v not in SUPPORTED_VERSIONS:
-        raise ContractError("unsupported_version", f"schema version {header.v}, expected 1")
 
 
 def decode_batch(payload: bytes, topic: str | None = None) -> Batch:

@@ -24,7 +24,7 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
 from revline import mqtt
-from revline.contract import Batch, Sample, encode, telemetry_topic
+from revline.contract import Batch, Sample, ack_topic, decode_ack, encode, telemetry_topic
 from tests.services import free_port, parse_mqtt_url
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -310,3 +310,36 @@ class StreamPublisher(threading.Thread):
         assert not self.is_alive(), "publisher did not finish"
         if self.error is not None:
             raise self.error
+
+
+class AckListener:
+    """Collects the batch ids of every ``ack/<vin>`` message received (close it after use)."""
+
+    def __init__(self, mqtt_url: str, vin: str) -> None:
+        host, port = parse_mqtt_url(mqtt_url)
+        self.ids: list[int] = []
+        self._lock = threading.Lock()
+        subscribed = threading.Event()
+        self.client = paho.Client(
+            callback_api_version=CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5
+        )
+        self.client.on_message = self._on_message
+        self.client.on_subscribe = lambda *_: subscribed.set()
+        self.client.on_connect = lambda c, *_: c.subscribe(ack_topic(vin), qos=1)
+        self.client.connect(host, port)
+        self.client.loop_start()
+        assert subscribed.wait(10)
+
+    def _on_message(self, _c: paho.Client, _u: object, msg: paho.MQTTMessage) -> None:
+        with self._lock:
+            self.ids.extend(decode_ack(bytes(msg.payload)).batches)
+
+    def seen(self) -> list[int]:
+        """Batch ids acked so far, in arrival order."""
+        with self._lock:
+            return list(self.ids)
+
+    def close(self) -> None:
+        """Disconnect."""
+        self.client.disconnect()
+        self.client.loop_stop()

@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
+import secrets
+import socket
+import subprocess
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from urllib.parse import urlsplit
 
 import msgspec
+import pytest
 
 from revline.contract import Batch, Sample, encode, encode_json, telemetry_topic
 from tests.consumer_fixtures import (
+    ROOT,
+    AckListener,
     StreamPublisher,
     cold_counts,
     consumer_process,
@@ -130,6 +139,12 @@ def test_database_outage_is_waited_out_with_bounded_memory(
             assert consumer.process.poll() is None
         received_during = consumer.metric("revline_consumer_messages_total") - received_before
         assert consumer.http("/healthz")[0] == 503
+        # 30 s of outage: our own line, rate-limited (each kind of error once per 10 s: the few
+        # kinds of a shutdown, then "refused" 4 times; a line per retry would be 15 or more),
+        # and no library traceback.
+        log = consumer.log_text()
+        assert 2 <= log.count("database outage") <= 10, log.count("database outage")
+        assert "Traceback" not in log
         stream.finish()  # the broker took every message while the database was away
         fresh_postgres.start()
         wait_until(
@@ -167,9 +182,11 @@ def test_unacked_messages_stay_on_the_broker_until_commit(
             what="all messages in the consumer's hands",
         )
         wait_until(
-            lambda: consumer.metric("revline_consumer_db_errors_total") >= 1,
-            what="a failed write",
+            lambda: consumer.metric("revline_consumer_db_errors_total") >= 4,
+            what="failed writes, retried",
         )
+        assert consumer.http("/healthz")[0] == 503
+        assert "Traceback" not in consumer.log_text()  # asyncpg's pool used to print one a second
         consumer.kill()
         fresh_postgres.start()
         assert cold_counts(database_url, unique_vin) == (0, 0)
@@ -334,3 +351,240 @@ def test_sigterm_while_the_database_is_down_exits_zero_and_loses_nothing(
             lambda: cold_counts(database_url, unique_vin)[0] >= 4_000, what="all samples stored"
         )
         assert cold_counts(database_url, unique_vin) == (4_000, 4_000)
+
+
+T0_US = 1_717_243_200_000_000
+"""2024-06-01T12:00:00Z: test data is stamped from this instant, never from the wall clock."""
+
+
+def _revline(*args: str) -> subprocess.CompletedProcess[str]:
+    """Run the real ``revline`` command to its end; its output as text."""
+    return subprocess.run(
+        [sys.executable, "-m", "revline.cli", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize(
+    ("case", "code", "expected"),
+    [
+        ("missing database", 1, 'database "t_never_created" does not exist (SQLSTATE 3D000)'),
+        ("unknown login", 1, 'login refused: role "t_nobody" does not exist (SQLSTATE 28000)'),
+        ("not migrated", 1, "database is not migrated: run `revline migrate`"),
+        ("metrics port taken", 2, "metrics_port: cannot listen on 127.0.0.1:"),
+    ],
+)
+def test_consumer_says_in_one_line_why_it_cannot_start(
+    postgres: PostgresService, database_url: str, case: str, code: int, expected: str
+) -> None:
+    """A database that waiting cannot fix, or a taken metrics port, stops `revline consumer`
+    at once: one line on stderr naming the cause, no traceback, a non-zero exit."""
+    server = urlsplit(postgres.url).netloc.split("@")[-1]
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        urls = {
+            "missing database": postgres.database_url("t_never_created"),
+            "unknown login": f"postgresql://t_nobody@{server}/postgres",
+            "not migrated": database_url,
+            "metrics port taken": database_url,
+        }
+        port = taken.getsockname()[1] if case == "metrics port taken" else 0
+        result = _revline(
+            "consumer",
+            *("--database-url", urls[case]),
+            *("--mqtt-url", "mqtt://127.0.0.1:1"),  # never reached: each case stops before
+            *("--metrics-host", "127.0.0.1", "--metrics-port", str(port)),
+        )
+    assert result.returncode == code
+    assert len(result.stderr.splitlines()) == 1, result.stderr
+    assert result.stderr.startswith("revline consumer: ")
+    assert expected in result.stderr
+
+
+@contextlib.contextmanager
+def _consumer_login(database_url: str, *, revoke: str) -> Iterator[tuple[str, str]]:
+    """A role of its own for the consumer, owning nothing, granted exactly what the consumer
+    needs except ``revoke`` (e.g. ``INSERT ON samples``): yields (its URL, the GRANT that
+    mends it). Dropped afterwards (roles belong to the whole server)."""
+    role = f"t_consumer_{secrets.token_hex(4)}"
+    query(database_url, f"CREATE ROLE {role} LOGIN")
+    try:
+        for grant in (
+            "SELECT ON revline_migrations",
+            "SELECT, INSERT ON samples",  # SELECT: ON CONFLICT (vin, ts, seq) reads the key
+            "SELECT, INSERT, UPDATE ON vehicle_state",
+            "INSERT ON rejected",
+        ):
+            query(database_url, f"GRANT {grant} TO {role}")
+        query(database_url, f"REVOKE {revoke} FROM {role}")
+        url = urlsplit(database_url)
+        yield (
+            url._replace(netloc=f"{role}@{url.netloc.split('@')[-1]}").geturl(),
+            f"GRANT {revoke} TO {role}",
+        )
+    finally:
+        query(database_url, f"DROP OWNED BY {role}")
+        query(database_url, f"DROP ROLE {role}")
+
+
+@pytest.mark.parametrize(
+    ("revoke", "recovery", "maintenance_every_s"),
+    [
+        ("INSERT ON vehicle_state", "kill -9, GRANT, restart", "0"),
+        ("INSERT ON samples", "GRANT while running", "0"),
+        ("INSERT ON rejected", "GRANT while running", "0.5"),
+    ],
+)
+def test_a_missing_privilege_is_an_outage_not_bad_data(
+    mqtt_url: str,
+    database_url: str,
+    unique_vin: str,
+    revoke: str,
+    recovery: str,
+    maintenance_every_s: str,
+) -> None:
+    """Without a privilege it needs, the consumer dead-letters nothing, acks nothing (neither
+    PUBACK nor ack/<vin>), says why in one line and turns /healthz red; after the GRANT every
+    sample is stored exactly once and every batch acked. Maintenance, which this role may not
+    do, is postponed with a line, never a crash; 0 turns it off."""
+    migrate(database_url)
+    batches = make_batches(unique_vin, 2_000, per_message=500, t0=T0_US)
+    garbage = (telemetry_topic(unique_vin), b"\xc1 not a batch")  # a real dead letter, first
+    table = revoke.rsplit(maxsplit=1)[-1]
+    listener = AckListener(mqtt_url, unique_vin)
+    try:
+        with (
+            _consumer_login(database_url, revoke=revoke) as (login_url, grant),
+            consumer_process(
+                mqtt_url=mqtt_url,
+                database_url=login_url,
+                client_id=f"c-{unique_vin}",
+                args=["--maintenance-every-s", maintenance_every_s, "--retry-max-s", "1"],
+            ) as consumer,
+            publisher(mqtt_url) as pub,
+        ):
+            consumer.start()
+            started = time.monotonic()
+            pub.publish(*garbage).wait_for_publish(30)
+            pub.publish_batches(batches)
+            wait_until(
+                lambda: consumer.metric("revline_consumer_db_errors_total") >= 3,
+                what="the write failing and retried",
+                timeout=30,
+            )
+            wait_until(lambda: consumer.http("/healthz")[0] == 503, what="health red")
+            assert query(database_url, "SELECT count(*) AS n FROM rejected")[0]["n"] == 0
+            if table != "rejected":  # a dead letter comes after its batch's samples commit
+                assert cold_counts(database_url, unique_vin) == (0, 0)
+            assert listener.seen() == []
+            assert consumer.metric("revline_consumer_batches_total") == 0
+            log = consumer.log_text()
+            most = 1 + int((time.monotonic() - started) // 10)  # rate-limited: one per 10 s
+            outage = [line for line in log.splitlines() if "database outage" in line]
+            assert 1 <= len(outage) <= most, outage
+            assert "sqlstate=42501" in outage[0]
+            assert f"permission denied for table {table}" in outage[0]
+            assert "Traceback" not in log
+            postponed = log.count("storage maintenance postponed error='42501")
+            assert (postponed == 0) if maintenance_every_s == "0" else (1 <= postponed <= most)
+            if recovery.startswith("kill"):
+                consumer.kill()  # whatever it had PUBACKed without storing would be lost now
+                query(database_url, grant)
+                consumer.start()
+            else:
+                query(database_url, grant)
+            wait_until(lambda: cold_counts(database_url, unique_vin)[0] >= 2_000, what="all stored")
+            wait_until(lambda: sorted(set(listener.seen())) == [0, 1, 2, 3], what="e2e acks")
+            wait_until(lambda: consumer.http("/healthz")[0] == 200, what="health green")
+            assert cold_counts(database_url, unique_vin) == (2_000, 2_000)
+            rows = query(database_url, "SELECT reason, payload FROM rejected")
+            assert [(r["reason"], bytes(r["payload"])) for r in rows] == [
+                ("undecodable", garbage[1])
+            ]
+            if not recovery.startswith("kill"):
+                assert "database usable again" in consumer.log_text()
+    finally:
+        listener.close()
+
+
+def test_lag_comes_from_stored_samples_and_is_never_negative(
+    mqtt_url: str, database_url: str, unique_vin: str
+) -> None:
+    """A dead-lettered batch dated far in the future leaves lag_s alone (never negative); a
+    stored batch from the past sets it."""
+    migrate(database_url)
+    future = make_batches(unique_vin, 10, 10, first_batch=7, t0=7_000_000_000_000_000)  # 2191
+    past = make_batches(unique_vin, 10, 10, first_batch=8, t0=T0_US)
+    listener = AckListener(mqtt_url, unique_vin)
+    try:
+        with (
+            consumer_process(
+                mqtt_url=mqtt_url, database_url=database_url, client_id=f"c-{unique_vin}"
+            ) as consumer,
+            publisher(mqtt_url) as pub,
+        ):
+            consumer.start()
+            pub.publish_batches(future)
+            wait_until(lambda: listener.seen() == [7], what="the future batch acked")
+            assert query(database_url, "SELECT reason FROM rejected")[0]["reason"] == (
+                "future_timestamp"
+            )
+            assert consumer.metric("revline_consumer_lag_seconds") == 0
+            pub.publish_batches(past)
+            wait_until(lambda: listener.seen() == [7, 8], what="the past batch acked")
+            assert consumer.metric("revline_consumer_lag_seconds") > 0
+    finally:
+        listener.close()
+
+
+def test_a_trigger_refusing_every_row_is_an_outage_not_bad_data(
+    mqtt_url: str, database_url: str, unique_vin: str
+) -> None:
+    """A data-class error (22023) that every write raises, a probe write included, is the
+    deployment's fault: nothing is dead-lettered or acked until the trigger is fixed, then
+    every sample is stored once."""
+    migrate(database_url)
+    query(
+        database_url,
+        "CREATE FUNCTION refuse_all() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+        "RAISE EXCEPTION 'broken trigger' USING ERRCODE = '22023'; END $$",
+    )
+    query(
+        database_url,
+        "CREATE TRIGGER refuse_all BEFORE INSERT ON samples "
+        "FOR EACH ROW EXECUTE FUNCTION refuse_all()",
+    )
+    batches = make_batches(unique_vin, 1_000, per_message=250, t0=T0_US)
+    listener = AckListener(mqtt_url, unique_vin)
+    try:
+        with (
+            consumer_process(
+                mqtt_url=mqtt_url,
+                database_url=database_url,
+                client_id=f"c-{unique_vin}",
+                args=["--retry-max-s", "1"],
+            ) as consumer,
+            publisher(mqtt_url) as pub,
+        ):
+            consumer.start()
+            pub.publish_batches(batches)
+            wait_until(
+                lambda: consumer.metric("revline_consumer_db_errors_total") >= 3,
+                what="writes failing and retried",
+                timeout=30,
+            )
+            wait_until(lambda: consumer.http("/healthz")[0] == 503, what="health red")
+            assert "writing its messages one by one" in consumer.log_text()
+            assert query(database_url, "SELECT count(*) AS n FROM rejected")[0]["n"] == 0
+            assert listener.seen() == []
+            query(database_url, "DROP TRIGGER refuse_all ON samples")
+            wait_until(lambda: sorted(set(listener.seen())) == [0, 1, 2, 3], what="e2e acks")
+            assert cold_counts(database_url, unique_vin) == (1_000, 1_000)
+            assert query(database_url, "SELECT count(*) AS n FROM rejected")[0]["n"] == 0
+    finally:
+        listener.close()

@@ -140,7 +140,8 @@ def test_settings_layer_env_and_flags() -> None:
         "REVLINE_DATABASE_URL": "postgresql://db/y",
         "REVLINE_BATCH_MAX_SAMPLES": "500",
     }
-    settings = load_settings(environ=env, flags={"group": "g1", "batch_max_samples": None})
+    flags = {"group": "g1", "client_id": "c1", "batch_max_samples": None}
+    settings = load_settings(environ=env, flags=flags)
     assert settings.mqtt_url == "mqtt://broker:1883"
     assert settings.database_url == "postgresql://db/y"
     assert settings.batch_max_samples == 500

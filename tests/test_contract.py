@@ -11,8 +11,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from revline._peek import MAX_DEPTH, MAX_STEPS, json_version, msgpack_version
 from revline.contract import (
+    EXTRA_KEY_PATTERN,
     MAX_BATCH_SAMPLES,
+    MAX_DETAIL_CHARS,
     MAX_PAYLOAD_BYTES,
     Ack,
     Batch,
@@ -66,7 +69,7 @@ samples = st.builds(
     gps_speed=_opt(0, 500),
     extra=st.none()
     | st.dictionaries(
-        st.text(min_size=1, max_size=64),
+        st.from_regex(EXTRA_KEY_PATTERN, fullmatch=True),
         st.floats(min_value=-1e12, max_value=1e12, allow_nan=False),
         max_size=8,
     ),
@@ -245,3 +248,139 @@ def test_wire_doc_example_bytes_decode_to_the_json_example() -> None:
     assert decode_ack(
         bytes.fromhex("83a17601a376696eb1314847434d383236333341303034333532a76261746368657392292a")
     ) == Ack(v=1, vin="1HGCM82633A004352", batches=[41, 42])
+
+
+CONTROL = [chr(c) for c in (*range(0x20), 0x7F, *range(0x80, 0xA0))]
+
+
+def _error(payload: bytes) -> ContractError:
+    with pytest.raises(ContractError) as info:
+        decode_batch(payload)
+    return info.value
+
+
+def _encoded(message: object, *, as_json: bool) -> bytes:
+    return msgspec.json.encode(message) if as_json else msgspec.msgpack.encode(message)
+
+
+@pytest.mark.parametrize("as_json", [False, True])
+@pytest.mark.parametrize(
+    "key", ["a\x00b", "\x00", "a\x01", "TAB\t", "DEL\x7f", "a b", "a.b", "é", "", "K" * 65]
+)
+def test_extra_keys_outside_the_pattern_are_invalid(key: str, *, as_json: bool) -> None:
+    """An extra key with a control character (NUL above all), a space or non-ASCII is refused."""
+    message = _raw(samples=[{"ts": 1, "seq": 1, "extra": {key: 1.0}}])
+    assert _reason(message, as_json=as_json) == "invalid"
+
+
+def test_extra_keys_of_python_obd_names_are_accepted() -> None:
+    """python-OBD command names are the model for the pattern."""
+    extra = {"TIMING_ADVANCE": 12.5, "O2_B1S1": 0.45, "DTC_COUNT": 0.0, "k" * 64: 1.0}
+    batch = decode_batch(
+        msgspec.msgpack.encode(_raw(samples=[{"ts": 1, "seq": 1, "extra": extra}]))
+    )
+    assert batch.samples[0].extra == extra
+
+
+@pytest.mark.parametrize("as_json", [False, True])
+@pytest.mark.parametrize("where", ["top", "sample"])
+def test_control_characters_in_unknown_field_names_are_escaped_in_the_detail(
+    where: str, *, as_json: bool
+) -> None:
+    """Defect 3: a NUL in a field name never reaches the detail (a text column), it is escaped."""
+    name = "a\x00b" + "".join(CONTROL)
+    if where == "top":
+        message = {**_raw(), name: 1}
+    else:
+        message = _raw(samples=[{"ts": 1, "seq": 1, name: 1}])
+    error = _error(_encoded(message, as_json=as_json))
+    assert error.reason == "invalid"
+    assert "a\\x00b" in error.detail
+    assert not set(error.detail) & set(CONTROL)
+    assert not set(str(error)) & set(CONTROL)
+
+
+def test_the_detail_is_cut_to_its_limit() -> None:
+    """An unknown field name of 100k characters gives a detail of at most MAX_DETAIL_CHARS."""
+    error = _error(msgspec.msgpack.encode({**_raw(), "x" * 100_000: 1}))
+    assert error.reason == "invalid"
+    assert len(error.detail) == MAX_DETAIL_CHARS
+
+
+def _deep_msgpack(depth: int) -> msgspec.Raw:
+    return msgspec.Raw(b"\x91" * depth + b"\x01")
+
+
+def _deep_json(depth: int) -> msgspec.Raw:
+    return msgspec.Raw(b"[" * depth + b"1" + b"]" * depth)
+
+
+@pytest.mark.parametrize("as_json", [False, True])
+@pytest.mark.parametrize("where", ["top", "sample", "extra", "v", "vin"])
+def test_a_field_nested_a_thousand_deep_is_invalid_not_a_crash(
+    where: str, *, as_json: bool
+) -> None:
+    """Defect 1: ~1,000 levels of nesting anywhere in a batch give `invalid`, not RecursionError."""
+    deep = _deep_json(1_000) if as_json else _deep_msgpack(1_000)
+    sample: dict[str, Any] = {"ts": 1, "seq": 1}
+    message: dict[str, Any] = _raw(samples=[sample])
+    if where == "top":
+        message["unknown"] = deep
+    elif where == "sample":
+        sample["unknown"] = deep
+    elif where == "extra":
+        sample["extra"] = {"X": deep}
+    else:
+        message[where] = deep
+    payload = _encoded(message, as_json=as_json)
+    assert _error(payload).reason == "invalid"
+    with pytest.raises(ContractError) as info:
+        decode_ack(payload)
+    assert info.value.reason == "invalid"
+
+
+@pytest.mark.parametrize("as_json", [False, True])
+def test_a_newer_version_is_found_behind_deep_or_long_unknown_fields(*, as_json: bool) -> None:
+    """`v` after a big unknown field is still read; beyond the walker's limits it is `invalid`."""
+    before = {
+        "unknown": [[[{"a": [1, "x", b"y" if not as_json else "y"]}]]],
+        "more": list(range(50)),
+    }
+    payload = _encoded({**before, **_raw(v=2), "other": 1}, as_json=as_json)
+    assert _error(payload).reason == "unsupported_version"
+    deep = _deep_json(MAX_DEPTH + 1) if as_json else _deep_msgpack(MAX_DEPTH + 1)
+    assert _error(_encoded({"unknown": deep, "v": 2}, as_json=as_json)).reason == "invalid"
+    long = list(range(MAX_STEPS))
+    assert _error(_encoded({"unknown": long, "v": 2}, as_json=as_json)).reason == "invalid"
+
+
+@pytest.mark.parametrize(
+    "v", [0, 1, 2, 127, 128, 255, 256, 65_536, 2**32, 2**63 - 1, 2**64 - 1, -1, -32, -33, -(2**63)]
+)
+def test_the_version_walker_reads_every_integer_encoding(v: int) -> None:
+    """`v` is read from fixint, uint8-64 and int8-64 forms, and from JSON, after other fields."""
+    message = {"x": [1.5, None, True, {"k": b"\x00" * 300}], "s": "é" * 40, "v": v}
+    assert msgpack_version(msgspec.msgpack.encode(message)) == v
+    expected = v if abs(v) < 10**19 else None  # longer JSON integers are not looked at
+    assert json_version(b" \n" + msgspec.json.encode(message)) == expected
+    assert json_version(b'{"\\u0076" : %d }' % v) == expected  # an escaped key is still "v"
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [b"", b"\x80", b"\x81", b"\x81\xc1\x01", b"\x81\xa1v", b"\x81\xa1v\xc0", b"\x81\xdb\xff\xff",
+     b"\x82\xa1x\xdd\xff\xff\xff\xff\xa1v\x02", b"\x91\x02", b"\xde"],
+)  # fmt: skip
+def test_the_msgpack_version_walker_gives_up_quietly(payload: bytes) -> None:
+    """Truncated or malformed MessagePack gives None, never an exception."""
+    assert msgpack_version(payload) is None
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [b"", b"{", b'{"v"', b'{"v":', b'{"v":1.5}', b'{"v":"2"}', b'{"x":[}', b'{"x":1 "v":2}',
+     b'{"x":"\\', b'{"\\ud800":1,"v":2}', b'{"x":]],"v":2}', b'[{"v":2}]'],
+)  # fmt: skip
+def test_the_json_version_walker_gives_up_quietly(payload: bytes) -> None:
+    """Truncated or malformed JSON gives None, never an exception."""
+    assert json_version(payload) is None

@@ -109,11 +109,12 @@ def test_encoding_is_deterministic_and_valid(values: dict[str, float]) -> None:
 def test_sampler_drops_values_the_contract_would_reject() -> None:
     """NaN and out-of-range values are dropped one by one, never the whole sample."""
     kept, extra, dropped = clean_values(
-        {"rpm": float("nan"), "speed": 50.0, "coolant": 900.0, "bogus": 1.0}, {"X": float("inf")}
+        {"rpm": float("nan"), "speed": 50.0, "coolant": 900.0, "bogus": 1.0},
+        {"X": float("inf"), "a\x00b": 1.0, "A-B": 2.0, "TIMING_ADVANCE": 12.5},
     )
     assert kept == {"speed": 50.0}
-    assert extra == {}
-    assert sorted(dropped) == ["X", "bogus", "coolant", "rpm"]
+    assert extra == {"TIMING_ADVANCE": 12.5}  # names the contract refuses never reach a batch
+    assert sorted(dropped) == ["A-B", "X", "a\x00b", "bogus", "coolant", "rpm"]
 
 
 def test_bytes_on_disk_per_sample_stay_small(tmp_path: Path) -> None:

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import subprocess
+import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
+from urllib.parse import urlsplit
 
 import asyncpg
 import pytest
 
 from revline.cli import main
-from revline.consumer.writer import Rejected, Writer, is_transient
+from revline.consumer.writer import Rejected, Writer, is_data_error
 from revline.storage.maintenance import maintain
 from revline.storage.migrate import (
     MigrateSettings,
@@ -21,11 +24,15 @@ from revline.storage.migrate import (
     discover,
     migrate_dsn,
 )
-from tests.services import PostgresService
+from tests.services import PostgresService, free_port
 from tests.storage_fixtures import ROLLUP_COLUMNS, batch, now_us, sample
 
 SETTINGS = MigrateSettings()
 DAY_US = 86_400 * 1_000_000
+T0_US: Final = 1_717_243_200_123_457
+"""2024-06-01T12:00:00.123457Z: the instant test data is stamped from, never the wall clock
+(only the partition test, whose subject is "today", reads the clock)."""
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def _run(coro: Any) -> Any:
@@ -169,10 +176,48 @@ def test_migrate_command_rejects_a_bad_interval(
     assert rows[0]["n"] == 0
 
 
+def _revline(*args: str) -> subprocess.CompletedProcess[str]:
+    """Run the real ``revline`` command; its output as text."""
+    return subprocess.run(
+        [sys.executable, "-m", "revline.cli", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize(
+    ("case", "expected"),
+    [
+        ("missing database", "does not exist (SQLSTATE 3D000): check database_url"),
+        ("unknown login", "login refused: role"),
+        ("server down", "database unreachable: ConnectionRefusedError"),
+    ],
+)
+def test_migrate_says_in_one_line_why_it_cannot_reach_the_database(
+    postgres: PostgresService, case: str, expected: str
+) -> None:
+    """`revline migrate` against a missing database, a refused login or a stopped server exits
+    1 with one line on stderr naming the cause, not a traceback."""
+    url = urlsplit(postgres.url)
+    urls = {
+        "missing database": postgres.database_url("t_never_created"),
+        "unknown login": url._replace(netloc=f"t_nobody@{url.netloc.split('@')[-1]}").geturl(),
+        "server down": f"postgresql://postgres@127.0.0.1:{free_port()}/postgres",
+    }
+    result = _revline("migrate", "--database-url", urls[case])
+    assert result.returncode == 1
+    assert len(result.stderr.splitlines()) == 1, result.stderr
+    assert result.stderr.startswith("revline migrate: ")
+    assert expected in result.stderr
+
+
 def test_same_batch_twice_stores_each_sample_once(database_url: str, unique_vin: str) -> None:
     """Writing a batch again (a redelivery) inserts nothing new; timestamps keep every µs and
     values read back exactly at sensor resolution."""
-    ts = now_us() - 10_000_001
+    ts = T0_US - 10_000_001
     samples = [
         sample(
             ts + i * 100_001,
@@ -216,7 +261,7 @@ def test_older_sample_after_newer_leaves_hot_row_unchanged(
     database_url: str, unique_vin: str
 ) -> None:
     """A backfilled sample older than the stored state changes nothing in vehicle_state."""
-    ts = now_us()
+    ts = T0_US
     newer = sample(ts, 100, speed=80.0, rpm=3000.0, lat=48.1234567, lon=11.5, extra={"A": 1.0})
     older = sample(ts - 60_000_000, 40, speed=10.0, rpm=900.0, lat=1.0, lon=2.0, extra={"A": 9.0})
 
@@ -239,7 +284,7 @@ def test_field_missing_from_newest_sample_keeps_last_value(
     database_url: str, unique_vin: str
 ) -> None:
     """Hot state takes each field's newest non-null value, within one write and across writes."""
-    ts = now_us()
+    ts = T0_US
 
     async def scenario() -> None:
         await _migrated(database_url)
@@ -367,10 +412,12 @@ def test_plain_mode_rollups_refresh_with_dashboard_columns(
 ) -> None:
     """Maintenance fills samples_1m/samples_1h (same columns as the TimescaleDB aggregates),
     including samples that arrive late for an already refreshed minute."""
-    minute = (now_us() // 60_000_000 - 5) * 60_000_000
+    minute = (T0_US // 60_000_000) * 60_000_000
+    # No retention: it counts back from today, and these rows are from a fixed day.
+    keep = MigrateSettings(raw_retention="forever", rollup_1m_retention="forever")
 
     async def scenario() -> None:
-        await _migrated(database_url)
+        await migrate_dsn(database_url, keep)
         connection = await asyncpg.connect(database_url)
         try:
             async with Writer(database_url) as writer:
@@ -417,26 +464,57 @@ def test_plain_mode_rollups_refresh_with_dashboard_columns(
     _run(scenario())
 
 
-def test_is_transient_tells_outages_from_bugs(database_url: str) -> None:
-    """Connection failures and server shutdowns are transient; a bad statement is not."""
+def test_only_errors_about_values_are_data_errors(database_url: str) -> None:
+    """Errors about a value (class 22, a CHECK, a value the codec refuses) may dead-letter; a
+    missing object or privilege, a read-only server, a timeout, a refused connection, a NOT
+    NULL a column added without default, and any unknown error are outages."""
+
+    async def error(connection: asyncpg.Connection, sql: str, *args: object) -> BaseException:
+        with pytest.raises(Exception) as caught:  # noqa: PT011 - each is judged below
+            await connection.execute(sql, *args)
+        return caught.value
 
     async def scenario() -> None:
         with pytest.raises(ConnectionRefusedError) as refused:
-            await asyncpg.connect("postgresql://postgres@127.0.0.1:1/postgres", timeout=5)
-        assert is_transient(refused.value)
+            await asyncpg.connect(f"postgresql://postgres@127.0.0.1:{free_port()}/postgres")
+        assert not is_data_error(refused.value)
         connection = await asyncpg.connect(database_url)
         try:
-            with pytest.raises(asyncpg.PostgresError) as bad_sql:
-                await connection.execute("SELECT nope FROM nowhere")
-            assert not is_transient(bad_sql.value)
-            with pytest.raises(asyncpg.PostgresError) as timeout:
-                await connection.execute("SET statement_timeout = 50; SELECT pg_sleep(5)")
-            assert is_transient(timeout.value)
+            await connection.execute(
+                "CREATE TABLE t (n int CHECK (n < 10), s text, m int NOT NULL DEFAULT 0)"
+            )
+            data = [
+                await error(connection, "SELECT 1/0"),  # 22012
+                await error(connection, "SELECT 'x'::int"),  # 22P02
+                await error(connection, "SELECT convert_from('\\x00'::bytea, 'UTF8')"),  # 22021
+                await error(connection, "INSERT INTO t (n) VALUES (11)"),  # 23514
+                await error(connection, "INSERT INTO t (n) VALUES ($1)", 2**40),  # client-side
+            ]
+            await connection.execute("ALTER TABLE t ALTER COLUMN m DROP DEFAULT")
+            outages = [
+                await error(connection, "SELECT nope FROM nowhere"),  # 42P01
+                await error(connection, "INSERT INTO t (n) VALUES (1)"),  # 23502
+                await error(connection, "SET statement_timeout = 50; SELECT pg_sleep(5)"),
+                await error(
+                    connection,
+                    "BEGIN READ ONLY; INSERT INTO t (n, m) VALUES (1, 1)",  # 25006
+                ),
+            ]
+            await connection.execute("ROLLBACK")
         finally:
             await connection.close()
-        assert is_transient(asyncpg.exceptions.AdminShutdownError("terminating connection"))
-        assert is_transient(asyncpg.exceptions.CannotConnectNowError("starting up"))
-        assert not is_transient(ValueError("bug"))
+        assert [is_data_error(e) for e in data] == [True] * len(data), data
+        assert [is_data_error(e) for e in outages] == [False] * len(outages), outages
+        assert [getattr(e, "sqlstate", None) for e in outages] == [
+            "42P01",
+            "23502",
+            "57014",
+            "25006",
+        ]
+        assert not is_data_error(asyncpg.exceptions.InsufficientPrivilegeError("denied"))
+        assert not is_data_error(asyncpg.exceptions.DiskFullError("no space"))
+        assert not is_data_error(asyncpg.exceptions.AdminShutdownError("terminating"))
+        assert not is_data_error(ValueError("a bug"))
 
     _run(scenario())
 
@@ -444,9 +522,9 @@ def test_is_transient_tells_outages_from_bugs(database_url: str) -> None:
 def test_writer_survives_a_killed_database(
     fresh_postgres: PostgresService, database_url: str, unique_vin: str
 ) -> None:
-    """A database killed with SIGKILL makes write() raise a transient error; after a restart the
+    """A database killed with SIGKILL makes write() raise an outage error; after a restart the
     same writer commits again, and a retried batch is stored exactly once."""
-    ts = now_us()
+    ts = T0_US
     before = batch(unique_vin, [sample(ts + i, i, speed=1.0) for i in range(10)], 1)
     during = batch(unique_vin, [sample(ts + 100 + i, 100 + i, speed=2.0) for i in range(10)], 2)
 
@@ -455,7 +533,7 @@ def test_writer_survives_a_killed_database(
             try:
                 return (await writer.write([during])).inserted
             except Exception as exc:
-                if not is_transient(exc):
+                if is_data_error(exc):
                     raise
                 await asyncio.sleep(0.5)
         raise AssertionError("database did not come back")
@@ -467,7 +545,7 @@ def test_writer_survives_a_killed_database(
             await asyncio.to_thread(fresh_postgres.kill)
             with pytest.raises(Exception) as failed:  # noqa: PT011 - any error, judged below
                 await writer.write([during])
-            assert is_transient(failed.value), failed.value
+            assert not is_data_error(failed.value), failed.value
             await asyncio.to_thread(fresh_postgres.start)
             inserted = await retried(writer)
             again = await writer.write([before, during])

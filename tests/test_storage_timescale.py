@@ -10,7 +10,7 @@ import asyncio
 import json
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import asyncpg
 import pytest
@@ -36,12 +36,15 @@ from revline.storage.migrate import (
     default_sql_dir,
     migrate,
 )
-from tests.storage_fixtures import ROLLUP_COLUMNS, PGliteSession, batch, now_us, sample
+from tests.storage_fixtures import ROLLUP_COLUMNS, PGliteSession, batch, sample
 
 pytestmark = pytest.mark.timescale
 
 SETTINGS = MigrateSettings()
 MINUTE_US = 60_000_000
+T0_US: Final = 1_717_243_200_123_457
+"""2024-06-01T12:00:00.123457Z: every engine gets the very same rows. Stamped from the wall clock,
+each engine's data fell in a different second under load and the comparison failed."""
 
 
 async def stage(session: Session, table: str, columns: tuple[str, ...], rows: list[Any]) -> None:
@@ -82,7 +85,7 @@ async def snapshot(session: Session) -> dict[str, Any]:
 
 def scenario_batches(vin: str) -> list[list[Batch]]:
     """Writes covering the rules: redelivery, backfill, fields missing from the newest sample."""
-    ts = (now_us() // 1_000_000) * 1_000_000 + 123_457
+    ts = T0_US
     first = batch(
         vin,
         [
@@ -178,7 +181,7 @@ def test_writer_sql_behaves_the_same_on_timescaledb_and_postgres(
 def test_timescale_chunks_compress_and_aggregates_return_rows(unique_vin: str) -> None:
     """Days of samples make chunks; a chunk compresses and still refuses duplicates; the
     continuous aggregates refresh and return per-minute and per-hour rows."""
-    start = (now_us() // MINUTE_US - 4 * 24 * 60) * MINUTE_US
+    start = (T0_US // MINUTE_US - 4 * 24 * 60) * MINUTE_US
     samples = [
         sample(start + i * MINUTE_US, i, speed=float(i % 100), rpm=1000.0 + i) for i in range(4320)
     ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -16,9 +17,9 @@ __all__ = ["register"]
 _FLAGS: tuple[tuple[str, type, str], ...] = (
     ("mqtt_url", str, "broker URL, mqtt:// or mqtts://user:pass@host:port (env MQTT_URL)"),
     ("database_url", str, "PostgreSQL URL (env DATABASE_URL)"),
-    ("client_id", str, "fixed MQTT client id (default revline-consumer-<hostname>)"),
+    ("client_id", str, "fixed MQTT client id (default: the login, else revline-consumer-<host>)"),
     ("group", str, "shared-subscription group: consumers in one group split the load"),
-    ("session_expiry_s", int, "how long the broker keeps our session while away (86400)"),
+    ("session_expiry_s", int, "broker keeps our session this long while away (86400; group 60)"),
     ("receive_maximum", int, "unacked messages the broker may send us at once (1000)"),
     ("keepalive_s", int, "MQTT keepalive (30)"),
     ("ca_file", str, "CA bundle for mqtts://"),
@@ -27,6 +28,7 @@ _FLAGS: tuple[tuple[str, type, str], ...] = (
     ("batch_max_samples", int, "close a write batch at this many samples (20000)"),
     ("batch_max_age_ms", int, "... or when its first message is this old (200)"),
     ("max_future_s", float, "reject samples further ahead of our clock than this (300)"),
+    ("max_age_s", float, "reject samples older than this, inside the raw retention (358 d)"),
     ("pool_size", int, "database connections (4)"),
     ("write_concurrency", int, "batches written at once, acked in order (2)"),
     ("statement_timeout_s", float, "database statement timeout (30)"),
@@ -34,7 +36,11 @@ _FLAGS: tuple[tuple[str, type, str], ...] = (
     ("retry_max_s", float, "longest retry delay (15)"),
     ("shutdown_timeout_s", float, "on SIGTERM, commit what is in hand within this (10)"),
     ("log_every_s", float, "summary log line interval (10)"),
-    ("maintenance_every_s", float, "plain PostgreSQL: partitions/retention/rollups pass (300)"),
+    (
+        "maintenance_every_s",
+        float,
+        "plain PostgreSQL: partitions/retention/rollups pass every so often (300); 0: never",
+    ),
     ("metrics_host", str, "address of /metrics and /healthz (0.0.0.0)"),
     ("metrics_port", int, "port of /metrics and /healthz; 0 disables (9108)"),
 )
@@ -55,13 +61,20 @@ def register(commands: Commands) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Load settings (a bad value stops here with one line), then serve until SIGTERM/SIGINT."""
-    import asyncio  # noqa: PLC0415 - keep `revline --help` light
+    """Load settings (a bad value stops here with one line), then serve until SIGTERM/SIGINT.
 
-    from revline.consumer.config import load_settings  # noqa: PLC0415
+    A database that waiting cannot fix (missing, login refused, not migrated) stops it with one
+    line and exit code 1; one that is down or failing is waited for."""
+    import asyncio  # noqa: PLC0415 - keep `revline --help` light
+    import logging  # noqa: PLC0415
+
+    from revline.consumer.config import load_settings, startup_warnings  # noqa: PLC0415
+    from revline.consumer.writer import UnusableDatabaseError  # noqa: PLC0415
 
     flags = {key: getattr(args, key) for key, _, _ in _FLAGS}
     settings = load_settings(config=args.config, flags=flags)
+    for warning in startup_warnings(settings):
+        logging.getLogger("revline.consumer").warning(warning)
 
     async def main() -> None:
         import signal  # noqa: PLC0415
@@ -74,5 +87,9 @@ def run(args: argparse.Namespace) -> int:
             loop.add_signal_handler(sig, stop.set)
         await Consumer(settings).run(stop)
 
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    except UnusableDatabaseError as exc:
+        print(f"revline consumer: {exc}", file=sys.stderr)
+        return 1
     return 0

@@ -6,14 +6,29 @@ import os
 import socket
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Final
 
 import msgspec
 
 from revline.mqtt import parse_mqtt_url
 from revline.settings import ConfigError, load
 
-__all__ = ["ConsumerSettings", "load_settings"]
+__all__ = [
+    "GROUP_SESSION_EXPIRY_S",
+    "LONE_SESSION_EXPIRY_S",
+    "ConsumerSettings",
+    "load_settings",
+    "startup_warnings",
+]
+
+LONE_SESSION_EXPIRY_S: Final = 86_400
+"""Session expiry of a consumer alone: the broker queues for it through a day away."""
+GROUP_SESSION_EXPIRY_S: Final = 60
+"""Session expiry of a group member. Mosquitto keeps handing an offline member its share of the
+group's messages, so a member that died and was replaced under another client id swallows that
+share into its saved session until the session expires; devices resend what it swallowed after
+their ack timeout. Short, so that an orphan stops swallowing soon; long enough to ride out a
+restart under the same id. See docs/consumer.md, "Running N consumers"."""
 
 Positive = Annotated[int, msgspec.Meta(ge=1)]
 Seconds = Annotated[float, msgspec.Meta(gt=0)]
@@ -25,10 +40,14 @@ class ConsumerSettings(msgspec.Struct, frozen=True, kw_only=True):
     mqtt_url: str = "mqtt://127.0.0.1:1883"
     database_url: str = "postgresql://postgres@127.0.0.1:5432/postgres"
     client_id: str = ""
-    """Fixed MQTT client id, so that a restart resumes the same persistent session."""
+    """Fixed MQTT client id, so that a restart resumes the same persistent session. Default: the
+    login's user name (what the shipped broker enforces anyway), else, alone,
+    ``revline-consumer-<hostname>``; a group member needs one or the other."""
     group: str = ""
     """Shared-subscription group: several consumers with the same group split the load."""
-    session_expiry_s: Annotated[int, msgspec.Meta(ge=0, le=2**32 - 1)] = 86_400
+    session_expiry_s: Annotated[int, msgspec.Meta(ge=0, le=2**32 - 1)] | None = None
+    """How long the broker keeps our session, and queues for it, while we are away. Default:
+    ``LONE_SESSION_EXPIRY_S`` alone, ``GROUP_SESSION_EXPIRY_S`` in a group."""
     receive_maximum: Annotated[int, msgspec.Meta(ge=1, le=65_535)] = 1_000
     """Unacked QoS 1 messages the broker may have in flight to us: the backpressure bound."""
     keepalive_s: Annotated[int, msgspec.Meta(ge=5, le=3_600)] = 30
@@ -39,6 +58,10 @@ class ConsumerSettings(msgspec.Struct, frozen=True, kw_only=True):
     batch_max_age_ms: Positive = 200
     max_future_s: Seconds = 300.0
     """A sample further ahead of our clock than this is rejected as ``future_timestamp``."""
+    max_age_s: Seconds = 358 * 86_400.0
+    """A sample older than this is rejected as ``too_old`` rather than acked and then deleted by
+    retention. Keep it a week inside ``revline migrate --raw-retention`` (default 12 months, at
+    least 365 days): a week covers a chunk or partition (1 day) and the retention job's period."""
     pool_size: Annotated[int, msgspec.Meta(ge=1, le=100)] = 4
     write_concurrency: Annotated[int, msgspec.Meta(ge=1, le=8)] = 2
     """Batches written at once (each in its own transaction); acks stay in arrival order."""
@@ -47,7 +70,7 @@ class ConsumerSettings(msgspec.Struct, frozen=True, kw_only=True):
     retry_max_s: Seconds = 15.0
     shutdown_timeout_s: Seconds = 10.0
     log_every_s: Seconds = 10.0
-    maintenance_every_s: Seconds = 300.0
+    maintenance_every_s: Annotated[float, msgspec.Meta(ge=0)] = 300.0
     """Plain PostgreSQL: create partitions ahead, apply retention, refresh rollups this often
     (first pass at start; 0 disables, e.g. when a cron job runs ``python -m consumer.maintenance``).
     TimescaleDB's own jobs do this there, so the pass is a no-op."""
@@ -62,8 +85,19 @@ class ConsumerSettings(msgspec.Struct, frozen=True, kw_only=True):
 
     @property
     def effective_client_id(self) -> str:
-        """The configured client id, else ``revline-consumer-<hostname>``."""
-        return self.client_id or f"revline-consumer-{socket.gethostname()}"
+        """The configured client id, else the login, else ``revline-consumer-<hostname>``."""
+        # A container's hostname changes when it is re-created: fine for a lone consumer (its
+        # old session only queues copies until it expires), not for a group member (its old
+        # session would swallow a share of the traffic), which load_settings refuses.
+        login = parse_mqtt_url(self.mqtt_url).username
+        return self.client_id or login or f"revline-consumer-{socket.gethostname()}"
+
+    @property
+    def effective_session_expiry_s(self) -> int:
+        """The configured session expiry, else the default for a lone consumer or a member."""
+        if self.session_expiry_s is not None:
+            return self.session_expiry_s
+        return GROUP_SESSION_EXPIRY_S if self.group else LONE_SESSION_EXPIRY_S
 
 
 def load_settings(
@@ -86,6 +120,33 @@ def load_settings(
         )
     if "/" in settings.group or "+" in settings.group or "#" in settings.group:
         raise ConfigError("group", "", f"expected a name without / + #, got {settings.group!r}")
+    if settings.group and not (settings.client_id or parse_mqtt_url(settings.mqtt_url).username):
+        raise ConfigError(
+            "client_id",
+            "",
+            "a group member needs a stable client id: set client_id (e.g. revline-consumer-1) "
+            "or log in with a user name, which is then the id",
+        )
     if settings.retry_initial_s > settings.retry_max_s:
         raise ConfigError("retry_initial_s", "", "expected at most retry_max_s")
     return settings
+
+
+def startup_warnings(settings: ConsumerSettings) -> list[str]:
+    """What an operator must know about these settings before trusting them, one line each."""
+    warnings = []
+    login = parse_mqtt_url(settings.mqtt_url).username
+    if login and settings.client_id and settings.client_id != login:
+        warnings.append(
+            f"client_id {settings.client_id!r} is not the login {login!r}: a broker with "
+            "use_username_as_clientid (the shipped one) uses the login as the id instead"
+        )
+    if settings.group:
+        warnings.append(
+            f"group member {settings.effective_client_id!r}: if this process dies for good, "
+            "start its replacement with the same client id; under another id, the broker keeps "
+            "handing this member's share of the group's messages to its saved session until it "
+            f"expires after session_expiry_s={settings.effective_session_expiry_s} s, and the "
+            "devices resend them after their ack timeout (docs/consumer.md, Running N consumers)"
+        )
+    return warnings

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 from types import TracebackType
 from typing import Self
 
@@ -19,6 +20,7 @@ from prometheus_client import (
 )
 
 from revline.logs import kv
+from revline.settings import ConfigError
 
 __all__ = ["Metrics", "MetricsServer"]
 
@@ -43,7 +45,18 @@ class Metrics:
             "revline_consumer_rejected", "Messages dead-lettered", ["reason"], registry=r
         )
         self.db_errors = Counter(
-            "revline_consumer_db_errors", "Failed database writes (retried)", registry=r
+            "revline_consumer_db_errors", "Failed database calls (retried)", registry=r
+        )
+        self.db_error_codes = Counter(
+            "revline_consumer_db_error_codes",
+            "Failed database calls by SQLSTATE, or exception type when there is none",
+            ["code"],
+            registry=r,
+        )
+        self.outage_seconds = Gauge(
+            "revline_consumer_db_outage_seconds",
+            "How long database calls have been failing without a success; 0 when they work",
+            registry=r,
         )
         self.commit_seconds = Histogram(
             "revline_consumer_commit_seconds",
@@ -88,9 +101,18 @@ class MetricsServer:
         self._server: asyncio.Server | None = None
 
     async def __aenter__(self) -> Self:
-        self._server = await asyncio.start_server(self._handle, self.host, self.port)
+        try:
+            self._server = await asyncio.start_server(self._handle, self.host, self.port)
+        except OSError as exc:  # taken, not ours to bind, unknown host: a setting to change
+            reason = os.strerror(exc.errno) if exc.errno else str(exc)
+            raise ConfigError(
+                "metrics_port",
+                "",
+                f"cannot listen on {self.host}:{self.port} ({reason}); "
+                "choose another --metrics-port, or 0 to disable the endpoint",
+            ) from exc
         self.port = self._server.sockets[0].getsockname()[1]
-        log.info("metrics endpoint listening", extra=kv(url=f"http://{self.host}:{self.port}"))
+        log.debug("metrics endpoint listening", extra=kv(url=f"http://{self.host}:{self.port}"))
         return self
 
     async def __aexit__(

@@ -34,7 +34,15 @@ from revline.consumer.config import ConsumerSettings
 from revline.consumer.metrics import Metrics, MetricsServer
 from revline.consumer.subscriber import Inbound, Subscriber
 from revline.consumer.validate import Invalid, check
-from revline.consumer.writer import Rejected, Writer, WriteResult, is_transient
+from revline.consumer.writer import (
+    Rejected,
+    UnusableDatabaseError,
+    Writer,
+    WriteResult,
+    describe,
+    is_data_error,
+    sqlstate,
+)
 from revline.contract import SCHEMA_VERSION, Ack, Batch, ack_topic, encode
 from revline.logs import kv
 from revline.mqtt import parse_mqtt_url
@@ -44,7 +52,6 @@ __all__ = ["Consumer", "Item"]
 log = logging.getLogger("revline.consumer")
 
 _T = TypeVar("_T")
-_Stored = tuple[WriteResult, list[Rejected]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,11 +90,46 @@ def _rejected(inbound: Inbound, reason: str, detail: str) -> Rejected:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class _Stored:
+    """What committing one write batch did: rows written, messages dead-lettered, and the
+    newest sample among the batches really stored (not those dead-lettered), for ``lag_s``."""
+
+    result: WriteResult
+    rejected: list[Rejected]
+    newest_us: int | None
+
+
 _REJECTIONS_LOGGED_PER_SUMMARY = 10
+_OUTAGE_LOG_EVERY_S = 10.0
+"""While the database fails, one line per this many seconds (and at once when the error changes)."""
 
 
-def _sqlstate(exc: BaseException) -> str:
-    return str(getattr(exc, "sqlstate", "") or type(exc).__name__)
+class _Throttle:
+    """Rate limit for a repeating log line: each kind of fault (``key``) at most once per
+    ``every`` seconds, a new kind at once; counts what it held back. Pure: time is passed in."""
+
+    def __init__(self, every: float) -> None:
+        self.every = every
+        self._last: dict[str, float] = {}
+        self.held = 0
+
+    def __call__(self, key: str, now: float) -> bool:
+        """Whether to log a line about ``key`` now."""
+        last = self._last.get(key)
+        if last is not None and now - last < self.every:
+            self.held += 1
+            return False
+        if len(self._last) >= 64:  # keys are SQLSTATEs and type names: a few, but bounded anyway
+            self._last.clear()
+        self._last[key] = now
+        return True
+
+    def reset(self) -> int:
+        """Forget every key (the fault is over); return how many lines were held back."""
+        held, self.held = self.held, 0
+        self._last.clear()
+        return held
 
 
 class Consumer:
@@ -101,11 +143,23 @@ class Consumer:
         self._ready: asyncio.Queue[Pending[Item] | None] = asyncio.Queue(maxsize=1)
         self._last_db_ok = 0.0
         self._rejections_logged = 0
+        self._failing = 0
+        """Database calls currently failing and being retried: health stays red while > 0."""
+        self._outage_since: float | None = None
+        self._outage_log = _Throttle(_OUTAGE_LOG_EVERY_S)
+        self._health_log = _Throttle(_OUTAGE_LOG_EVERY_S)
+        self._maintenance_log = _Throttle(_OUTAGE_LOG_EVERY_S)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Run until ``stop`` is set, then shut down within ``shutdown_timeout_s``."""
         s = self.settings
         async with contextlib.AsyncExitStack() as stack:
+            # The endpoint first: a taken port stops us before we touch anything, and /healthz
+            # answers (503) while we wait for the database or the broker.
+            if s.metrics_port:
+                server = MetricsServer(self.metrics, host=s.metrics_host, port=s.metrics_port)
+                await stack.enter_async_context(server)
+                self.metrics_port = server.port
             writer = await self._open_writer(stack, stop)
             if writer is None:
                 return
@@ -113,7 +167,7 @@ class Consumer:
                 parse_mqtt_url(s.mqtt_url),
                 client_id=s.effective_client_id,
                 subscription=s.subscription,
-                session_expiry_s=s.session_expiry_s,
+                session_expiry_s=s.effective_session_expiry_s,
                 receive_maximum=s.receive_maximum,
                 keepalive_s=s.keepalive_s,
                 ca_file=s.ca_file or None,
@@ -122,10 +176,6 @@ class Consumer:
                 on_state=lambda up: self.metrics.set_up("broker", up=up),
             )
             await stack.enter_async_context(subscriber)
-            if s.metrics_port:
-                server = MetricsServer(self.metrics, host=s.metrics_host, port=s.metrics_port)
-                await stack.enter_async_context(server)
-                self.metrics_port = server.port
             log.info(
                 "consumer started",
                 extra=kv(
@@ -134,6 +184,9 @@ class Consumer:
                     subscription=s.subscription,
                     group=s.group or "-",
                     client_id=s.effective_client_id,
+                    metrics=f"http://{s.metrics_host}:{self.metrics_port}"
+                    if s.metrics_port
+                    else "-",
                 ),
             )
             await self._serve(writer, subscriber, stop)
@@ -142,7 +195,9 @@ class Consumer:
     async def _open_writer(
         self, stack: contextlib.AsyncExitStack, stop: asyncio.Event
     ) -> Writer | None:
-        """Enter the writer, waiting for the database if it is not up yet."""
+        """Enter the writer, waiting for the database while it is down or unusable for now
+        (refused connections, missing privileges...). Raises :class:`UnusableDatabaseError` when
+        waiting cannot help: no such database, login refused, not migrated."""
         s = self.settings
         attempt = 0
         while not stop.is_set():
@@ -151,18 +206,16 @@ class Consumer:
             )
             try:
                 await stack.enter_async_context(writer)
-            except Exception as exc:
-                if not is_transient(exc):
-                    raise
+            except UnusableDatabaseError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - any other failure: wait for the database
                 attempt += 1
-                log.warning(
-                    "database unreachable at start; retrying",
-                    extra=kv(attempt=attempt, error=f"{type(exc).__name__}: {exc}"),
-                )
+                delay = self._backoff(attempt)
+                self._database_failed(exc, "database unusable at start; retrying", attempt, delay)
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), self._backoff(attempt))
+                    await asyncio.wait_for(stop.wait(), delay)
                 continue
-            self._db_ok()
+            self._database_recovered(attempt)
             return writer
         return None
 
@@ -240,6 +293,7 @@ class Consumer:
             inbound.topic,
             now_us=int(time.time() * 1e6),
             max_future_us=max_future_us,
+            max_age_us=int(self.settings.max_age_s * 1e6),
         )
         if isinstance(verdict, Invalid):
             self._log_rejection(inbound, verdict)
@@ -291,10 +345,7 @@ class Consumer:
                     continue
                 await slots.acquire()
                 number += 1
-                task = tg.create_task(
-                    self._retry(functools.partial(self._store, writer, pending.items)),
-                    name=f"write-{number}",
-                )
+                task = tg.create_task(self._store(writer, pending.items), name=f"write-{number}")
                 inflight.put_nowait((pending, loop.time(), task))
             inflight.put_nowait(None)
 
@@ -303,7 +354,7 @@ class Consumer:
     ) -> None:
         """The batch is committed: PUBACK its messages, publish e2e acks, count and log it."""
         loop = asyncio.get_running_loop()
-        result, rejected = stored
+        result, rejected = stored.result, stored.rejected
         now = time.time()
         # Only now, with the transaction committed, may the broker forget these messages.
         subscriber.ack(item.inbound for item in pending.items)
@@ -317,12 +368,10 @@ class Consumer:
         for r in rejected:
             t.reasons[r.reason] = t.reasons.get(r.reason, 0) + 1
             self.metrics.rejected.labels(r.reason).inc()
-        newest = max(
-            (item.batch.samples[-1].ts for item in pending.items if item.batch is not None),
-            default=None,
-        )
-        if newest is not None:
-            t.lag_s = now - newest / 1e6
+        if stored.newest_us is not None:
+            # From stored samples only: a dead-lettered future-dated batch says nothing about how
+            # far behind live we are. Clamped: a device clock slightly ahead of ours is not lag.
+            t.lag_s = max(0.0, now - stored.newest_us / 1e6)
             self.metrics.lag_seconds.set(t.lag_s)
         t.commit_s = now - pending.items[0].inbound.received_at
         m = self.metrics
@@ -342,54 +391,75 @@ class Consumer:
             ),
         )
 
-    async def _store(
-        self, writer: Writer, items: Sequence[Item]
-    ) -> tuple[WriteResult, list[Rejected]]:
-        """Write the batches in one transaction, then dead-letter the bad messages.
+    async def _store(self, writer: Writer, items: Sequence[Item]) -> _Stored:
+        """Commit the batches, then dead-letter the refused messages; each step is retried until
+        it succeeds (:meth:`_retry`), so this returns only when everything is durable.
 
-        A permanent database error (a row the contract let through but the schema refuses) must
-        not wedge the pipeline: then each message is written on its own and the one that fails
-        is dead-lettered with reason ``db_error`` and its SQLSTATE.
+        The dead letters are written after the samples and retried on their own: a failing
+        ``rejected`` insert (a missing privilege...) is an outage like any other, and must not
+        make the samples be written again.
         """
         rejected = [item.rejected for item in items if item.rejected is not None]
-        batches = [item.batch for item in items if item.batch is not None and item.rejected is None]
+        todo = [item for item in items if item.batch is not None and item.rejected is None]
         result = WriteResult(batches=0, samples=0, inserted=0)
-        if batches:
-            try:
-                result = await writer.write(batches)
-            except Exception as exc:
-                if is_transient(exc):
-                    raise
-                log.warning(
-                    "batch refused by the database; writing its messages one by one",
-                    extra=kv(error=f"{_sqlstate(exc)}: {exc}"),
-                )
-                result, refused = await self._store_each(writer, items)
-                rejected.extend(refused)
+        newest: int | None = None
+        if todo:
+            result, refused, stored = await self._retry(
+                functools.partial(self._write, writer, todo)
+            )
+            rejected.extend(refused)
+            newest = max((b.samples[-1].ts for b in stored if b.samples), default=None)
         if rejected:
-            await writer.reject(rejected)
-        return result, rejected
+            await self._retry(functools.partial(writer.reject, rejected))
+        return _Stored(result, rejected, newest)
+
+    async def _write(
+        self, writer: Writer, items: Sequence[Item]
+    ) -> tuple[WriteResult, list[Rejected], list[Batch]]:
+        """One transaction for all ``items``; if the database refuses their values, one per
+        message (:meth:`_store_each`). Any other error propagates: it is an outage."""
+        batches = [item.batch for item in items if item.batch is not None]
+        try:
+            return await writer.write(batches), [], batches
+        except Exception as exc:
+            if not is_data_error(exc):
+                raise
+            log.warning(
+                "batch refused by the database; writing its messages one by one",
+                extra=kv(messages=len(items), error=describe(exc)),
+            )
+        return await self._store_each(writer, items)
 
     async def _store_each(
         self, writer: Writer, items: Sequence[Item]
-    ) -> tuple[WriteResult, list[Rejected]]:
+    ) -> tuple[WriteResult, list[Rejected], list[Batch]]:
+        """Write each message alone; dead-letter one only if its own write raised a data error
+        (:func:`is_data_error`) and a probe write of a plain sample works (:meth:`Writer.probe`),
+        which proves the fault is in that message's values. Anything else is an outage."""
         batches = samples = inserted = 0
         refused: list[Rejected] = []
+        stored: list[Batch] = []
+        probed = False
         for item in items:
-            if item.batch is None or item.rejected is not None:
+            if item.batch is None:
                 continue
             try:
                 one = await writer.write([item.batch])
             except Exception as exc:
-                if is_transient(exc):
+                if not is_data_error(exc):
                     raise
-                detail = f"SQLSTATE {_sqlstate(exc)}: {exc}"
+                if not probed:
+                    await writer.probe()  # raises if the deployment cannot write at all
+                    probed = True
+                detail = describe(exc)
+                detail = f"SQLSTATE {detail}" if getattr(exc, "sqlstate", None) else detail
                 refused.append(_rejected(item.inbound, "db_error", detail))
                 continue
+            stored.append(item.batch)
             batches += one.batches
             samples += one.samples
             inserted += one.inserted
-        return WriteResult(batches=batches, samples=samples, inserted=inserted), refused
+        return WriteResult(batches=batches, samples=samples, inserted=inserted), refused, stored
 
     def _publish_acks(self, subscriber: Subscriber, items: Sequence[Item]) -> None:
         """Publish one ``ack/<vin>`` per vehicle naming its batches now durable, duplicates too.
@@ -410,41 +480,86 @@ class Consumer:
             subscriber.publish(ack_topic(vin), encode(Ack(v=SCHEMA_VERSION, vin=vin, batches=ids)))
 
     async def _retry(self, op: Callable[[], Awaitable[_T]]) -> _T:
-        """Run ``op`` until it succeeds, sleeping with capped jittered backoff on transient errors.
+        """Run ``op`` until it succeeds, sleeping with capped jittered backoff after each failure.
 
-        Bugs and permanent errors propagate (and stop the service); a database that is down or
-        slow is waited for, however long it takes.
+        Every error that reaches here is an outage (:meth:`_write` has already turned data
+        errors into dead letters): the same batch is retried however long it takes, nothing is
+        acked meanwhile, ``/healthz`` is red and one line per ``_OUTAGE_LOG_EVERY_S`` says why.
         """
         attempt = 0
-        while True:
-            try:
-                value = await op()
-            except Exception as exc:
-                if not is_transient(exc):
-                    raise
-                attempt += 1
-                self.metrics.db_errors.inc()
-                self.metrics.set_up("database", up=False)
-                delay = self._backoff(attempt)
-                log.warning(
-                    "database write failed; retrying the same batch",
-                    extra=kv(
-                        attempt=attempt,
-                        retry_in_s=delay,
-                        error=f"{type(exc).__name__}: {exc}",
-                    ),
-                )
-                # A failed write leaves reference cycles (exception, traceback, frames) that hold
-                # the batch's staging rows; in a long outage they pile up faster than the cyclic
-                # GC's full passes come, and RSS climbs. Collecting here keeps memory flat, and
-                # costs nothing that matters while the database is down anyway.
-                gc.collect()
-                await asyncio.sleep(delay)
-                continue
-            if attempt:
-                log.info("database write succeeded again", extra=kv(attempts=attempt + 1))
-            self._db_ok()
-            return value
+        try:
+            while True:
+                try:
+                    value = await op()
+                except Exception as exc:  # noqa: BLE001 - an outage, whatever it is (see above)
+                    attempt += 1
+                    if attempt == 1:
+                        self._failing += 1
+                    delay = self._backoff(attempt)
+                    self._database_failed(
+                        exc,
+                        "database outage: retrying the same batch, acking nothing",
+                        attempt,
+                        delay,
+                    )
+                    # A failed write leaves reference cycles (exception, traceback, frames) that
+                    # hold the batch's staging rows; in a long outage they pile up faster than the
+                    # cyclic GC's full passes come, and RSS climbs. Collecting here keeps memory
+                    # flat, and costs nothing that matters while the database is failing anyway.
+                    gc.collect()
+                    await asyncio.sleep(delay)
+                    continue
+                if attempt:
+                    self._failing -= 1
+                    attempt, retried = 0, attempt
+                    self._database_recovered(retried)
+                else:
+                    self._db_ok()
+                return value
+        finally:
+            if attempt:  # cancelled while failing (shutdown): no longer retrying
+                self._failing -= 1
+
+    def _database_failed(self, exc: BaseException, what: str, attempt: int, delay: float) -> None:
+        """Count a failed database call, turn health red, log one line (rate-limited)."""
+        now = time.monotonic()
+        if self._outage_since is None:
+            self._outage_since = now
+        code = sqlstate(exc)
+        m = self.metrics
+        m.db_errors.inc()
+        m.db_error_codes.labels(code).inc()
+        m.outage_seconds.set(now - self._outage_since)
+        m.set_up("database", up=False)
+        if self._outage_log(code, now):
+            # A server error: its SQLSTATE and message; any other: its type and message.
+            server = getattr(exc, "sqlstate", None)
+            error = describe(exc)
+            cause = {"sqlstate": server, "error": error.partition(": ")[2]} if server else {}
+            log.error(
+                what,
+                extra=kv(
+                    **(cause or {"error": error}),
+                    attempt=attempt,
+                    retry_in_s=delay,
+                    outage_s=now - self._outage_since,
+                    lines_held=self._outage_log.held,
+                ),
+            )
+
+    def _database_recovered(self, attempts: int) -> None:
+        if self._outage_since is not None and not self._failing:
+            log.warning(
+                "database usable again",
+                extra=kv(
+                    attempts=attempts + 1,
+                    outage_s=time.monotonic() - self._outage_since,
+                    lines_held=self._outage_log.reset(),
+                ),
+            )
+            self._outage_since = None
+            self.metrics.outage_seconds.set(0)
+        self._db_ok()
 
     def _backoff(self, attempt: int) -> float:
         s = self.settings
@@ -453,7 +568,8 @@ class Consumer:
 
     def _db_ok(self) -> None:
         self._last_db_ok = time.monotonic()
-        self.metrics.set_up("database", up=True)
+        if not self._failing:  # a ping that works says nothing while writes keep failing
+            self.metrics.set_up("database", up=True)
 
     # -- background ----------------------------------------------------------------------------
 
@@ -464,23 +580,29 @@ class Consumer:
                 continue
             try:
                 await asyncio.wait_for(writer.ping(), 5)
-            except Exception as exc:
-                if not is_transient(exc) and not isinstance(exc, TimeoutError):
-                    raise
+            except Exception as exc:  # noqa: BLE001 - whatever it is, the database is not usable
                 self.metrics.set_up("database", up=False)
+                # While writes fail they say so themselves; this line is for an idle consumer.
+                if not self._failing and self._health_log(sqlstate(exc), time.monotonic()):
+                    log.error(  # noqa: TRY400 - one line; a traceback would tell nothing more
+                        "database unreachable", extra=kv(error=describe(exc))
+                    )
             else:
+                self._health_log.reset()
                 self._db_ok()
 
     async def _maintain(self, writer: Writer) -> None:
         # Without this a plain-PostgreSQL database fills its DEFAULT partition once the days
-        # created by `revline migrate` run out, and the rollups never move.
+        # created by `revline migrate` run out, and the rollups never move. A failure only
+        # postpones it (rows wait in DEFAULT, nothing is lost); writes report outages themselves.
         while True:
             try:
                 await writer.maintain()
-            except Exception as exc:
-                if not is_transient(exc):
-                    raise
-                log.warning("storage maintenance postponed", extra=kv(error=str(exc)))
+            except Exception as exc:  # noqa: BLE001 - never a reason to stop ingesting
+                if self._maintenance_log(sqlstate(exc), time.monotonic()):
+                    log.warning("storage maintenance postponed", extra=kv(error=describe(exc)))
+            else:
+                self._maintenance_log.reset()
             await asyncio.sleep(self.settings.maintenance_every_s)
 
     async def _report(self) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -47,12 +48,16 @@ __all__ = [
     "STATE_TABLE",
     "UPSERT_STATE_SQL",
     "Rejected",
+    "UnusableDatabaseError",
     "WriteResult",
     "Writer",
     "cold_column",
-    "is_transient",
+    "describe",
+    "is_data_error",
     "records",
+    "sqlstate",
     "state_rows",
+    "unusable_database",
 ]
 
 log = logging.getLogger(__name__)
@@ -266,36 +271,66 @@ class Rejected:
     payload: bytes
 
 
-_TRANSIENT_SQLSTATES: Final = frozenset(
-    {
-        "08000",  # connection_exception
-        "08001",  # sqlclient_unable_to_establish_sqlconnection
-        "08003",  # connection_does_not_exist
-        "08004",  # sqlserver_rejected_establishment_of_sqlconnection
-        "08006",  # connection_failure
-        "40001",  # serialization_failure
-        "40P01",  # deadlock_detected
-        "53300",  # too_many_connections
-        "55P03",  # lock_not_available
-        "57014",  # query_canceled (statement_timeout)
-        "57P01",  # admin_shutdown
-        "57P02",  # crash_shutdown
-        "57P03",  # cannot_connect_now (starting up, shutting down, recovery)
-    }
-)
+# The only database errors that are about the values written, never about the deployment:
+# class 22 (data exception: out of range, invalid text, a NUL in a string...), and the integrity
+# violations that compare a row's values (unique, check, exclusion) or refuse a too-big value.
+# Not 23502 (NOT NULL: a column added without default), 23503 (FOREIGN KEY: rows the deployment
+# has not created yet) nor 23001 (RESTRICT): those say the schema expects something we cannot
+# send, and waiting for an operator beats dropping data.
+_DATA_SQLSTATES: Final = frozenset({"23505", "23514", "23P01", "54000"})
+# asyncpg's client-side "invalid input" error; asyncpg.DataError is the server's class 22.
+_ClientDataError: Final = asyncpg.exceptions._base.DataError
 
 
-def is_transient(exc: BaseException) -> bool:
-    """True for errors worth retrying with backoff: the database or the link is down, busy or
-    restarting, or a transaction lost a race. False for bugs and bad data."""
-    if isinstance(exc, (OSError, TimeoutError, asyncpg.exceptions.ConnectionDoesNotExistError)):
-        return True
-    if isinstance(exc, asyncpg.exceptions.InterfaceError):
-        # "connection is closed", "pool is closing": the link, not the statement.
-        return "closed" in str(exc) or "closing" in str(exc)
-    if isinstance(exc, asyncpg.exceptions.PostgresError):
-        return getattr(exc, "sqlstate", None) in _TRANSIENT_SQLSTATES
-    return False
+def is_data_error(exc: BaseException) -> bool:
+    """True only for an error about the values written, the one fault that may dead-letter a
+    message (and only when that message, written alone, raised it). Everything else is an
+    outage: privileges (42501), missing objects (42P01, 42703), read-only after a failover
+    (25006), disk or memory (53xxx), shutdowns (57Pxx), connections (08xxx), timeouts, lock and
+    serialization failures, internal errors, and any error not known here: retry, ack nothing."""
+    if isinstance(exc, asyncpg.PostgresError):
+        state = str(getattr(exc, "sqlstate", "") or "")
+        return state.startswith("22") or state in _DATA_SQLSTATES
+    # A value asyncpg's binary codecs refuse (an int beyond its column type, a lone surrogate in
+    # a string): raised in Python before a byte of it reached the server.
+    return isinstance(exc, (OverflowError, UnicodeEncodeError, _ClientDataError))
+
+
+def sqlstate(exc: BaseException) -> str:
+    """The SQLSTATE of a server error, else the exception's type name (e.g. ``OSError``)."""
+    return str(getattr(exc, "sqlstate", "") or type(exc).__name__)
+
+
+def describe(exc: BaseException) -> str:
+    """One line for a log or an operator: ``42501: permission denied for table samples``,
+    ``ConnectionRefusedError: [Errno 111] ...``; at most 300 characters of message."""
+    text = " ".join(str(exc).split())[:300] or repr(exc)
+    return f"{sqlstate(exc)}: {text}"
+
+
+class UnusableDatabaseError(Exception):
+    """The database answers but cannot be used as configured, and waiting will not change that:
+    it does not exist, the login is refused, or it is not migrated. One line for the operator;
+    the consumer stops at start instead of retrying."""
+
+
+def unusable_database(exc: BaseException) -> UnusableDatabaseError | None:
+    """``exc`` (from connecting) as an :class:`UnusableDatabaseError` if waiting cannot cure it:
+    no such database, login refused, a malformed URL; else None."""
+    state = str(getattr(exc, "sqlstate", "") or "")
+    text = " ".join(str(exc).split())
+    if state == "3D000":
+        return UnusableDatabaseError(f"{text} (SQLSTATE 3D000): check database_url")
+    if state.startswith("28"):
+        return UnusableDatabaseError(
+            f"login refused: {text} (SQLSTATE {state}): check database_url"
+        )
+    if isinstance(exc, asyncpg.exceptions.ClientConfigurationError):
+        return UnusableDatabaseError(f"database_url: {text}")
+    return None
+
+
+_NOT_MIGRATED: Final = "database is not migrated: run `revline migrate` with the same database_url"
 
 
 _json = msgspec.json.Encoder()
@@ -321,6 +356,33 @@ async def _setup_connection(connection: Any) -> None:
     await connection.execute(STATE_DDL)
 
 
+async def _write_rows(
+    connection: Any, rows: list[tuple[Any, ...]], state: list[tuple[Any, ...]]
+) -> int:
+    """Stage, insert cold, upsert hot, inside the caller's transaction; the new cold rows."""
+    await connection.copy_records_to_table(STAGING_TABLE, records=rows, columns=STAGING_COLUMNS)
+    status = await connection.execute(INSERT_SAMPLES_SQL)
+    await connection.copy_records_to_table(STATE_TABLE, records=state, columns=STATE_COLUMNS)
+    await connection.execute(UPSERT_STATE_SQL)
+    return int(status.split()[-1])
+
+
+_PROBE_VIN: Final = "REVLINEPROBE00000"
+"""Not a VIN (ISO 3779 never uses I or O): the probe can never touch a real vehicle's rows."""
+
+
+def _probe_sample() -> Sample:
+    # Now, so that it lands where live data does (an existing chunk or partition), and no
+    # measurement: NULLs pass every CHECK, the probe tests the deployment, not values.
+    return Sample(ts=time.time_ns() // 1000, seq=0)
+
+
+def _storable(text: str) -> str:
+    """``text`` as PostgreSQL text can hold it: NUL and unpaired surrogates escaped."""
+    text = text.replace("\x00", "\\x00")
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def records(batches: Sequence[Batch]) -> list[tuple[Any, ...]]:
     """Staging rows: the VIN prepended to each sample's fields, nothing computed per value."""
     astuple = msgspec.structs.astuple
@@ -342,9 +404,13 @@ class Writer:
         self.mode = "unknown"
 
     async def __aenter__(self) -> Self:
+        # min_size=0: with a floor of connections, asyncpg's pool reconnects in a background task
+        # that logs a warning with a full traceback on every failed attempt, about once a second
+        # for as long as the database is away. Without one, connections are opened by the calls
+        # that need them, and a failure reaches the caller (the consumer's one rate-limited line).
         self._pool = await asyncpg.create_pool(
             self._dsn,
-            min_size=1,
+            min_size=0,
             max_size=self._pool_size,
             init=_setup_connection,
             command_timeout=self._statement_timeout_s + 5,
@@ -354,16 +420,41 @@ class Writer:
             },
         )
         try:
-            mode = await self._pool.fetchval(
-                "SELECT mode FROM revline_migrations ORDER BY applied_at LIMIT 1"
-            )
-        except BaseException:
+            self.mode = await self._schema_mode()
+        except BaseException as exc:
             await self._pool.close()
             self._pool = None
+            unusable = unusable_database(exc)
+            if unusable is not None:
+                raise unusable from exc
             raise
-        self.mode = str(mode)
         log.info("database writer ready", extra=kv(mode=self.mode, pool_size=self._pool_size))
         return self
+
+    async def _schema_mode(self) -> str:
+        """The storage mode recorded by ``revline migrate``; :class:`UnusableDatabaseError` if
+        the database was never migrated or lacks a migration this code expects."""
+        from revline.storage.migrate import TABLE, default_sql_dir, discover  # noqa: PLC0415
+
+        try:
+            rows = await self._pool.fetch(f"SELECT key, mode FROM {TABLE}")
+        except asyncpg.exceptions.UndefinedTableError as exc:
+            raise UnusableDatabaseError(_NOT_MIGRATED) from exc
+        if not rows:
+            raise UnusableDatabaseError(_NOT_MIGRATED)
+        mode = str(rows[0]["mode"])
+        applied = {str(row["key"]) for row in rows}
+        missing = [
+            m.key
+            for m in discover(default_sql_dir(), mode)
+            if m.version is not None and m.key not in applied
+        ]
+        if missing:
+            raise UnusableDatabaseError(
+                f"database schema is older than this consumer (missing {', '.join(missing)}): "
+                "run `revline migrate` with the same database_url"
+            )
+        return mode
 
     async def __aexit__(
         self,
@@ -390,23 +481,39 @@ class Writer:
             return WriteResult(batches=len(batches), samples=0, inserted=0)
         state = state_rows(rows)  # before the transaction: Python time holds no locks
         async with self._require_pool().acquire() as connection, connection.transaction():
-            await connection.copy_records_to_table(
-                STAGING_TABLE, records=rows, columns=STAGING_COLUMNS
-            )
-            status = await connection.execute(INSERT_SAMPLES_SQL)
-            await connection.copy_records_to_table(
-                STATE_TABLE, records=state, columns=STATE_COLUMNS
-            )
-            await connection.execute(UPSERT_STATE_SQL)
-        return WriteResult(
-            batches=len(batches), samples=len(rows), inserted=int(status.split()[-1])
-        )
+            inserted = await _write_rows(connection, rows, state)
+        return WriteResult(batches=len(batches), samples=len(rows), inserted=inserted)
+
+    async def probe(self) -> None:
+        """Write one plain sample of a made-up vehicle through the very statements of
+        :meth:`write`, in a transaction that is rolled back; raise what any write would raise.
+
+        This is the proof behind a dead letter: when one message's write fails with a data
+        error (:func:`is_data_error`) and the probe succeeds, the deployment can write and the
+        fault is that message's values; when the probe fails too, it is an outage.
+        """
+        rows = records([Batch(v=1, vin=_PROBE_VIN, batch=0, samples=[_probe_sample()])])
+        state = state_rows(rows)
+        async with self._require_pool().acquire() as connection:
+            transaction = connection.transaction()
+            await transaction.start()
+            try:
+                await _write_rows(connection, rows, state)
+            finally:
+                await transaction.rollback()
 
     async def reject(self, rejected: Sequence[Rejected]) -> None:
-        """Store refused messages, raw bytes included, in one statement."""
+        """Store refused messages, raw bytes included, in one statement.
+
+        The text columns get what PostgreSQL can store whatever the message held: a NUL or a
+        lone surrogate in a detail or topic is written as an escape, never a reason to fail.
+        """
         if not rejected:
             return
-        rows = [(r.received_at, r.topic, r.reason, r.detail, r.payload) for r in rejected]
+        rows = [
+            (r.received_at, _storable(r.topic), r.reason, _storable(r.detail), r.payload)
+            for r in rejected
+        ]
         async with self._require_pool().acquire() as connection:
             await connection.copy_records_to_table(
                 "rejected", records=rows, columns=_REJECTED_COLUMNS

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -72,8 +73,12 @@ def _run(args: argparse.Namespace) -> int:
 
     import asyncio  # noqa: PLC0415
 
-    from revline.edge.service import run_edge  # noqa: PLC0415
+    from revline.edge.service import StartError, run_edge  # noqa: PLC0415
 
     settings = load_edge_settings(args.config, flags=flags)
-    asyncio.run(run_edge(settings))
+    try:
+        asyncio.run(run_edge(settings))
+    except StartError as exc:
+        print(f"revline edge: {exc}", file=sys.stderr)
+        return 1
     return 0

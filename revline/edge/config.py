@@ -4,6 +4,10 @@ Layers (later wins): defaults < ``/etc/revline/edge.toml`` (or ``--config``) < `
 environment variables < command-line flags. Every value is validated at start; a bad one stops
 the program with one line naming the key (see ``revline.settings``). ``edge/edge.toml.example``
 lists every key with its default.
+
+Every number has a finite upper bound as well as a lower one: ``ack_timeout_s = 1e300`` or
+``batch_max_age_s = inf`` would not fail at start but would silently switch a mechanism off
+(no resend ever, no live batch ever), and a bound in the type refuses them with the key named.
 """
 
 from __future__ import annotations
@@ -29,9 +33,12 @@ DEFAULT_CONFIG_PATH: Final = Path("/etc/revline/edge.toml")
 ENV_PREFIX: Final = "REVLINE_EDGE_"
 DEFAULT_SPOOL_PATH: Final = "/var/lib/revline/edge-spool.db"
 
-Positive = Annotated[float, msgspec.Meta(gt=0)]
-PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
 Port = Annotated[int, msgspec.Meta(ge=1, le=65535)]
+Baudrate = Annotated[int, msgspec.Meta(ge=1, le=4_000_000)]
+"""Serial speeds: ELM327 clones go up to 2 Mbit/s, GPS receivers to 921600."""
+Hz = Annotated[float, msgspec.Meta(gt=0, le=1000)]
+Seconds = Annotated[float, msgspec.Meta(gt=0, le=86_400)]
+"""A duration in seconds: more than a day would mean 'never' and is refused as a typo."""
 
 
 class EdgeSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -44,7 +51,7 @@ class EdgeSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     source: Literal["sim", "obd", "ble"] = "sim"
     obd_port: str = "/dev/ttyUSB0"
     """ELM327 serial port (``/dev/ttyUSB0``, ``/dev/rfcomm0``); ``auto`` lets python-OBD scan."""
-    obd_baudrate: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    obd_baudrate: Baudrate | None = None
     obd_fast_pids: list[str] = msgspec.field(
         default_factory=lambda: ["RPM", "SPEED", "THROTTLE_POS", "ENGINE_LOAD", "MAF"]
     )
@@ -57,26 +64,27 @@ class EdgeSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
         ]
     )
     obd_extra_pids: list[str] = msgspec.field(default_factory=list)
-    fast_hz: Positive = 5.0
-    slow_every_s: Positive = 5.0
+    fast_hz: Hz = 5.0
+    slow_every_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 5.0
     ble_name: str = ""
     ble_address: str = ""
     gps: Literal["none", "gpsd", "nmea"] = "none"
     gps_device: str = "/dev/ttyACM0"
-    gps_baudrate: PositiveInt = 9600
+    gps_baudrate: Baudrate = 9600
     gpsd_host: str = "127.0.0.1"
     gpsd_port: Port = 2947
-    sim_hz: Positive = 10.0
-    sim_seed: int = 0
-    sim_speedup: Positive = 1.0
+    sim_hz: Hz = 10.0
+    sim_seed: Annotated[int, msgspec.Meta(ge=0, le=2**32 - 1)] = 0
+    sim_speedup: Annotated[float, msgspec.Meta(gt=0, le=10_000)] = 1.0
     """Simulated seconds per real second (tests and demos drive faster than real time)."""
 
     # --- spool ---
     spool_path: str = DEFAULT_SPOOL_PATH
     flush_interval_s: Annotated[float, msgspec.Meta(gt=0, le=10)] = 0.5
     """Samples are committed to the spool at least this often; a crash loses at most this much."""
-    spool_max_mb: Annotated[float, msgspec.Meta(ge=1)] = 512.0
-    """Spool size cap. 7 days at 10 Hz is about 6 M samples, about 400 MB at ~65 B/sample."""
+    spool_max_mb: Annotated[float, msgspec.Meta(ge=1, le=1_000_000)] = 512.0
+    """Spool size cap. 7 days at 10 Hz is about 6 M samples, about 400 MB at ~65 B/sample.
+    At most 1 TB: beyond any SD card or SSD a Pi would carry."""
 
     # --- publisher ---
     mqtt_url: str = "mqtt://127.0.0.1:1883"
@@ -85,23 +93,25 @@ class EdgeSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     cert_file: str = ""
     key_file: str = ""
     batch_max_samples: Annotated[int, msgspec.Meta(ge=1, le=5000)] = 500
-    batch_max_age_s: Positive = 1.0
-    inflight_max: PositiveInt = 20
+    batch_max_age_s: Annotated[float, msgspec.Meta(gt=0, le=600)] = 1.0
+    """The live batch closes after this long even if small; at most 10 minutes."""
+    inflight_max: Annotated[int, msgspec.Meta(ge=1, le=65_535)] = 20
     """Messages published but not yet PUBACKed, at most; fed from the spool."""
-    unacked_max: PositiveInt = 100
+    unacked_max: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 100
     """Batches published but not yet acked end to end, at most; the rest waits in the spool."""
-    ack_timeout_s: Positive = 30.0
+    ack_timeout_s: Seconds = 30.0
     """A batch PUBACKed but not acked end to end after this long is sent again, same bytes."""
     keepalive_s: Annotated[int, msgspec.Meta(ge=5, le=3600)] = 30
-    session_expiry_s: Annotated[int, msgspec.Meta(ge=0)] = 7 * 24 * 3600
-    reconnect_min_s: Positive = 1.0
-    reconnect_max_s: Positive = 60.0
+    session_expiry_s: Annotated[int, msgspec.Meta(ge=0, le=2**32 - 1)] = 7 * 24 * 3600
+    """MQTT 5 session expiry, a 32-bit field; 4294967295 means the session never expires."""
+    reconnect_min_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 1.0
+    reconnect_max_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 60.0
 
     # --- clock and status ---
     clock: Literal["auto", "trusted", "untrusted"] = "auto"
     """``auto``: trust the wall clock once the system says NTP synchronised it, or GPS gives time.
     ``trusted``: always trust it (a board with an RTC). ``untrusted``: only GPS time counts."""
-    shutdown_timeout_s: Positive = 5.0
+    shutdown_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 5.0
     """On SIGTERM, time allowed to flush the spool and publish what is open before closing."""
 
     def __post_init__(self) -> None:

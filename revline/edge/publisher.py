@@ -11,31 +11,74 @@ faster here than ``loop_start()`` plus a semaphore) so the event loop that sampl
   first, resends due after ``ack_timeout_s`` interleaved by age.
 * Every connection is a fresh paho client on the same persistent session: paho would otherwise
   replay its un-PUBACKed messages ahead of the live data on reconnect. We resend those ourselves.
+* No message stops it. Whatever arrives on ``ack/<vin>`` is untrusted: a payload that does not
+  decode, or names another car, is dead-lettered in the spool with its raw bytes
+  (:meth:`edge.spool.Spool.dead_letter`); an ack is believed only for batches the broker has
+  PUBACKed, so a forged ack cannot make unsent samples look durable. No paho callback can raise
+  into the loop; every such event is logged at most once per :data:`LOG_EVERY_S`, with a count.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import random
+import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final, ParamSpec
 
 import paho.mqtt.client as paho
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from revline.contract import ContractError, ack_topic, decode_ack, telemetry_topic
+from revline.contract import (
+    MAX_PAYLOAD_BYTES,
+    ContractError,
+    ack_topic,
+    decode_ack,
+    telemetry_topic,
+)
 from revline.edge.config import EdgeSettings
-from revline.edge.spool import DURABLE, PUBLISHED, Spool, SpoolBatch, encode_batch
+from revline.edge.spool import (
+    DEAD_LETTER_MAX_BYTES,
+    DURABLE,
+    PUBLISHED,
+    DeadLetter,
+    Spool,
+    SpoolBatch,
+    encode_batch,
+)
 from revline.logs import kv
 from revline.mqtt import make_client, parse_mqtt_url
 
-__all__ = ["Publisher", "PublisherStats", "backoff_delay", "resend_timeout"]
+__all__ = [
+    "LOG_EVERY_S",
+    "Publisher",
+    "PublisherStats",
+    "ThrottledLog",
+    "backoff_delay",
+    "guarded",
+    "resend_timeout",
+]
 
 log = logging.getLogger("revline.edge.publisher")
+
+LOG_EVERY_S: Final = 60.0
+"""A recurring problem (bad acks, failed connects) is logged at most once per this interval."""
+
+_MAX_PACKET_BYTES: Final = MAX_PAYLOAD_BYTES + 64 * 1024
+"""Told to the broker (MQTT 5 Maximum Packet Size): it drops bigger messages for us instead of
+making a Pi allocate them. Anything bigger than the contract allows is refused anyway."""
+
+_DEAD_LETTER_FLUSH_S: Final = 1.0
+_DEAD_LETTER_QUEUE_MAX: Final = 100
+_DETAIL_MAX: Final = 500
+
+_P = ParamSpec("_P")
 
 
 def backoff_delay(attempt: int, low: float, high: float, rng: random.Random) -> float:
@@ -48,6 +91,83 @@ def resend_timeout(ack_timeout_s: float, attempts: int) -> float:
     return ack_timeout_s * min(2.0 ** max(attempts - 1, 0), 8.0)
 
 
+class ThrottledLog:
+    """One log line per ``every_s`` for a recurring event, saying how often it happened.
+
+    The first event is logged at once; later ones are counted and reported with the next line,
+    which :meth:`tick` also writes once the interval has passed, so a burst's count is never lost.
+    """
+
+    def __init__(
+        self,
+        logger: logging.Logger,
+        level: int,
+        message: str,
+        *,
+        every_s: float = LOG_EVERY_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.logger = logger
+        self.level = level
+        self.message = message
+        self.every_s = every_s
+        self.clock = clock
+        self.total = 0
+        self._count = 0
+        self._fields: dict[str, Any] = {}
+        self._exc_info: BaseException | None = None
+        self._last: float | None = None
+
+    def __call__(self, exc: BaseException | None = None, **fields: Any) -> None:
+        """Count one event; log it (with ``fields`` of the latest event) if the interval allows."""
+        self.total += 1
+        self._count += 1
+        self._fields = fields
+        self._exc_info = exc
+        self.tick()
+
+    def tick(self, *, force: bool = False) -> None:
+        """Write the pending count if the interval has passed since the last line (or ``force``)."""
+        if not self._count:
+            return
+        now = self.clock()
+        if not force and self._last is not None and now - self._last < self.every_s:
+            return
+        self.logger.log(
+            self.level,
+            self.message,
+            exc_info=self._exc_info,
+            extra=kv(count=self._count, **self._fields),
+        )
+        self._last = now
+        self._count = 0
+        self._exc_info = None
+
+
+def guarded(
+    on_error: Callable[[str, Exception], None],
+) -> Callable[[Callable[_P, None]], Callable[_P, None]]:
+    """Make a paho callback unable to raise: paho would let it out of ``loop()`` and end us."""
+
+    def wrap(callback: Callable[_P, None]) -> Callable[_P, None]:
+        @functools.wraps(callback)
+        def call(*args: _P.args, **kwargs: _P.kwargs) -> None:
+            try:
+                callback(*args, **kwargs)
+            except Exception as exc:  # noqa: BLE001 - no callback may stop the network loop
+                on_error(callback.__name__, exc)
+
+        return call
+
+    return wrap
+
+
+def _printable(text: str, limit: int = _DETAIL_MAX) -> str:
+    """``text`` with control characters escaped and cut to ``limit``: safe for logs and SQL."""
+    out = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text[: limit + 1])
+    return out if len(out) <= limit else out[: limit - 3] + "..."
+
+
 @dataclass
 class _Pending:
     lo: int
@@ -55,6 +175,7 @@ class _Pending:
     sent_at: float | None = None  # monotonic; None: due now
     attempts: int = 0
     mid: int | None = None  # set while waiting for the PUBACK
+    pubacked: bool = False  # the broker took one of its sends: an ack for it can be believed
 
 
 @dataclass
@@ -66,6 +187,11 @@ class PublisherStats:
     resent: int = 0
     acked: int = 0
     connects: int = 0
+    dead_letters: int = 0
+    """Messages on ``ack/<vin>`` refused and kept in the spool's ``rejected`` table."""
+    acks_ignored: int = 0
+    """Batch ids named by acks but not believed: unknown, or not yet PUBACKed."""
+    callback_errors: int = 0
 
 
 class Publisher:
@@ -84,23 +210,59 @@ class Publisher:
         self._stop = threading.Event()
         self._client: paho.Client | None = None
         self._lost = False
+        self._answered = False  # a CONNACK came on this connection, success or not
         self._pending: dict[int, _Pending] = {}
         self._inflight: dict[int, int] = {}  # mid -> batch id
         self._pubacks: list[int] = []
         self._acks: list[int] = []
+        self._letters: list[DeadLetter] = []
+        self._letters_since: float | None = None
+        self._letters_bytes = 0
+        self._letters_dropped = 0
+        self._ignored: dict[str, int] = {}  # reason -> batch ids not believed, not yet counted
         self._rng = random.Random()
+        self._attempt = 0
+        self._next_try = 0.0
+        self._log_bad_ack = ThrottledLog(log, logging.WARNING, "bad ack dead-lettered")
+        self._log_ignored = ThrottledLog(
+            log, logging.WARNING, "ack ignored: batch unknown or not yet PUBACKed"
+        )
+        self._log_unreachable = ThrottledLog(log, logging.WARNING, "broker unreachable; retrying")
+        self._log_refused = ThrottledLog(log, logging.ERROR, "broker refused the connection")
+        self._log_publish_refused = ThrottledLog(log, logging.ERROR, "publish refused")
+        self._log_callback = ThrottledLog(log, logging.ERROR, "error in an MQTT callback")
+        self._log_spool = ThrottledLog(log, logging.ERROR, "spool error; retrying")
+        self._log_loop = ThrottledLog(log, logging.ERROR, "MQTT loop failed; reconnecting")
+        self._throttled = (
+            self._log_bad_ack,
+            self._log_ignored,
+            self._log_unreachable,
+            self._log_refused,
+            self._log_publish_refused,
+            self._log_callback,
+            self._log_spool,
+            self._log_loop,
+        )
 
     def stop(self) -> None:
         """Make :meth:`run` publish what is open (within ``shutdown_timeout_s``) and return."""
         self._stop.set()
 
-    # --- paho callbacks (called from client.loop() in this thread) ---
+    # --- paho callbacks (called from client.loop() in this thread; each one guarded) ---
+
+    def _callback_failed(self, name: str, exc: Exception) -> None:
+        # What the callback should have recorded is unknown: start this connection over, which
+        # puts every batch waiting for a PUBACK back in the queue (resent, deduplicated).
+        self.stats.callback_errors += 1
+        self._lost = True
+        self._log_callback(exc, callback=name, error=_printable(f"{type(exc).__name__}: {exc}"))
 
     def _on_connect(
         self, client: paho.Client, _u: Any, flags: Any, reason: Any, _p: Any = None
     ) -> None:
+        self._answered = True
         if reason.is_failure:
-            log.error("broker refused the connection", extra=kv(reason=str(reason)))
+            self._log_refused(reason=str(reason))
             self._lost = True
             return
         client.subscribe(self.ack_topic, qos=1)
@@ -122,20 +284,90 @@ class Publisher:
 
     def _on_publish(self, _c: paho.Client, _u: Any, mid: int, reason: Any, _p: Any) -> None:
         if reason.is_failure:
-            # The broker did not take it (ACL, quota): leave it to the ack timeout.
-            log.error("publish refused", extra=kv(reason=str(reason)))
-            self._inflight.pop(mid, None)
+            # The broker did not take it (ACL, quota): send it again after the ack timeout.
+            self._log_publish_refused(reason=str(reason))
+            batch_id = self._inflight.pop(mid, None)
+            pending = None if batch_id is None else self._pending.get(batch_id)
+            if pending is not None:
+                pending.mid = None
             return
+        batch_id = self._inflight.get(mid)
+        pending = None if batch_id is None else self._pending.get(batch_id)
+        if pending is not None:
+            pending.pubacked = True  # at once: an ack later in this same loop() may name it
         self._pubacks.append(mid)
 
     def _on_message(self, _c: paho.Client, _u: Any, message: paho.MQTTMessage) -> None:
+        payload = b""
+        topic = self.ack_topic
         try:
-            ack = decode_ack(bytes(message.payload))
+            payload = bytes(message.payload)
+            topic = message.topic
+            self._take_ack(topic, payload)
+        except Exception as exc:  # noqa: BLE001 - no message may stop the edge
+            self._reject(topic, "internal_error", f"{type(exc).__name__}: {exc}", payload)
+
+    def _take_ack(self, topic: str, payload: bytes) -> None:
+        """Believe an ack only for batches in flight that the broker has PUBACKed."""
+        try:
+            ack = decode_ack(payload)
         except ContractError as exc:
-            log.warning("bad ack ignored", extra=kv(topic=message.topic, error=str(exc)))
+            self._reject(topic, exc.reason, exc.detail, payload)
             return
-        if ack.vin == self.vin:
-            self._acks.extend(ack.batches)
+        except Exception as exc:  # noqa: BLE001 - e.g. RecursionError, MemoryError: same verdict
+            self._reject(topic, "undecodable", f"{type(exc).__name__}: {exc}", payload)
+            return
+        if ack.vin != self.vin:
+            self._reject(topic, "vin_mismatch", f"ack for {ack.vin} on {topic}", payload)
+            return
+        unknown: list[int] = []
+        unconfirmed: list[int] = []
+        for batch_id in ack.batches:
+            pending = self._pending.get(batch_id)
+            if pending is not None and pending.pubacked:
+                self._acks.append(batch_id)
+            elif pending is not None:
+                unconfirmed.append(batch_id)
+            elif batch_id >= self.spool.next_batch:
+                unknown.append(batch_id)
+            # Otherwise already durable (or evicted): a repeated ack after a resend, harmless.
+        if unconfirmed:
+            self._ignore("not_pubacked", unconfirmed)
+        if unknown:
+            self._ignore("unknown_batch", unknown)
+            # Never a batch of ours: whoever sent it is not the consumer. Keep it for an operator.
+            detail = f"batch ids never created: {unknown[:10]}"
+            self._reject(topic, "unknown_batch", detail, payload)
+
+    def _ignore(self, reason: str, batch_ids: list[int]) -> None:
+        self.stats.acks_ignored += len(batch_ids)
+        self._ignored[reason] = self._ignored.get(reason, 0) + len(batch_ids)
+        self._log_ignored(reason=reason, batches=_printable(str(batch_ids[:10]), 100))
+
+    def _reject(self, topic: str, reason: str, detail: str, payload: bytes) -> None:
+        detail = _printable(detail)
+        self.stats.dead_letters += 1
+        self._log_bad_ack(topic=_printable(topic, 100), reason=reason, detail=detail[:200])
+        kept = payload[: self.spool.dead_letter_budget()]
+        if (
+            len(self._letters) >= _DEAD_LETTER_QUEUE_MAX
+            or self._letters_bytes + len(kept) > DEAD_LETTER_MAX_BYTES
+        ):
+            self._letters_dropped += 1  # a flood within one flush interval: counted, not kept
+            return
+        if self._letters_since is None:
+            self._letters_since = time.monotonic()
+        self._letters_bytes += len(kept)
+        self._letters.append(
+            DeadLetter(
+                received_at=time.time(),
+                topic=_printable(topic, 300),
+                reason=reason,
+                detail=detail,
+                payload=kept,
+                size=len(payload),
+            )
+        )
 
     # --- connection ---
 
@@ -149,13 +381,16 @@ class Publisher:
             key_file=s.key_file or None,
         )
         client.max_inflight_messages_set(s.inflight_max)
-        client.on_connect = self._on_connect
-        client.on_disconnect = self._on_disconnect
-        client.on_publish = self._on_publish
-        client.on_message = self._on_message
+        guard = guarded(self._callback_failed)
+        client.on_connect = guard(self._on_connect)
+        client.on_disconnect = guard(self._on_disconnect)
+        client.on_publish = guard(self._on_publish)
+        client.on_message = guard(self._on_message)
         props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         props.SessionExpiryInterval = s.session_expiry_s
+        props.MaximumPacketSize = _MAX_PACKET_BYTES
         self._lost = False
+        self._answered = False
         self.connected = False
         client.connect(
             self.address.host,
@@ -185,12 +420,10 @@ class Publisher:
 
     def run(self) -> None:
         """Connect, publish and reconnect until stopped; then flush within the shutdown timeout."""
-        for batch_id, lo, n in self.spool.pending_batches_info():
-            self._pending[batch_id] = _Pending(lo=lo, samples=n)
+        for batch_id, lo, n, state in self.spool.pending_batches_info():
+            self._pending[batch_id] = _Pending(lo=lo, samples=n, pubacked=state >= PUBLISHED)
         if self._pending:
             log.info("resuming unacked batches", extra=kv(batches=len(self._pending)))
-        attempt = 0
-        next_try = 0.0
         deadline: float | None = None
         while True:
             now = time.monotonic()
@@ -199,69 +432,125 @@ class Publisher:
             if deadline is not None and (now >= deadline or self._flushed()):
                 break
             if self._client is None:
-                if now < next_try:
-                    self._stop.wait(min(0.2, next_try - now))
-                    continue
-                try:
-                    self._client = self._connect()
-                except OSError as exc:
-                    delay = backoff_delay(
-                        attempt,
-                        self.settings.reconnect_min_s,
-                        self.settings.reconnect_max_s,
-                        self._rng,
-                    )
-                    level = logging.WARNING if attempt == 0 else logging.DEBUG
-                    log.log(
-                        level,
-                        "broker unreachable; retrying",
-                        extra=kv(error=str(exc), retry_in_s=round(delay, 2)),
-                    )
-                    attempt += 1
-                    next_try = now + delay
-                    continue
-            rc = self._client.loop(timeout=0.02 if self._inflight else 0.1)
-            if rc != paho.MQTT_ERR_SUCCESS or self._lost:
-                self._drop_connection()
-                next_try = now + backoff_delay(
-                    attempt, self.settings.reconnect_min_s, self.settings.reconnect_max_s, self._rng
-                )
-                attempt += 1
-                continue
-            if not self.connected:
-                continue
-            attempt = 0
-            self._apply()
-            self._fill(final=deadline is not None)
+                self._try_connect(now)
+            else:
+                self._round(now, final=deadline is not None)
         if self._client is not None:
-            self._apply()
+            with contextlib.suppress(sqlite3.Error):
+                self._apply()
             self.connected = False
             self._client.disconnect()
             self._client.loop(0.1)
             self._client = None
         self.connected = False
+        if self._letters or self._letters_dropped:
+            with contextlib.suppress(sqlite3.Error):
+                self._flush_dead_letters()
+        for throttled in self._throttled:  # what was counted but not yet said
+            throttled.tick(force=True)
+
+    def _try_connect(self, now: float) -> None:
+        if now < self._next_try:
+            self._stop.wait(min(0.2, self._next_try - now))
+            return
+        try:
+            self._client = self._connect()
+        except OSError as exc:  # refused, unresolvable, TLS verification failed, ...
+            delay = self._backoff(now)
+            self._log_unreachable(
+                broker=str(self.address), error=str(exc), retry_in_s=round(delay, 2)
+            )
+
+    def _round(self, now: float, *, final: bool) -> None:
+        """One pass: let paho read and write, then record what came back and fill the window."""
+        assert self._client is not None
+        try:
+            rc = self._client.loop(timeout=0.02 if self._inflight else 0.1)
+        except Exception as exc:  # noqa: BLE001 - paho itself failing: reconnect, never stop
+            self._log_loop(exc, error=_printable(f"{type(exc).__name__}: {exc}"))
+            rc = paho.MQTT_ERR_UNKNOWN
+        for throttled in self._throttled:
+            throttled.tick()
+        if rc != paho.MQTT_ERR_SUCCESS or self._lost:
+            answered = self._answered
+            self._drop_connection()
+            delay = self._backoff(now)
+            if not answered:  # e.g. mqtt:// to a TLS port: the socket opened, MQTT never spoke
+                error = f"connection closed before CONNACK: {paho.error_string(rc)}"
+                self._log_unreachable(
+                    broker=str(self.address), error=error, retry_in_s=round(delay, 2)
+                )
+            return
+        if not self.connected:
+            return
+        self._attempt = 0
+        try:
+            self._apply()
+            self._fill(final=final)
+        except sqlite3.Error as exc:
+            # The device's disk, not the data: keep everything, start over after a pause.
+            # What was not recorded is sent again and deduplicated by the consumer.
+            self._log_spool(error=str(exc))
+            self._drop_connection()
+            self._backoff(now)
+
+    def _backoff(self, now: float) -> float:
+        """Schedule the next connection attempt; returns the delay."""
+        delay = backoff_delay(
+            self._attempt, self.settings.reconnect_min_s, self.settings.reconnect_max_s, self._rng
+        )
+        self._attempt += 1
+        self._next_try = now + delay
+        return delay
 
     def _flushed(self) -> bool:
         # Done when everything is PUBACKed and acked end to end; what is not stays in the spool.
         return not self._inflight and not self._pending and self.spool.unbatched() == 0
 
     def _apply(self) -> None:
-        """Record PUBACKs and end-to-end acks in the spool, in one transaction each."""
+        """Record PUBACKs, end-to-end acks and refused acks in the spool, a transaction each.
+
+        The spool is written before memory forgets: if a write fails, nothing is lost, the batch
+        is just sent again.
+        """
         for batch_id in self.spool.take_dropped():
             self._pending.pop(batch_id, None)
         if self._pubacks:
-            ids = [self._inflight.pop(mid) for mid in self._pubacks if mid in self._inflight]
+            mids = [mid for mid in self._pubacks if mid in self._inflight]
             self._pubacks.clear()
-            for batch_id in ids:
-                pending = self._pending.get(batch_id)
+            self.spool.mark([self._inflight[mid] for mid in mids], PUBLISHED)
+            for mid in mids:
+                pending = self._pending.get(self._inflight.pop(mid))
                 if pending is not None:
                     pending.mid = None
-            self.spool.mark(ids, PUBLISHED)
         if self._acks:
-            ids = [i for i in self._acks if self._pending.pop(i, None) is not None]
+            ids = [i for i in dict.fromkeys(self._acks) if i in self._pending]
             self._acks.clear()
-            self.stats.acked += len(ids)
             self.spool.mark(ids, DURABLE)
+            for batch_id in ids:
+                del self._pending[batch_id]
+            self.stats.acked += len(ids)
+        if self._ignored:
+            ignored, self._ignored = self._ignored, {}
+            for reason, count in ignored.items():
+                self.spool.count_ignored_acks(count, reason)
+        if (self._letters or self._letters_dropped) and (
+            len(self._letters) >= _DEAD_LETTER_QUEUE_MAX
+            or time.monotonic() - (self._letters_since or 0.0) >= _DEAD_LETTER_FLUSH_S
+            or self._stop.is_set()
+        ):
+            self._flush_dead_letters()
+
+    def _flush_dead_letters(self) -> None:
+        letters, dropped = self._letters, self._letters_dropped
+        self._letters = []
+        self._letters_since = None
+        self._letters_bytes = self._letters_dropped = 0
+        try:
+            self.spool.dead_letter(letters, unkept=dropped)
+        except sqlite3.Error as exc:
+            # Dead letters are evidence, not data: under disk trouble they may go, counted.
+            self._log_spool(error=str(exc), dead_letters_lost=len(letters) + dropped)
 
     def _send(self, batch: SpoolBatch, payload: bytes | None = None) -> None:
         assert self._client is not None

@@ -10,11 +10,12 @@ import asyncio
 import contextlib
 import logging
 import math
+import re
 from typing import Final
 
 import msgspec
 
-from revline.contract import Sample
+from revline.contract import EXTRA_KEY_PATTERN, Sample
 from revline.edge.clock import ClockJump, ClockModel, ClockSource
 from revline.edge.reading import Reading
 from revline.edge.spool import Spool, SpoolRow, pack_values
@@ -42,6 +43,7 @@ def _bounds() -> dict[str, tuple[float, float]]:
 FIELD_BOUNDS: Final = _bounds()
 _EXTRA_LIMIT: Final = 1e12
 _MAX_EXTRA: Final = 64
+_EXTRA_KEY: Final = re.compile(EXTRA_KEY_PATTERN)
 
 
 def clean_values(
@@ -58,7 +60,9 @@ def clean_values(
             kept[name] = value
     kept_extra: dict[str, float] = {}
     for name, value in extra.items():
-        ok = 0 < len(name) <= 64 and math.isfinite(value) and abs(value) <= _EXTRA_LIMIT
+        # A name the contract refuses would make the whole batch undecodable, never acked.
+        ok = _EXTRA_KEY.fullmatch(name) is not None and math.isfinite(value)
+        ok = ok and abs(value) <= _EXTRA_LIMIT
         if ok and len(kept_extra) < _MAX_EXTRA:
             kept_extra[name] = value
         else:

@@ -11,8 +11,11 @@ import asyncio
 import contextlib
 import logging
 import signal
+import sqlite3
+import ssl
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 from revline.edge.clock import ClockModel, ClockSource, SystemClock, read_boot_id
 from revline.edge.config import EdgeSettings
@@ -21,9 +24,10 @@ from revline.edge.reading import Source
 from revline.edge.sampler import Sampler
 from revline.edge.spool import Spool
 from revline.logs import kv
+from revline.mqtt import parse_mqtt_url
 from revline.settings import ConfigError
 
-__all__ = ["open_spool", "run_edge"]
+__all__ = ["StartError", "check_tls", "open_spool", "run_edge"]
 
 log = logging.getLogger("revline.edge")
 
@@ -37,6 +41,50 @@ def open_spool(settings: EdgeSettings) -> Spool:
         max_bytes=int(settings.spool_max_mb * 1_000_000),
         boot_id=read_boot_id(),
     )
+
+
+class StartError(Exception):
+    """The edge cannot start on this machine (a path, a permission); one line for the operator."""
+
+
+def check_tls(settings: EdgeSettings) -> None:
+    """Refuse unreadable or malformed TLS files at start, naming the key, not at every connect."""
+    address = parse_mqtt_url(settings.mqtt_url)
+    if not address.tls:
+        return
+    for key in ("ca_file", "cert_file", "key_file"):
+        name: str = getattr(settings, key)
+        if not name:
+            continue
+        try:
+            Path(name).read_bytes()
+        except OSError as exc:
+            raise ConfigError(key, "", f"cannot read {name}: {exc.strerror or exc}") from exc
+    try:
+        context = ssl.create_default_context(cafile=settings.ca_file or None)
+    except ssl.SSLError as exc:
+        raise ConfigError("ca_file", "", f"not a usable CA bundle: {exc}") from exc
+    if settings.cert_file:
+        try:
+            context.load_cert_chain(settings.cert_file, settings.key_file or None)
+        except ssl.SSLError as exc:
+            expected = f"certificate (or key_file) not usable: {exc}"
+            raise ConfigError("cert_file", "", expected) from exc
+
+
+@contextlib.contextmanager
+def _spool_for(settings: EdgeSettings) -> Iterator[Spool]:
+    with contextlib.ExitStack() as stack:
+        try:
+            spool = stack.enter_context(open_spool(settings))
+        except (OSError, sqlite3.Error) as exc:
+            # Not writable, no space, not a database: a fact about the device, in one line.
+            reason = str(exc)
+            if isinstance(exc, OSError) and exc.strerror:
+                reason = f"{exc.strerror}: {exc.filename}" if exc.filename else exc.strerror
+            where = f"{settings.spool_path} (spool_path)"
+            raise StartError(f"cannot open the spool {where}: {reason}") from exc
+        yield spool
 
 
 def _configured_sources(settings: EdgeSettings) -> list[Source]:
@@ -102,9 +150,10 @@ async def run_edge(
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
     chosen = list(sources) if sources is not None else _configured_sources(settings)
+    check_tls(settings)
     clock = clock or SystemClock()
     model = ClockModel(settings.clock)
-    with open_spool(settings) as spool:
+    with _spool_for(settings) as spool:
         sampler = Sampler(spool, model, clock, flush_interval_s=settings.flush_interval_s)
         sampler.check_clock()
         publisher = Publisher(settings, spool)

@@ -14,6 +14,10 @@ Layout, chosen for <= 100 bytes per sample on disk:
 * ``batches(id, lo, hi, n, state, sent_at, acked_at)``: a batch is a contiguous ``seq`` range. Rows
   of a batch never change, so a resend rebuilds the *same bytes* from them (:func:`encode_batch`).
   ``state``: 0 created, 1 published (PUBACK), 2 durable (end-to-end ack).
+* ``rejected(id, received_at, topic, reason, detail, size, payload)``: dead letters, the bad
+  messages that arrived on ``ack/<vin>`` with their raw bytes, bounded to the newest
+  :data:`DEAD_LETTER_MAX_ROWS` rows and :data:`DEAD_LETTER_MAX_BYTES` of payload; the older ones
+  are counted in ``meta.rejected_evicted``. Read them with :func:`edge.status.read_dead_letters`.
 
 Size cap: durable batches are evicted first (oldest first); only then the oldest unsent rows, as
 a last resort, counted in ``meta.evicted_unsent`` and logged.
@@ -39,9 +43,12 @@ from revline.logs import kv
 
 __all__ = [
     "CREATED",
+    "DEAD_LETTER_MAX_BYTES",
+    "DEAD_LETTER_MAX_ROWS",
     "DURABLE",
     "FIELD_SCALES",
     "PUBLISHED",
+    "DeadLetter",
     "Spool",
     "SpoolBatch",
     "SpoolRow",
@@ -89,7 +96,34 @@ CREATE TABLE IF NOT EXISTS batches (
 );
 CREATE TABLE IF NOT EXISTS boots (id INTEGER PRIMARY KEY, boot_id TEXT NOT NULL UNIQUE);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS rejected (
+    id INTEGER PRIMARY KEY, received_at REAL NOT NULL, topic TEXT NOT NULL, reason TEXT NOT NULL,
+    detail TEXT NOT NULL, size INTEGER NOT NULL, payload BLOB NOT NULL
+);
 """
+
+DEAD_LETTER_MAX_ROWS: Final = 1000
+"""Dead letters kept in the spool, newest first; older ones are only counted."""
+DEAD_LETTER_MAX_BYTES: Final = 4_000_000
+"""Payload bytes the dead letters may hold together (at most 1/20 of a smaller spool cap): a
+flood of bad acks must never make the size cap evict samples. A longer payload is kept cut."""
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """A message refused on arrival, kept for an operator: why, and its raw bytes."""
+
+    received_at: float
+    """Wall-clock time of arrival, seconds since the epoch."""
+    topic: str
+    reason: str
+    """A stable short code: the contract's (``undecodable``, ``invalid``, ...) or the edge's
+    (``vin_mismatch``, ``unknown_batch``, ``internal_error``)."""
+    detail: str
+    payload: bytes
+    """The raw bytes, cut to the byte budget if longer than it."""
+    size: int
+    """The full length of the payload as received."""
 
 
 def pack_values(values: dict[str, float], extra: dict[str, float] | None = None) -> bytes:
@@ -422,11 +456,11 @@ class Spool:
             rows = self._select(found[0], found[1], found[1] - found[0] + 1, newest=False)
             return SpoolBatch(id=batch_id, rows=rows) if rows else None
 
-    def pending_batches_info(self) -> list[tuple[int, int, int]]:
-        """``(id, lo, samples)`` of batches not yet durable, oldest first."""
+    def pending_batches_info(self) -> list[tuple[int, int, int, int]]:
+        """``(id, lo, samples, state)`` of batches not yet durable, oldest first."""
         with self._lock:
             return self.db.execute(
-                "SELECT id, lo, n FROM batches WHERE state < ? ORDER BY lo", (DURABLE,)
+                "SELECT id, lo, n, state FROM batches WHERE state < ? ORDER BY lo", (DURABLE,)
             ).fetchall()
 
     def open_batches(self) -> int:
@@ -465,6 +499,61 @@ class Spool:
                         [(now, i) for i in ids],
                     )
                     self._set_meta("last_ack_wall", now)
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+
+    # --- what came in wrong on ack/<vin> ---
+
+    def dead_letter_budget(self) -> int:
+        """Payload bytes the dead letters may hold: a small share of the cap, never the samples'."""
+        if self.max_bytes is None:
+            return DEAD_LETTER_MAX_BYTES
+        return max(min(DEAD_LETTER_MAX_BYTES, self.max_bytes // 20), 1024)
+
+    def dead_letter(self, letters: Sequence[DeadLetter], *, unkept: int = 0) -> None:
+        """Keep refused messages in one transaction; trim to the newest rows within the budget.
+
+        ``unkept``: more refused messages that were not kept (a flood); counted all the same.
+        """
+        if not letters and not unkept:
+            return
+        budget = self.dead_letter_budget()
+        with self._lock:
+            db = self.db
+            db.execute("BEGIN")
+            try:
+                db.executemany(
+                    "INSERT INTO rejected(received_at, topic, reason, detail, size, payload) "
+                    "VALUES (?, ?, ?, ?, ?, ?)",
+                    [
+                        (d.received_at, d.topic, d.reason, d.detail, d.size, d.payload[:budget])
+                        for d in letters
+                    ],
+                )
+                evicted = _trim_dead_letters(db, DEAD_LETTER_MAX_ROWS, budget) + unkept
+                total = int(self._meta("rejected")) + len(letters) + unkept
+                self._set_meta("rejected", total)
+                self._set_meta("rejected_evicted", int(self._meta("rejected_evicted")) + evicted)
+                if letters:
+                    self._set_meta("last_rejected_reason", letters[-1].reason)
+                    self._set_meta("last_rejected_wall", letters[-1].received_at)
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+
+    def count_ignored_acks(self, batch_ids: int, reason: str) -> None:
+        """Count batch ids named by acks that were not trusted (see ``docs/edge.md``)."""
+        if batch_ids <= 0:
+            return
+        with self._lock:
+            db = self.db
+            db.execute("BEGIN")
+            try:
+                self._set_meta("acks_ignored", int(self._meta("acks_ignored")) + batch_ids)
+                self._set_meta("last_ignored_reason", reason)
                 db.execute("COMMIT")
             except BaseException:
                 db.execute("ROLLBACK")
@@ -561,6 +650,23 @@ class Spool:
         """Samples not yet in any batch (upper bound: evicted holes count)."""
         with self._lock:
             return sum(hi - lo + 1 for lo, hi in self._gaps)
+
+
+def _trim_dead_letters(db: sqlite3.Connection, max_rows: int, max_bytes: int) -> int:
+    """Delete the oldest dead letters beyond ``max_rows`` or ``max_bytes``; returns how many."""
+    used = 0
+    cutoff: int | None = None
+    rows = db.execute(
+        "SELECT id, length(payload) FROM rejected ORDER BY id DESC LIMIT ?", (max_rows + 1,)
+    )
+    for kept, (row_id, size) in enumerate(rows):
+        if kept == max_rows or (kept > 0 and used + size > max_bytes):
+            cutoff = row_id
+            break
+        used += size
+    if cutoff is None:
+        return 0
+    return db.execute("DELETE FROM rejected WHERE id <= ?", (cutoff,)).rowcount
 
 
 def _delete_rows(db: sqlite3.Connection, lo: int, hi: int) -> int:

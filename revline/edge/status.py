@@ -8,9 +8,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from revline.edge.spool import DURABLE, PUBLISHED
+from revline.edge.spool import DURABLE, PUBLISHED, DeadLetter
 
-__all__ = ["SpoolStatus", "format_status", "read_status"]
+__all__ = ["SpoolStatus", "format_status", "read_dead_letters", "read_status"]
 
 
 @dataclass(frozen=True)
@@ -30,19 +30,67 @@ class SpoolStatus:
     evicted_durable: int
     next_seq: int
     clock: str
+    rejected: int = 0
+    """Messages refused on ``ack/<vin>`` since the spool was made (dead letters)."""
+    rejected_kept: int = 0
+    """Of those, still kept with their raw bytes (the newest; see ``read_dead_letters``)."""
+    last_rejected_reason: str | None = None
+    last_rejected_age_s: float | None = None
+    acks_ignored: int = 0
+    """Batch ids named by acks that were not trusted (unknown, or not yet PUBACKed)."""
+    last_ignored_reason: str | None = None
 
 
 def _meta(db: sqlite3.Connection) -> dict[str, Any]:
     return dict(db.execute("SELECT key, value FROM meta").fetchall())
 
 
-def read_status(path: str | Path, *, now: float | None = None) -> SpoolStatus:
-    """Read the spool without writing to it (SQLite read-only URI)."""
+def _open_ro(path: str | Path) -> sqlite3.Connection:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no spool at {path}")
+    return sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+
+
+def _kept_dead_letters(db: sqlite3.Connection) -> int:
+    try:
+        (count,) = db.execute("SELECT count(*) FROM rejected").fetchone()
+    except sqlite3.OperationalError:  # a spool made before dead letters existed
+        return 0
+    return int(count)
+
+
+def read_dead_letters(path: str | Path, *, limit: int = 1000) -> list[DeadLetter]:
+    """The dead letters a spool keeps, newest first; read-only, safe while the service runs."""
+    db = _open_ro(path)
+    try:
+        rows = db.execute(
+            "SELECT received_at, topic, reason, detail, payload, size FROM rejected "
+            "ORDER BY id DESC LIMIT ?",
+            (limit,),
+        ).fetchall()
+    except sqlite3.OperationalError:  # a spool made before dead letters existed
+        return []
+    finally:
+        db.close()
+    return [
+        DeadLetter(
+            received_at=float(at),
+            topic=str(topic),
+            reason=str(reason),
+            detail=str(detail),
+            payload=bytes(payload),
+            size=int(size),
+        )
+        for at, topic, reason, detail, payload, size in rows
+    ]
+
+
+def read_status(path: str | Path, *, now: float | None = None) -> SpoolStatus:
+    """Read the spool without writing to it (SQLite read-only URI)."""
+    path = Path(path)
     now = time.time() if now is None else now
-    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    db = _open_ro(path)
     try:
         meta = _meta(db)
         (samples,) = db.execute("SELECT count(*) FROM samples").fetchone()
@@ -70,6 +118,7 @@ def read_status(path: str | Path, *, now: float | None = None) -> SpoolStatus:
             "SELECT coalesce(sum(n), 0) FROM batches WHERE sent_at >= ?", (now - 60,)
         ).fetchone()
         last_ack = meta.get("last_ack_wall")
+        last_rejected = meta.get("last_rejected_wall")
         size = sum(p.stat().st_size for p in path.parent.glob(path.name + "*") if p.is_file())
         return SpoolStatus(
             path=str(path),
@@ -85,6 +134,14 @@ def read_status(path: str | Path, *, now: float | None = None) -> SpoolStatus:
             evicted_durable=int(meta.get("evicted_durable", 0)),
             next_seq=int(meta.get("next_seq", 0)),
             clock=str(meta.get("clock", "unknown")),
+            rejected=int(meta.get("rejected", 0)),
+            rejected_kept=_kept_dead_letters(db),
+            last_rejected_reason=meta.get("last_rejected_reason"),
+            last_rejected_age_s=None
+            if last_rejected is None
+            else max(now - float(last_rejected), 0.0),
+            acks_ignored=int(meta.get("acks_ignored", 0)),
+            last_ignored_reason=meta.get("last_ignored_reason"),
         )
     finally:
         db.close()
@@ -103,6 +160,12 @@ def _age(seconds: float | None) -> str:
 def format_status(status: SpoolStatus) -> str:
     """Lines for a terminal."""
     oldest = "none" if status.oldest_unsent_age_s is None else _age(status.oldest_unsent_age_s)
+    bad_acks = f"{status.rejected} dead-lettered ({status.rejected_kept} kept)"
+    if status.last_rejected_reason is not None:
+        bad_acks += f", last {status.last_rejected_reason} {_age(status.last_rejected_age_s)}"
+    ignored = f"{status.acks_ignored} batch ids"
+    if status.last_ignored_reason is not None:
+        ignored += f", last {status.last_ignored_reason}"
     return "\n".join(
         [
             f"spool            {status.path} ({status.size_bytes / 1e6:.1f} MB)",
@@ -115,5 +178,7 @@ def format_status(status: SpoolStatus) -> str:
             f"publish rate     {status.published_last_minute / 60:.1f} samples/s (last minute)",
             f"evicted          {status.evicted_unsent} unsent, {status.evicted_durable} durable",
             f"clock            {status.clock}",
+            f"bad acks         {bad_acks}",
+            f"ignored acks     {ignored} (unknown, or not yet PUBACKed)",
         ]
     )

@@ -9,8 +9,12 @@ import argparse
 import asyncio
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from revline.cli import Commands
+
+if TYPE_CHECKING:
+    from revline.storage.migrate import MigrateSettings
 
 __all__ = ["register"]
 
@@ -50,15 +54,31 @@ def _flags(args: argparse.Namespace) -> dict[str, object]:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from revline.storage.maintenance import maintain_dsn  # noqa: PLC0415 - needs asyncpg
-    from revline.storage.migrate import MigrationError, load_settings, migrate_dsn  # noqa: PLC0415
+    import asyncpg  # noqa: PLC0415 - heavy imports only when the command runs
+
+    from revline.consumer.writer import describe, unusable_database  # noqa: PLC0415
+    from revline.storage.migrate import MigrationError, load_settings  # noqa: PLC0415
 
     settings = load_settings(flags=_flags(args))
     try:
-        report = asyncio.run(migrate_dsn(settings.database_url, settings, args.migrations_dir))
+        _migrate(settings, args.migrations_dir)
     except MigrationError as exc:
         print(f"revline migrate: {exc}", file=sys.stderr)
         return 1
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        # Missing database, refused login, server down, no privilege: one line, no traceback.
+        what = "database unreachable" if isinstance(exc, OSError) else "cannot migrate"
+        line = unusable_database(exc) or f"{what}: {describe(exc)}"
+        print(f"revline migrate: {line}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _migrate(settings: MigrateSettings, migrations_dir: Path | None) -> None:
+    from revline.storage.maintenance import maintain_dsn  # noqa: PLC0415 - needs asyncpg
+    from revline.storage.migrate import migrate_dsn  # noqa: PLC0415
+
+    report = asyncio.run(migrate_dsn(settings.database_url, settings, migrations_dir))
     print(f"mode: {report.mode}")
     if report.applied:
         print(f"applied: {', '.join(report.applied)}")
@@ -71,4 +91,3 @@ def _run(args: argparse.Namespace) -> int:
             + (f" ({', '.join(maintenance.created)})" if maintenance.created else "")
             + f", {len(maintenance.dropped)} dropped by retention"
         )
-    return 0

@@ -142,6 +142,12 @@ if __name__ == "__main__":
     from revline.storage.migrate import load_settings
 
     # Standalone: `python -m consumer.maintenance` (DATABASE_URL) or with the URL as argument,
-    # e.g. from cron when no consumer runs.
+    # e.g. from cron when no consumer runs. A failure is one line and exit code 1.
     url = sys.argv[1] if len(sys.argv) > 1 else load_settings().database_url
-    print(asyncio.run(maintain_dsn(url)))
+    try:
+        print(asyncio.run(maintain_dsn(url)))
+    except Exception as exc:  # noqa: BLE001 - cron mails this line; a traceback adds nothing
+        from revline.consumer.writer import describe, unusable_database
+
+        print(f"maintenance: {unusable_database(exc) or describe(exc)}", file=sys.stderr)
+        sys.exit(1)

@@ -61,6 +61,7 @@ __all__ = [
     "ServiceError",
     "docker_available",
     "free_port",
+    "mosquitto_config_lines",
     "mqtt_answers",
     "parse_mqtt_url",
     "postgres_answers",
@@ -404,6 +405,38 @@ def _mosquitto_config(
     replaced = {line.split()[0] for line in extra} - repeatable
     kept = [line for line in defaults if line.split()[0] not in replaced]
     return "\n".join([*kept, *extra]) + "\n"
+
+
+_STARTED_BROKER_SETS = frozenset({"listener", "persistence_location", "log_dest"})
+
+
+def mosquitto_config_lines(path: Path, *, replace: Mapping[str, str] | None = None) -> list[str]:
+    """The options of a mosquitto.conf (e.g. the shipped ``broker/mosquitto.conf``), to pass as
+    ``extra_config`` to a broker started here: the tests check what we ship, not a look-alike.
+
+    Comments and blank lines go, and so do the options a started broker sets itself (its own
+    listener, persistence directory and log); the file's listener options then apply to that one
+    listener. An option named in ``replace`` gets the given value, e.g. the ``password_file`` and
+    ``acl_file`` of a test's own logins.
+    """
+    replace = dict(replace or {})
+    lines: list[str] = []
+    listeners = 0
+    for raw in path.read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        option = line.split()[0]
+        listeners += option == "listener"
+        if option in _STARTED_BROKER_SETS:
+            continue
+        lines.append(f"{option} {replace.pop(option)}" if option in replace else line)
+    if listeners > 1:
+        # Options of a second listener would silently apply to the only one started here.
+        raise ValueError(f"{path}: more than one listener; only files with one are supported")
+    if replace:
+        raise ValueError(f"{path} does not set {', '.join(sorted(replace))}")
+    return lines
 
 
 class _LocalMosquitto:
