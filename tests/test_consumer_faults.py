@@ -356,6 +356,10 @@ def test_sigterm_while_the_database_is_down_exits_zero_and_loses_nothing(
 T0_US = 1_717_243_200_000_000
 """2024-06-01T12:00:00Z: test data is stamped from this instant, never from the wall clock."""
 
+ACCEPT_T0 = ("--max-age-s", str(100 * 365 * 86_400))
+"""The consumer refuses samples older than ``max_age_s`` behind its clock (``too_old``); the tests
+stamped from :data:`T0_US` lift that limit so their data stays storable whatever the date."""
+
 
 def _revline(*args: str) -> subprocess.CompletedProcess[str]:
     """Run the real ``revline`` command to its end; its output as text."""
@@ -464,7 +468,13 @@ def test_a_missing_privilege_is_an_outage_not_bad_data(
                 mqtt_url=mqtt_url,
                 database_url=login_url,
                 client_id=f"c-{unique_vin}",
-                args=["--maintenance-every-s", maintenance_every_s, "--retry-max-s", "1"],
+                args=[
+                    "--maintenance-every-s",
+                    maintenance_every_s,
+                    "--retry-max-s",
+                    "1",
+                    *ACCEPT_T0,
+                ],
             ) as consumer,
             publisher(mqtt_url) as pub,
         ):
@@ -524,7 +534,10 @@ def test_lag_comes_from_stored_samples_and_is_never_negative(
     try:
         with (
             consumer_process(
-                mqtt_url=mqtt_url, database_url=database_url, client_id=f"c-{unique_vin}"
+                mqtt_url=mqtt_url,
+                database_url=database_url,
+                client_id=f"c-{unique_vin}",
+                args=list(ACCEPT_T0),
             ) as consumer,
             publisher(mqtt_url) as pub,
         ):
@@ -567,7 +580,7 @@ def test_a_trigger_refusing_every_row_is_an_outage_not_bad_data(
                 mqtt_url=mqtt_url,
                 database_url=database_url,
                 client_id=f"c-{unique_vin}",
-                args=["--retry-max-s", "1"],
+                args=["--retry-max-s", "1", *ACCEPT_T0],
             ) as consumer,
             publisher(mqtt_url) as pub,
         ):
