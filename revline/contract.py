@@ -259,8 +259,8 @@ _T = TypeVar("_T", Batch, Ack)
 
 # Hostile input. The strict decoders below are typed all the way down and forbid unknown fields,
 # so msgspec never descends further than a valid message does (4 levels): a deeper value is
-# refused where it appears, without recursion, at any depth (tests/test_poison.py proves it with
-# the recursion limit raised to a million). What a lenient decode would skip recursively (an
+# refused where it appears, without recursion, at any depth (tests/stack/test_poison.py proves it
+# with the recursion limit raised to a million). What a lenient decode would skip recursively (an
 # unknown field's value) is never decoded: the version of a refused payload is looked up by the
 # non-recursive walker in revline._peek. Keep every field typed: an `Any`, a `Raw` or a struct
 # without forbid_unknown_fields here would bring back recursion driven by the sender.

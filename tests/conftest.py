@@ -1,8 +1,8 @@
 """Fixtures: the real MQTT broker and PostgreSQL every integration test runs against.
 
-Each service starts once per session, on first use (see tests/services.py for how it is found:
-``MQTT_URL``/``DATABASE_URL``, else Docker, else local binaries). A missing binary fails the test
-with an install hint; nothing is skipped silently.
+Each service starts once per session, on first use (see revline/tools/localservices.py for how it
+is found: ``MQTT_URL``/``DATABASE_URL``, else Docker, else local binaries). A missing binary fails
+the test with an install hint; nothing is skipped silently.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from collections.abc import Iterator, Sequence
 
 import pytest
 
-from tests.services import MosquittoFactory, MosquittoService, PostgresService
+from tests.fixtures.services import MosquittoFactory, MosquittoService, PostgresService
 
 logger = logging.getLogger(__name__)
 

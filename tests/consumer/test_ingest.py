@@ -1,0 +1,219 @@
+"""The consumer against a real broker and database: acks, shutdown, bad input, health."""
+
+from __future__ import annotations
+
+import threading
+
+import msgspec
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+
+from revline.contract import ack_topic, decode_ack, encode
+from tests.fixtures.consumer import (
+    cold_counts,
+    consumer_process,
+    make_batches,
+    migrate,
+    publisher,
+    query,
+    wait_until,
+)
+from tests.fixtures.services import parse_mqtt_url
+
+
+class AckListener:
+    """Collects the batch ids of every ``ack/<vin>`` message received."""
+
+    def __init__(self, mqtt_url: str, vin: str) -> None:
+        host, port = parse_mqtt_url(mqtt_url)
+        self.ids: list[int] = []
+        self._lock = threading.Lock()
+        subscribed = threading.Event()
+        self.client = paho.Client(
+            callback_api_version=CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5
+        )
+        self.client.on_message = self._on_message
+        self.client.on_subscribe = lambda *_: subscribed.set()
+        self.client.on_connect = lambda c, *_: c.subscribe(ack_topic(vin), qos=1)
+        self.client.connect(host, port)
+        self.client.loop_start()
+        assert subscribed.wait(10)
+
+    def _on_message(self, _c: paho.Client, _u: object, msg: paho.MQTTMessage) -> None:
+        with self._lock:
+            self.ids.extend(decode_ack(bytes(msg.payload)).batches)
+
+    def seen(self) -> list[int]:
+        """Batch ids acked so far, in arrival order."""
+        with self._lock:
+            return list(self.ids)
+
+    def close(self) -> None:
+        """Disconnect."""
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def test_committed_batches_are_acked_end_to_end_even_when_duplicate(
+    mqtt_url: str, database_url: str, unique_vin: str
+) -> None:
+    """Each committed batch id is published on ack/<vin>, and a resent batch is acked again."""
+    migrate(database_url)
+    batches = make_batches(unique_vin, 2_000, per_message=500)
+    listener = AckListener(mqtt_url, unique_vin)
+    try:
+        with (
+            consumer_process(
+                mqtt_url=mqtt_url, database_url=database_url, client_id=f"c-{unique_vin}"
+            ) as consumer,
+            publisher(mqtt_url) as pub,
+        ):
+            consumer.start()
+            pub.publish_batches(batches)
+            wait_until(lambda: sorted(listener.seen()) == [0, 1, 2, 3], what="acks of 4 batches")
+            assert cold_counts(database_url, unique_vin) == (2_000, 2_000)
+            pub.publish_batches(batches[1:2])
+            wait_until(lambda: len(listener.seen()) == 5, what="ack of the resent batch")
+            assert listener.seen()[-1] == 1
+            assert cold_counts(database_url, unique_vin) == (2_000, 2_000)
+            assert consumer.metric("revline_consumer_inserted_total") == 2_000
+            assert consumer.metric("revline_consumer_samples_total") == 2_500
+    finally:
+        listener.close()
+
+
+def test_sigterm_commits_the_batch_in_hand_and_exits_zero(
+    mqtt_url: str, database_url: str, unique_vin: str
+) -> None:
+    """On SIGTERM the samples received but not yet due are committed, then the process exits 0."""
+    migrate(database_url)
+    batches = make_batches(unique_vin, 3_000, per_message=300)
+    with (
+        consumer_process(
+            mqtt_url=mqtt_url,
+            database_url=database_url,
+            client_id=f"c-{unique_vin}",
+            # A batch that would only close after ten minutes: only shutdown can flush it.
+            args=["--batch-max-age-ms", "600000", "--batch-max-samples", "1000000"],
+        ) as consumer,
+        publisher(mqtt_url) as pub,
+    ):
+        consumer.start()
+        pub.publish_batches(batches)
+        wait_until(
+            lambda: consumer.metric("revline_consumer_messages_total") == len(batches),
+            what="all messages in the consumer's hands",
+        )
+        assert cold_counts(database_url, unique_vin) == (0, 0)
+        assert consumer.terminate() == 0
+        assert cold_counts(database_url, unique_vin) == (3_000, 3_000)
+        assert "stopping: committing what was received" in consumer.log_text()
+
+
+def test_healthz_reports_which_dependency_is_down(
+    mqtt_url: str, database_url: str, unique_vin: str
+) -> None:
+    """/healthz is 200 with broker and database up, /metrics is Prometheus text."""
+    migrate(database_url)
+    with consumer_process(
+        mqtt_url=mqtt_url, database_url=database_url, client_id=f"c-{unique_vin}"
+    ) as consumer:
+        consumer.start()
+        status, body = consumer.http("/healthz")
+        assert status == 200
+        assert msgspec.json.decode(body) == {"broker": True, "database": True}
+        status, body = consumer.http("/metrics")
+        assert status == 200
+        assert "# TYPE revline_consumer_samples_total counter" in body
+        assert consumer.http("/nope")[0] == 404
+
+
+def test_bad_config_stops_at_start_with_one_line_naming_the_key() -> None:
+    """A malformed setting exits 2 at once with one line naming the key."""
+    import subprocess  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+
+    from tests.fixtures.consumer import ROOT  # noqa: PLC0415
+
+    result = subprocess.run(
+        [sys.executable, "-m", "revline.cli", "consumer", "--batch-max-samples", "0"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1
+    assert "batch_max_samples" in lines[0]
+    assert "flag --batch-max-samples" in lines[0]
+
+
+def test_a_message_the_database_refuses_is_dead_lettered_and_the_rest_stored(
+    mqtt_url: str, database_url: str, unique_vin: str
+) -> None:
+    """A permanent DB error splits the batch: the refused message goes to `rejected` as db_error."""
+    migrate(database_url)
+    # A rule the contract does not know, enforced by the real database: sequence 666 is refused.
+    query(
+        database_url,
+        "CREATE FUNCTION refuse_666() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+        "IF NEW.seq = 666 THEN RAISE EXCEPTION 'seq 666 refused' USING ERRCODE = '23514'; END IF; "
+        "RETURN NEW; END $$",
+    )
+    query(
+        database_url,
+        "CREATE TRIGGER refuse_666 BEFORE INSERT ON samples "
+        "FOR EACH ROW EXECUTE FUNCTION refuse_666()",
+    )
+    batches = make_batches(unique_vin, 2_000, per_message=500)  # seq 666 is in batch 1
+    listener = AckListener(mqtt_url, unique_vin)
+    try:
+        with (
+            consumer_process(
+                mqtt_url=mqtt_url, database_url=database_url, client_id=f"c-{unique_vin}"
+            ) as consumer,
+            publisher(mqtt_url) as pub,
+        ):
+            consumer.start()
+            pub.publish_batches(batches)
+            wait_until(lambda: sorted(listener.seen()) == [0, 1, 2, 3], what="acks of 4 batches")
+            assert cold_counts(database_url, unique_vin) == (1_500, 1_500)
+            rows = query(database_url, "SELECT reason, detail, payload FROM rejected")
+            assert [row["reason"] for row in rows] == ["db_error"]
+            assert "23514" in rows[0]["detail"]
+            assert bytes(rows[0]["payload"]) == encode(batches[1])
+            assert consumer.healthy()
+    finally:
+        listener.close()
+
+
+def test_plain_postgres_maintenance_runs_inside_the_consumer(
+    mqtt_url: str, database_url: str, unique_vin: str
+) -> None:
+    """On plain PostgreSQL the consumer creates today's partitions and keeps the rollups fresh."""
+    migrate(database_url)  # schema only: no partition for today exists yet
+    with (
+        consumer_process(
+            mqtt_url=mqtt_url,
+            database_url=database_url,
+            client_id=f"c-{unique_vin}",
+            args=["--maintenance-every-s", "1"],
+        ) as consumer,
+        publisher(mqtt_url) as pub,
+    ):
+        consumer.start()
+        pub.publish_batches(make_batches(unique_vin, 1_000))
+        wait_until(lambda: cold_counts(database_url, unique_vin) == (1_000, 1_000), what="rows")
+        wait_until(
+            lambda: query(
+                database_url,
+                "SELECT coalesce(sum(sample_count), 0) AS n FROM samples_1m WHERE vin = $1",
+                unique_vin,
+            )[0]["n"]
+            == 1_000,
+            what="the 1-minute rollup to count every sample",
+        )
+        (row,) = query(database_url, "SELECT count(*) AS n FROM samples_default")
+        assert row["n"] == 0  # every row sits in its daily partition

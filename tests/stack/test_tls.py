@@ -1,0 +1,95 @@
+"""mqtts:// end to end: edge and consumer verify a TLS broker with a private CA."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import ssl
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from revline.edge.config import EdgeSettings
+from tests.fixtures.consumer import cold_counts, consumer_process, migrate
+from tests.fixtures.edge import running_edge, spool_query, wait_for
+from tests.fixtures.services import MosquittoFactory, free_port
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+@pytest.fixture
+def pki() -> Iterator[Path]:
+    """A private CA and a server certificate for localhost, readable by the broker's user."""
+    path = Path(tempfile.mkdtemp(prefix="revline-pki-"))
+    path.chmod(0o755)  # mosquitto drops root for its own user before reading them
+    subj = "/CN=Revline test CA"
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", subj,
+             "-keyout", "ca.key", "-out", "ca.crt", cwd=path)  # fmt: skip
+    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=localhost",
+             "-keyout", "server.key", "-out", "server.csr", cwd=path)  # fmt: skip
+    (path / "san.cnf").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+    _openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+             "-CAcreateserial", "-days", "2", "-extfile", "san.cnf", "-out", "server.crt",
+             cwd=path)  # fmt: skip
+    for file in path.iterdir():
+        file.chmod(0o644)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_edge_and_consumer_over_tls(
+    pki: Path,
+    make_mosquitto: MosquittoFactory,
+    database_url: str,
+    unique_vin: str,
+    tmp_path: Path,
+) -> None:
+    """With mqtts:// and the CA file, samples cross a TLS-only broker into the cold table."""
+    tls_port = free_port()
+    # A second listener, TLS only; the harness probes readiness on the plain default one.
+    make_mosquitto(
+        extra_config=[
+            f"listener {tls_port} 127.0.0.1",
+            f"cafile {pki / 'ca.crt'}",
+            f"certfile {pki / 'server.crt'}",
+            f"keyfile {pki / 'server.key'}",
+        ]
+    )
+    url = f"mqtts://localhost:{tls_port}"
+    ca = str(pki / "ca.crt")
+    # The listener really is TLS with our certificate: without the private CA it is refused.
+    context = ssl.create_default_context()
+    with (
+        socket.create_connection(("localhost", tls_port), timeout=10) as raw,
+        pytest.raises(ssl.SSLCertVerificationError),
+    ):
+        context.wrap_socket(raw, server_hostname="localhost").close()
+    migrate(database_url)
+    spool = str(tmp_path / "spool.db")
+    settings = EdgeSettings(
+        vin=unique_vin,
+        mqtt_url=url,
+        ca_file=ca,
+        spool_path=spool,
+        clock="trusted",
+        sim_speedup=10.0,
+        batch_max_age_s=0.5,
+        shutdown_timeout_s=10.0,
+    )
+    with consumer_process(
+        mqtt_url=url,
+        database_url=database_url,
+        client_id=f"c-{unique_vin}",
+        args=["--ca-file", ca],
+    ) as consumer:
+        consumer.start()
+        with running_edge(settings):
+            wait_for(lambda: cold_counts(database_url, unique_vin)[0] >= 200, 60, "200 rows")
+        (total,) = spool_query(spool, "SELECT count(*) FROM samples")[0]
+        wait_for(lambda: cold_counts(database_url, unique_vin)[0] >= total, 60, "every sample")
+        assert cold_counts(database_url, unique_vin) == (total, total)
