@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     import logging  # noqa: PLC0415
 
     from revline.consumer.config import load_settings, startup_warnings  # noqa: PLC0415
-    from revline.consumer.writer import UnusableDatabaseError  # noqa: PLC0415
+    from revline.storage.errors import UnusableDatabaseError  # noqa: PLC0415
 
     flags = {key: getattr(args, key) for key, _, _ in _FLAGS}
     settings = load_settings(config=args.config, flags=flags)

@@ -34,18 +34,11 @@ from revline.consumer.config import ConsumerSettings
 from revline.consumer.metrics import Metrics, MetricsServer
 from revline.consumer.subscriber import Inbound, Subscriber
 from revline.consumer.validate import Invalid, check
-from revline.consumer.writer import (
-    Rejected,
-    UnusableDatabaseError,
-    Writer,
-    WriteResult,
-    describe,
-    is_data_error,
-    sqlstate,
-)
+from revline.consumer.writer import Rejected, Writer, WriteResult
 from revline.contract import SCHEMA_VERSION, Ack, Batch, ack_topic, encode
 from revline.logs import kv
 from revline.mqtt import parse_mqtt_url
+from revline.storage.errors import UnusableDatabaseError, describe, is_data_error, sqlstate
 
 __all__ = ["Consumer", "Item"]
 

@@ -56,7 +56,7 @@ def _flags(args: argparse.Namespace) -> dict[str, object]:
 def _run(args: argparse.Namespace) -> int:
     import asyncpg  # noqa: PLC0415 - heavy imports only when the command runs
 
-    from revline.consumer.writer import describe, unusable_database  # noqa: PLC0415
+    from revline.storage.errors import describe, unusable_database  # noqa: PLC0415
     from revline.storage.migrate import MigrationError, load_settings  # noqa: PLC0415
 
     settings = load_settings(flags=_flags(args))

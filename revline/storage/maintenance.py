@@ -147,7 +147,7 @@ if __name__ == "__main__":
     try:
         print(asyncio.run(maintain_dsn(url)))
     except Exception as exc:  # noqa: BLE001 - cron mails this line; a traceback adds nothing
-        from revline.consumer.writer import describe, unusable_database
+        from revline.storage.errors import describe, unusable_database
 
         print(f"maintenance: {unusable_database(exc) or describe(exc)}", file=sys.stderr)
         sys.exit(1)

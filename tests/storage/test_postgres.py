@@ -15,7 +15,8 @@ import asyncpg
 import pytest
 
 from revline.cli import main
-from revline.consumer.writer import Rejected, Writer, is_data_error
+from revline.consumer.writer import Rejected, Writer
+from revline.storage.errors import is_data_error
 from revline.storage.maintenance import maintain
 from revline.storage.migrate import (
     MigrateSettings,
