@@ -1,6 +1,6 @@
 -- Cold table: every sample ever received. Each measurement is stored as a scaled integer,
 -- `<field>_e<N>` = round(value * 10^N), N finer than the sensor's resolution (COLD_SCALES in
--- consumer/writer.py): smooth integer series compress to about a byte a value, floats to 2-5.
+-- revline/consumer/writer.py): smooth integer series compress to about a byte a value, floats to 2-5.
 -- Read it in real units through the view samples_decoded (006_decoded.sql).
 CREATE EXTENSION IF NOT EXISTS timescaledb;
 

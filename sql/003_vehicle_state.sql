@@ -1,6 +1,6 @@
 -- Hot table: one row per vehicle, the latest known value of every field and the time of the
 -- sample that carried it (`<field>_ts`). `ts`/`seq`/`flags` are those of the newest sample.
--- Only moves forward: see UPSERT_STATE_SQL in consumer/writer.py.
+-- Only moves forward: see UPSERT_STATE_SQL in revline/consumer/writer.py.
 CREATE TABLE vehicle_state (
     vin text PRIMARY KEY,
     ts timestamptz NOT NULL,

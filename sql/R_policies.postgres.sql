@@ -1,6 +1,6 @@
 -- Re-applied by `revline migrate` whenever a setting changes: the file is rendered with
 -- them (each double-braced name becomes a SQL literal, NULL for "forever"). Plain mode has no
--- job scheduler: the maintenance task (consumer/maintenance.py) reads these settings.
+-- job scheduler: the maintenance task (revline/storage/maintenance.py) reads these settings.
 INSERT INTO revline_settings (key, value) VALUES
     ('chunk_interval', {{chunk_interval}}),
     ('compress_after', {{compress_after}}),

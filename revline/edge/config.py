@@ -47,7 +47,7 @@ class EdgeSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     vin: Vin
     """The vehicle's VIN (17 characters, no I/O/Q); names the topics and the MQTT client id."""
 
-    # --- sources (read by edge/sources.py) ---
+    # --- sources (read by revline/edge/sources.py) ---
     source: Literal["sim", "obd", "ble"] = "sim"
     obd_port: str = "/dev/ttyUSB0"
     """ELM327 serial port (``/dev/ttyUSB0``, ``/dev/rfcomm0``); ``auto`` lets python-OBD scan."""

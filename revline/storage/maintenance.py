@@ -141,7 +141,7 @@ if __name__ == "__main__":
 
     from revline.storage.migrate import load_settings
 
-    # Standalone: `python -m consumer.maintenance` (DATABASE_URL) or with the URL as argument,
+    # Standalone: `python -m revline.storage.maintenance` (DATABASE_URL) or with the URL as argument,
     # e.g. from cron when no consumer runs. A failure is one line and exit code 1.
     url = sys.argv[1] if len(sys.argv) > 1 else load_settings().database_url
     try:
