@@ -72,8 +72,9 @@ class ConsumerSettings(msgspec.Struct, frozen=True, kw_only=True):
     log_every_s: Seconds = 10.0
     maintenance_every_s: Annotated[float, msgspec.Meta(ge=0)] = 300.0
     """Plain PostgreSQL: create partitions ahead, apply retention, refresh rollups this often
-    (first pass at start; 0 disables, e.g. when a cron job runs ``python -m revline.storage.maintenance``).
-    TimescaleDB's own jobs do this there, so the pass is a no-op."""
+    (first pass at start; 0 disables, e.g. when a cron job runs
+    ``python -m revline.storage.maintenance``). TimescaleDB's own jobs do this there, so the pass
+    is a no-op."""
     metrics_host: str = "0.0.0.0"  # noqa: S104 - Prometheus scrapes from another host
     metrics_port: Annotated[int, msgspec.Meta(ge=0, le=65_535)] = 9108
     """Port of ``/metrics`` and ``/healthz``; 0 disables the endpoint."""

@@ -141,8 +141,8 @@ if __name__ == "__main__":
 
     from revline.storage.migrate import load_settings
 
-    # Standalone: `python -m revline.storage.maintenance` (DATABASE_URL) or with the URL as argument,
-    # e.g. from cron when no consumer runs. A failure is one line and exit code 1.
+    # Standalone: `python -m revline.storage.maintenance` (DATABASE_URL) or with the URL as
+    # argument, e.g. from cron when no consumer runs. A failure is one line and exit code 1.
     url = sys.argv[1] if len(sys.argv) > 1 else load_settings().database_url
     try:
         print(asyncio.run(maintain_dsn(url)))
