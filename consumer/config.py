@@ -10,7 +10,7 @@ from typing import Annotated
 
 import msgspec
 
-from revline.mqtt import parse_mqtt_url
+from revline.mqtt import parse_mqtt_url, tls_context
 from revline.settings import ConfigError, load
 
 __all__ = ["ConsumerSettings", "load_settings"]
@@ -80,6 +80,12 @@ def load_settings(
             env.setdefault(f"REVLINE_{plain}", env[plain])
     settings = load(ConsumerSettings, toml_path=config, environ=env, flags=flags)
     parse_mqtt_url(settings.mqtt_url)
+    # A missing or unusable TLS file is a config error now, not a traceback at first connect.
+    tls_context(
+        ca_file=settings.ca_file or None,
+        cert_file=settings.cert_file or None,
+        key_file=settings.key_file or None,
+    )
     if not settings.database_url.startswith(("postgres://", "postgresql://")):
         raise ConfigError(
             "database_url", "", f"expected postgresql://..., got {settings.database_url!r}"

@@ -10,6 +10,9 @@ Packet ids are only meaningful on the connection that delivered them: after a re
 broker resends whatever was unacked (same ids, DUP set). So every :class:`Inbound` carries the
 connection ``generation`` it came on, and acks for an older generation are dropped; the resent
 copies are written again (idempotently) and acked instead.
+
+Every failed connection attempt is logged with its reason (refused, host not found, TLS, not
+authorized, closed before CONNACK), the first at once and then one line per 30 s with a count.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from revline.logs import kv
-from revline.mqtt import BrokerAddress, make_client
+from revline.mqtt import BrokerAddress, Client, FailureLog, connect_error_reason, make_client
 
 __all__ = ["Inbound", "Subscriber"]
 
@@ -96,6 +99,8 @@ class Subscriber:
         self._first_connack = threading.Event()
         self._refused_protocol = False
         self._delivering = True
+        self._failures = FailureLog()
+        self._attempt_failed = False
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -108,6 +113,7 @@ class Subscriber:
         if self._refused_protocol:
             log.warning("broker refused MQTT 5; falling back to 3.1.1 (no receive maximum)")
             await asyncio.to_thread(self._stop_client)
+            self._refused_protocol = False
             self._start(paho.MQTTv311)
         return self
 
@@ -131,7 +137,9 @@ class Subscriber:
     def _start(self, protocol: MQTTProtocolVersion) -> None:
         self.protocol = protocol
         client = self._make_client(protocol)
+        client.on_pre_connect = self._on_pre_connect
         client.on_connect = self._on_connect
+        client.on_connect_fail = self._on_connect_fail
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
         client.reconnect_delay_set(min_delay=1, max_delay=30)
@@ -155,7 +163,7 @@ class Subscriber:
         self._client = client
         client.loop_start()
 
-    def _make_client(self, protocol: MQTTProtocolVersion) -> paho.Client:
+    def _make_client(self, protocol: MQTTProtocolVersion) -> Client:
         ca_file, cert_file, key_file = self._tls_files
         return make_client(
             self.address,
@@ -181,7 +189,8 @@ class Subscriber:
         if code != 0:
             if self.protocol == paho.MQTTv5 and code in _UNSUPPORTED_PROTOCOL:
                 self._refused_protocol = True
-            log.warning("broker refused connection", extra=kv(reason=str(reason_code)))
+            else:
+                self._attempt_failure(f"refused by the broker: {reason_code} (code {code})")
             self._first_connack.set()
             return
         self.generation += 1
@@ -191,6 +200,7 @@ class Subscriber:
         # subscriptions (session_present false); on a kept session this is a harmless no-op.
         client.subscribe(self.subscription, qos=1)
         self._set_connected(value=True)
+        failed = self._failures.connected()
         log.info(
             "connected to broker",
             extra=kv(
@@ -199,9 +209,34 @@ class Subscriber:
                 subscription=self.subscription,
                 session_present=session_present,
                 protocol="5" if self.protocol == paho.MQTTv5 else "3.1.1",
+                **({"after_failed_attempts": failed} if failed else {}),
             ),
         )
         self._first_connack.set()
+
+    def _on_pre_connect(self, _client: paho.Client, _userdata: Any) -> None:
+        self._attempt_failed = False  # a new attempt: its failure, if any, is counted once
+
+    def _on_connect_fail(self, client: paho.Client, _userdata: Any) -> None:
+        error = client.connect_error if isinstance(client, Client) else None
+        self._attempt_failure(connect_error_reason(error, self.address))
+
+    def _attempt_failure(self, reason: str) -> None:
+        """Count a failed attempt and log it, rate-limited (paho's thread)."""
+        if self._attempt_failed:
+            return
+        self._attempt_failed = True
+        count = self._failures.failed(time.monotonic())
+        if count:
+            log.warning(
+                "cannot connect to broker; retrying",
+                extra=kv(
+                    broker=str(self.address),
+                    reason=reason,
+                    failed_attempts=count,
+                    every_s=self._failures.every_s,
+                ),
+            )
 
     def _on_disconnect(
         self,
@@ -213,8 +248,15 @@ class Subscriber:
     ) -> None:
         was = self.connected
         self._set_connected(value=False)
-        if was and self._client is not None:
+        if self._client is None:
+            return  # we are leaving
+        if was:
             log.warning("disconnected from broker; reconnecting", extra=kv(reason=str(reason_code)))
+        elif not self._refused_protocol:
+            # The socket opened but closed before any CONNACK: typically a TLS listener that
+            # got plain MQTT (mqtt:// to a TLS port), or a broker refusing at the TCP level.
+            hint = "" if self.address.tls else " (a TLS port? use mqtts://)"
+            self._attempt_failure(f"connection closed before CONNACK{hint}")
 
     def _on_message(self, _client: paho.Client, _userdata: Any, msg: paho.MQTTMessage) -> None:
         if not self._delivering or self._loop is None:

@@ -1,4 +1,5 @@
-"""Consumer logic without servers: batching by size and age, validation, settings."""
+"""Consumer logic without servers: batching by size and age, validation, settings, and the rate
+limit of connection failure logs."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from consumer.batcher import Batcher
 from consumer.config import load_settings
 from consumer.validate import Invalid, check
 from revline.contract import Batch, Sample, encode, encode_json, telemetry_topic
+from revline.mqtt import FailureLog
 from revline.settings import ConfigError
 
 VIN = "1HGCM82633A004352"
@@ -165,3 +167,12 @@ def test_bad_settings_name_the_key(env: dict[str, str], key: str) -> None:
         load_settings(environ=env)
     assert info.value.key == key
     assert "\n" not in str(info.value)
+
+
+def test_failure_log_says_the_first_failure_at_once_then_one_line_per_interval() -> None:
+    """Attempts every second for 95 s: lines at 0, 30, 60 and 90 s, each counting its attempts."""
+    failures = FailureLog(every_s=30.0)
+    lines = [(t, n) for t in range(96) if (n := failures.failed(float(t)))]
+    assert lines == [(0, 1), (30, 30), (60, 30), (90, 30)]
+    assert failures.connected() == 96
+    assert failures.failed(200.0) == 1  # after a success the next failure is news again
