@@ -21,6 +21,7 @@ _FLAGS: tuple[tuple[str, type, str], ...] = (
     ("session_expiry_s", int, "how long the broker keeps our session while away (86400)"),
     ("receive_maximum", int, "unacked messages the broker may send us at once (1000)"),
     ("keepalive_s", int, "MQTT keepalive (30)"),
+    ("max_inflight_mb", int, "memory bound: MiB held for received, unacked messages (64)"),
     ("ca_file", str, "CA bundle for mqtts://"),
     ("cert_file", str, "client certificate for mqtts://"),
     ("key_file", str, "client key for mqtts://"),

@@ -32,6 +32,8 @@ class ConsumerSettings(msgspec.Struct, frozen=True, kw_only=True):
     receive_maximum: Annotated[int, msgspec.Meta(ge=1, le=65_535)] = 1_000
     """Unacked QoS 1 messages the broker may have in flight to us: the backpressure bound."""
     keepalive_s: Annotated[int, msgspec.Meta(ge=5, le=3_600)] = 30
+    max_inflight_mb: Annotated[int, msgspec.Meta(ge=8, le=65_536)] = 64
+    """Memory bound: MiB held for messages received and not yet acked (raw and decoded)."""
     ca_file: str = ""
     cert_file: str = ""
     key_file: str = ""
