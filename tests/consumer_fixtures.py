@@ -127,6 +127,12 @@ class ConsumerProcess:
 
     def start(self) -> ConsumerProcess:
         """Start and wait until /healthz says broker and database are both reachable."""
+        self.launch()
+        wait_until(self.healthy, what=f"consumer healthy\n{self.log_tail()}", timeout=60)
+        return self
+
+    def launch(self) -> ConsumerProcess:
+        """Start without waiting for anything (for a consumer that cannot become healthy)."""
         command = [
             sys.executable,
             "-m",
@@ -152,8 +158,23 @@ class ConsumerProcess:
         ]
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=log)
-        wait_until(self.healthy, what=f"consumer healthy\n{self.log_tail()}", timeout=60)
         return self
+
+    def wait_for_log(self, pattern: str, *, timeout: float = 60.0) -> str:
+        """Wait until a log line matches the regular expression ``pattern``; that line."""
+        regex = re.compile(pattern)
+        found: list[str] = []
+
+        def seen() -> bool:
+            assert self.process is not None
+            found.extend(line for line in self.log_text().splitlines() if regex.search(line))
+            if not found and self.process.poll() is not None:
+                raise AssertionError(f"consumer exited with {self.process.returncode}")
+            return bool(found)
+
+        what = f"a log line matching {pattern!r}\n{self.log_tail()}"
+        wait_until(seen, what=what, timeout=timeout)
+        return found[0]
 
     def healthy(self) -> bool:
         """Whether /healthz answers 200 (fails the test at once if the process died)."""
@@ -226,9 +247,15 @@ class ConsumerProcess:
 
 @contextlib.contextmanager
 def consumer_process(
-    *, mqtt_url: str, database_url: str, client_id: str, args: Sequence[str] = ()
+    *,
+    mqtt_url: str,
+    database_url: str,
+    client_id: str,
+    args: Sequence[str] = (),
+    drop: bool = True,
 ) -> Iterator[ConsumerProcess]:
-    """A started consumer subprocess; killed and its broker session dropped after the test."""
+    """A consumer subprocess (not yet started); killed after the test and, unless ``drop`` is
+    false (it never reached the broker), its broker session dropped."""
     proc = ConsumerProcess(
         mqtt_url=mqtt_url, database_url=database_url, client_id=client_id, args=args
     )
@@ -236,9 +263,10 @@ def consumer_process(
         yield proc
     finally:
         proc.close()
-        # A TLS broker is only reachable with the CA the consumer was given.
-        ca_file = args[args.index("--ca-file") + 1] if "--ca-file" in args else None
-        drop_session(mqtt_url, client_id, ca_file)
+        if drop:
+            # A TLS broker is only reachable with the CA the consumer was given.
+            ca_file = args[args.index("--ca-file") + 1] if "--ca-file" in args else None
+            drop_session(mqtt_url, client_id, ca_file)
 
 
 def query(database_url: str, sql: str, *args: Any) -> list[asyncpg.Record]:
