@@ -1,20 +1,31 @@
-"""MQTT connection settings shared by every Revline client: URL parsing, TLS, client creation."""
+"""MQTT connection settings shared by every Revline client: URL parsing, TLS, client creation,
+and saying in one line why a connection attempt failed."""
 
 from __future__ import annotations
 
+import socket
 import ssl
 import time
 from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit
 
 import paho.mqtt.client as paho
-from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from revline.settings import ConfigError
 
-__all__ = ["BrokerAddress", "drop_session", "make_client", "parse_mqtt_url"]
+__all__ = [
+    "BrokerAddress",
+    "Client",
+    "FailureLog",
+    "connect_error_reason",
+    "drop_session",
+    "make_client",
+    "parse_mqtt_url",
+    "tls_context",
+]
 
 
 @dataclass(frozen=True)
@@ -54,6 +65,56 @@ def parse_mqtt_url(url: str, *, key: str = "mqtt_url") -> BrokerAddress:
     )
 
 
+class Client(paho.Client):
+    """paho's client, keeping why its last connection attempt failed in ``connect_error``.
+
+    paho's network loop catches the ``OSError`` of a failed attempt (connection refused, host not
+    found, TLS verification, timeout) and calls ``on_connect_fail(client, userdata)`` without it;
+    that callback reads it from here.
+    """
+
+    connect_error: OSError | None = None
+
+    def reconnect(self) -> MQTTErrorCode:
+        """paho's reconnect, remembering the error it raises."""
+        try:
+            rc = super().reconnect()
+        except OSError as exc:
+            self.connect_error = exc
+            raise
+        self.connect_error = None
+        return rc
+
+
+def tls_context(
+    *, ca_file: str | None = None, cert_file: str | None = None, key_file: str | None = None
+) -> ssl.SSLContext:
+    """A verifying TLS client context; a file that cannot be read or used is a ConfigError
+    naming its key (``ca_file``, ``cert_file``, ``key_file``)."""
+    for key, path in (("ca_file", ca_file), ("cert_file", cert_file), ("key_file", key_file)):
+        if path:
+            try:
+                with open(path, "rb"):
+                    pass
+            except OSError as exc:
+                raise ConfigError(key, "", f"cannot read {path!r}: {exc.strerror or exc}") from exc
+    if key_file and not cert_file:
+        raise ConfigError("key_file", "", "set without cert_file")
+    try:
+        context = ssl.create_default_context(cafile=ca_file)
+    except (ssl.SSLError, ValueError) as exc:
+        raise ConfigError("ca_file", "", f"{ca_file!r} is not a PEM CA bundle ({exc})") from exc
+    if cert_file:
+        try:
+            context.load_cert_chain(cert_file, key_file)
+        except (ssl.SSLError, ValueError) as exc:
+            key = f" with key_file {key_file!r}" if key_file else ""
+            raise ConfigError(
+                "cert_file", "", f"{cert_file!r}{key} is not a PEM certificate and key ({exc})"
+            ) from exc
+    return context
+
+
 def make_client(
     address: BrokerAddress,
     client_id: str,
@@ -63,22 +124,23 @@ def make_client(
     key_file: str | None = None,
     protocol: MQTTProtocolVersion = MQTTProtocolVersion.MQTTv5,
     manual_ack: bool = False,
-) -> paho.Client:
+) -> Client:
     """A paho client configured with credentials and TLS; not yet connected.
 
     MQTT 5 callers connect with ``clean_start=False`` and a session expiry so that QoS 1 messages
     queued while they were away are delivered when they come back; an MQTT 3.1.1 client gets the
     equivalent persistent session (``clean_session=False``) here, since 3.1.1 sets it per client.
+    A TLS file that cannot be used raises ConfigError naming its key.
     """
     if protocol == MQTTProtocolVersion.MQTTv5:
-        client = paho.Client(
+        client = Client(
             callback_api_version=CallbackAPIVersion.VERSION2,
             client_id=client_id,
             protocol=protocol,
             manual_ack=manual_ack,
         )
     else:
-        client = paho.Client(
+        client = Client(
             callback_api_version=CallbackAPIVersion.VERSION2,
             client_id=client_id,
             protocol=protocol,
@@ -88,11 +150,61 @@ def make_client(
     if address.username is not None:
         client.username_pw_set(address.username, address.password)
     if address.tls:
-        context = ssl.create_default_context(cafile=ca_file)
-        if cert_file:
-            context.load_cert_chain(cert_file, key_file)
-        client.tls_set_context(context)
+        client.tls_set_context(
+            tls_context(ca_file=ca_file, cert_file=cert_file, key_file=key_file)
+        )
     return client
+
+
+def connect_error_reason(exc: BaseException | None, address: BrokerAddress) -> str:
+    """Why a connection attempt to ``address`` failed, in a few words an operator can act on."""
+    where = f"{address.host}:{address.port}"
+    if exc is None:
+        reason = "connection failed (no reason given)"
+    elif isinstance(exc, socket.gaierror):
+        reason = f"cannot resolve host {address.host!r}: {exc.strerror or exc}"
+    elif isinstance(exc, ConnectionRefusedError):
+        reason = f"connection refused by {where}: nothing listens there"
+    elif isinstance(exc, ssl.SSLCertVerificationError):
+        reason = f"TLS certificate of {where} not trusted: {exc.verify_message or exc} (ca_file?)"
+    elif isinstance(exc, ssl.SSLError):
+        hint = " (a plain MQTT port? use mqtt://)" if "WRONG_VERSION" in str(exc) else ""
+        reason = f"TLS handshake with {where} failed: {exc.reason or exc}{hint}"
+    elif isinstance(exc, TimeoutError):
+        reason = f"no answer from {where} (timed out)"
+    elif isinstance(exc, OSError):
+        reason = f"cannot connect to {where}: {exc.strerror or exc}"
+    else:
+        reason = f"cannot connect to {where}: {type(exc).__name__}: {exc}"
+    return reason
+
+
+class FailureLog:
+    """Which failed connection attempts to log: the first at once, then at most one line every
+    ``every_s`` seconds saying how many failed since the last line. Pure: the caller passes the
+    clock (monotonic seconds)."""
+
+    def __init__(self, every_s: float = 30.0) -> None:
+        self.every_s = every_s
+        self.failures = 0
+        """Failed attempts since the last successful connection."""
+        self._unlogged = 0
+        self._logged_at: float | None = None
+
+    def failed(self, now: float) -> int:
+        """Count a failed attempt; the attempts to report in a log line now, or 0 for none."""
+        self.failures += 1
+        self._unlogged += 1
+        if self._logged_at is not None and now - self._logged_at < self.every_s:
+            return 0
+        self._logged_at = now
+        count, self._unlogged = self._unlogged, 0
+        return count
+
+    def connected(self) -> int:
+        """A connection succeeded: how many attempts had failed before it (then reset)."""
+        failures, self.failures, self._unlogged, self._logged_at = self.failures, 0, 0, None
+        return failures
 
 
 def drop_session(

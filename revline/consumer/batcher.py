@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
@@ -12,27 +13,36 @@ T = TypeVar("T")
 
 @dataclass(slots=True)
 class Pending(Generic[T]):
-    """Items in arrival order and how many samples they hold."""
+    """Items in arrival order, how many samples they hold and how many bytes they take."""
 
     items: list[T] = field(default_factory=list)
     samples: int = 0
     opened_at: float = 0.0
+    size: int = 0
 
 
 class Batcher(Generic[T]):
-    """Closes a batch when it holds ``max_samples`` samples, ``max_items`` items or is ``max_age``
-    seconds old, whichever comes first.
+    """Closes a batch when it holds ``max_samples`` samples, ``max_items`` items, ``max_bytes``
+    bytes, or is ``max_age`` seconds old, whichever comes first.
 
-    A single item larger than ``max_samples`` still makes one batch on its own: items are never
-    split, because one MQTT message is acked as a whole.
+    A single item larger than ``max_samples`` or ``max_bytes`` still makes one batch on its own:
+    items are never split, because one MQTT message is acked as a whole.
     """
 
-    def __init__(self, *, max_samples: int, max_age: float, max_items: int = 10_000) -> None:
-        if max_samples < 1 or max_items < 1 or max_age <= 0:
-            raise ValueError("max_samples and max_items must be >= 1 and max_age > 0")
+    def __init__(
+        self,
+        *,
+        max_samples: int,
+        max_age: float,
+        max_items: int = 10_000,
+        max_bytes: int = sys.maxsize,
+    ) -> None:
+        if max_samples < 1 or max_items < 1 or max_bytes < 1 or max_age <= 0:
+            raise ValueError("max_samples, max_items, max_bytes must be >= 1 and max_age > 0")
         self.max_samples = max_samples
         self.max_age = max_age
         self.max_items = max_items
+        self.max_bytes = max_bytes
         self._open: Pending[T] = Pending()
 
     def __len__(self) -> int:
@@ -43,20 +53,29 @@ class Batcher(Generic[T]):
         """Samples in the open batch."""
         return self._open.samples
 
-    def add(self, item: T, samples: int, now: float) -> list[Pending[T]]:
-        """Add an item; return the batches this closed, in order (usually none, at most two)."""
-        if samples < 0:
-            raise ValueError("samples must be >= 0")
+    def add(self, item: T, samples: int, now: float, size: int = 0) -> list[Pending[T]]:
+        """Add an item of ``samples`` samples and ``size`` bytes; return the batches this closed,
+        in order (usually none, at most two)."""
+        if samples < 0 or size < 0:
+            raise ValueError("samples and size must be >= 0")
         closed: list[Pending[T]] = []
-        if self._open.items and self._open.samples + samples > self.max_samples:
-            # Close before adding so that a batch never exceeds max_samples unless a single item
-            # does on its own.
+        opened = self._open
+        if opened.items and (
+            opened.samples + samples > self.max_samples or opened.size + size > self.max_bytes
+        ):
+            # Close before adding so that a batch never exceeds max_samples or max_bytes unless
+            # a single item does on its own.
             closed.append(self.take())
         if not self._open.items:
             self._open.opened_at = now
         self._open.items.append(item)
         self._open.samples += samples
-        if self._open.samples >= self.max_samples or len(self._open.items) >= self.max_items:
+        self._open.size += size
+        if (
+            self._open.samples >= self.max_samples
+            or len(self._open.items) >= self.max_items
+            or self._open.size >= self.max_bytes
+        ):
             closed.append(self.take())
         return closed
 

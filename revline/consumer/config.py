@@ -10,7 +10,7 @@ from typing import Annotated, Final
 
 import msgspec
 
-from revline.mqtt import parse_mqtt_url
+from revline.mqtt import parse_mqtt_url, tls_context
 from revline.settings import ConfigError, load
 
 __all__ = [
@@ -51,6 +51,8 @@ class ConsumerSettings(msgspec.Struct, frozen=True, kw_only=True):
     receive_maximum: Annotated[int, msgspec.Meta(ge=1, le=65_535)] = 1_000
     """Unacked QoS 1 messages the broker may have in flight to us: the backpressure bound."""
     keepalive_s: Annotated[int, msgspec.Meta(ge=5, le=3_600)] = 30
+    max_inflight_mb: Annotated[int, msgspec.Meta(ge=8, le=65_536)] = 64
+    """Memory bound: MiB held for messages received and not yet acked (raw and decoded)."""
     ca_file: str = ""
     cert_file: str = ""
     key_file: str = ""
@@ -115,6 +117,12 @@ def load_settings(
             env.setdefault(f"REVLINE_{plain}", env[plain])
     settings = load(ConsumerSettings, toml_path=config, environ=env, flags=flags)
     parse_mqtt_url(settings.mqtt_url)
+    # A missing or unusable TLS file is a config error now, not a traceback at first connect.
+    tls_context(
+        ca_file=settings.ca_file or None,
+        cert_file=settings.cert_file or None,
+        key_file=settings.key_file or None,
+    )
     if not settings.database_url.startswith(("postgres://", "postgresql://")):
         raise ConfigError(
             "database_url", "", f"expected postgresql://..., got {settings.database_url!r}"

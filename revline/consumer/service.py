@@ -30,6 +30,7 @@ from datetime import UTC, datetime
 from typing import TypeVar
 
 from revline.consumer.batcher import Batcher, Pending
+from revline.consumer.budget import footprint
 from revline.consumer.config import ConsumerSettings
 from revline.consumer.metrics import Metrics, MetricsServer
 from revline.consumer.subscriber import Inbound, Subscriber
@@ -167,6 +168,7 @@ class Consumer:
                 cert_file=s.cert_file or None,
                 key_file=s.key_file or None,
                 on_state=lambda up: self.metrics.set_up("broker", up=up),
+                max_inflight_bytes=s.max_inflight_mb * 1024 * 1024,
             )
             await stack.enter_async_context(subscriber)
             log.info(
@@ -249,10 +251,19 @@ class Consumer:
             # The broker sends at most receive_maximum unacked messages: leave room for the
             # batches being written plus the one being collected, or the pipeline stalls.
             max_items=max(1, s.receive_maximum // (s.write_concurrency + 1)),
+            # The same for bytes: the batches being written, the one waiting and the open one
+            # share the byte budget, so that it bounds memory without stalling the pipeline.
+            max_bytes=max(1, subscriber.budget.limit // (s.write_concurrency + 2)),
         )
         inbound = subscriber.inbound
         max_future_us = int(s.max_future_s * 1e6)
         while True:
+            if not subscriber.budget.may_decode():
+                # The budget is full: hand over the open batch so that its commit frees bytes,
+                # and decode nothing more until then (decoding can multiply a message's size).
+                if len(batcher):
+                    await self._ready.put(batcher.take())
+                await subscriber.room()
             deadline = batcher.deadline()
             try:
                 async with asyncio.timeout_at(deadline):
@@ -262,22 +273,39 @@ class Consumer:
                 continue
             if got is None:
                 break
-            item = self._classify(got, max_future_us)
-            samples = len(item.batch.samples) if item.batch is not None else 0
-            for closed in batcher.add(item, samples, loop.time()):
-                await self._ready.put(closed)
+            await self._hand_over(self._add(batcher, subscriber, got, max_future_us, loop.time()))
+            # Not kept alive while waiting for the next one: memory comes back after a burst.
+            del got
         # Stopping: what paho already handed over is committed too (it is bounded by
-        # receive_maximum); anything later stays unacked on the broker.
+        # receive_maximum and the byte budget); anything later stays unacked on the broker.
         while not inbound.empty():
             got = inbound.get_nowait()
             if got is not None:
-                item = self._classify(got, max_future_us)
-                samples = len(item.batch.samples) if item.batch is not None else 0
-                for closed in batcher.add(item, samples, loop.time()):
-                    await self._ready.put(closed)
+                await self._hand_over(
+                    self._add(batcher, subscriber, got, max_future_us, loop.time())
+                )
         if len(batcher):
             await self._ready.put(batcher.take())
         await self._ready.put(None)
+
+    def _add(
+        self,
+        batcher: Batcher[Item],
+        subscriber: Subscriber,
+        got: Inbound,
+        max_future_us: int,
+        now: float,
+    ) -> list[Pending[Item]]:
+        """Classify a message, charge what it holds to the byte budget, add it to the batch."""
+        item = self._classify(got, max_future_us)
+        size = footprint(len(got.payload), item.batch)
+        subscriber.hold(got, size)
+        samples = len(item.batch.samples) if item.batch is not None else 0
+        return batcher.add(item, samples, now, size)
+
+    async def _hand_over(self, closed: list[Pending[Item]]) -> None:
+        for pending in closed:
+            await self._ready.put(pending)
 
     def _classify(self, inbound: Inbound, max_future_us: int) -> Item:
         self.metrics.messages.inc()
@@ -329,6 +357,7 @@ class Consumer:
                 pending, started, task = entry
                 self._acknowledge(subscriber, pending, started, await task)
                 slots.release()
+                del entry, pending, task  # acked: not kept alive until the next batch
 
         async with asyncio.TaskGroup() as tg:
             tg.create_task(acknowledge_in_order(), name="ack")
@@ -340,6 +369,7 @@ class Consumer:
                 number += 1
                 task = tg.create_task(self._store(writer, pending.items), name=f"write-{number}")
                 inflight.put_nowait((pending, loop.time(), task))
+                del pending, task  # the ack loop has them; freed as soon as it is done
             inflight.put_nowait(None)
 
     def _acknowledge(

@@ -1,8 +1,15 @@
-"""The consumer against a real broker and database: acks, shutdown, bad input, health."""
+"""The consumer against a real broker and database: acks, shutdown, bad input, health, and
+saying why it cannot reach the broker."""
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import subprocess
+import sys
 import threading
+from pathlib import Path
+from secrets import token_hex
 
 import msgspec
 import paho.mqtt.client as paho
@@ -10,6 +17,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from revline.contract import ack_topic, decode_ack, encode
 from tests.fixtures.consumer import (
+    ROOT,
+    ConsumerProcess,
     cold_counts,
     consumer_process,
     make_batches,
@@ -18,7 +27,7 @@ from tests.fixtures.consumer import (
     query,
     wait_until,
 )
-from tests.fixtures.services import parse_mqtt_url
+from tests.fixtures.services import MosquittoFactory, MosquittoService, free_port, parse_mqtt_url
 
 
 class AckListener:
@@ -217,3 +226,90 @@ def test_plain_postgres_maintenance_runs_inside_the_consumer(
         )
         (row,) = query(database_url, "SELECT count(*) AS n FROM samples_default")
         assert row["n"] == 0  # every row sits in its daily partition
+
+
+def test_unusable_tls_files_stop_at_start_with_one_line_naming_the_key(tmp_path: Path) -> None:
+    """A missing or unreadable --ca-file, --cert-file or --key-file: exit 2, one line, its key."""
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("not a certificate\n")
+    cases = [
+        (["--ca-file", str(tmp_path / "missing.pem")], "ca_file", "No such file"),
+        (["--ca-file", str(tmp_path)], "ca_file", "Is a directory"),
+        (["--ca-file", str(garbage)], "ca_file", "not a PEM CA bundle"),
+        (["--cert-file", str(tmp_path / "missing.crt")], "cert_file", "No such file"),
+        (["--cert-file", str(garbage), "--key-file", str(tmp_path / "k")], "key_file", "No such"),
+        (["--cert-file", str(garbage)], "cert_file", "not a PEM certificate"),
+    ]
+    for args, key, why in cases:
+        result = subprocess.run(
+            [sys.executable, "-m", "revline.cli", "consumer", "--mqtt-url", "mqtts://x", *args],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert result.returncode == 2, result.stderr
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1, result.stderr
+        assert f"config error: {key}: " in lines[0]
+        assert why in lines[0]
+
+
+def _failing_consumer(
+    stack: contextlib.ExitStack, mqtt_url: str, database_url: str, *args: str
+) -> ConsumerProcess:
+    consumer = stack.enter_context(
+        consumer_process(
+            mqtt_url=mqtt_url,
+            database_url=database_url,
+            client_id=f"c-{token_hex(4)}",
+            args=list(args),
+            drop=False,  # there is no broker session to drop
+        )
+    )
+    return consumer.launch()
+
+
+def _unhealthy(consumer: ConsumerProcess) -> bool:
+    return consumer.http("/healthz")[0] == 503
+
+
+def test_each_failed_broker_connection_is_logged_with_its_reason(
+    make_mosquitto: MosquittoFactory, database_url: str
+) -> None:
+    """Closed port, unknown host, anonymous refused: each logged at once with its reason."""
+    migrate(database_url)
+    locked = make_mosquitto(extra_config=["allow_anonymous false"])
+    cases = {
+        f"mqtt://127.0.0.1:{free_port()}": "connection refused by 127.0.0.1:",
+        "mqtt://no-such-host.invalid:1883": "cannot resolve host 'no-such-host.invalid'",
+        locked.url: "refused by the broker: Not authorized",
+    }
+    with contextlib.ExitStack() as stack:
+        consumers = {url: _failing_consumer(stack, url, database_url) for url in cases}
+        for url, reason in cases.items():
+            line = consumers[url].wait_for_log("cannot connect to broker")
+            assert reason in line, line
+            assert "failed_attempts=1" in line
+            assert "Traceback" not in consumers[url].log_text()
+        for consumer in consumers.values():
+            wait_until(functools.partial(_unhealthy, consumer), what="/healthz 503")
+
+
+def test_a_broker_that_comes_back_is_reported_once_connected(
+    mqtt_url: str, database_url: str, fresh_mosquitto: MosquittoService
+) -> None:
+    """Broker down at start: failures are logged, then one line on connecting with the count."""
+    migrate(database_url)
+    fresh_mosquitto.stop()
+    with consumer_process(
+        mqtt_url=mqtt_url, database_url=database_url, client_id=f"c-{token_hex(4)}"
+    ) as consumer:
+        consumer.launch()
+        line = consumer.wait_for_log("cannot connect to broker")
+        assert "connection refused" in line
+        fresh_mosquitto.start()
+        back = consumer.wait_for_log(r"connected to broker .*after_failed_attempts=\d+")
+        assert int(back.rsplit("after_failed_attempts=", 1)[1].split()[0]) >= 1
+        wait_until(consumer.healthy, what="healthy")

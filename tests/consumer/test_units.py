@@ -1,17 +1,32 @@
-"""Consumer logic without servers: batching by size and age, validation, settings."""
+"""Consumer logic without servers: batching by size and age, the byte budget, validation,
+settings, and the rate limit of connection failure logs."""
 
 from __future__ import annotations
 
+import string
+import threading
 import time
+import tracemalloc
 
+import msgspec
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from revline.consumer.batcher import Batcher
+from revline.consumer.budget import ByteBudget, footprint
 from revline.consumer.config import load_settings
 from revline.consumer.validate import Invalid, check
-from revline.contract import Batch, Sample, encode, encode_json, telemetry_topic
+from revline.contract import (
+    NUMERIC_FIELDS,
+    Batch,
+    Sample,
+    decode_batch,
+    encode,
+    encode_json,
+    telemetry_topic,
+)
+from revline.mqtt import FailureLog
 from revline.settings import ConfigError
 
 VIN = "1HGCM82633A004352"
@@ -24,23 +39,43 @@ def _payload(ts: int, *, vin: str = VIN, n: int = 3) -> bytes:
 
 
 @given(
-    sizes=st.lists(st.integers(min_value=0, max_value=50), max_size=200),
+    items=st.lists(
+        st.tuples(st.integers(min_value=0, max_value=50), st.integers(min_value=0, max_value=900)),
+        max_size=200,
+    ),
     max_samples=st.integers(min_value=1, max_value=120),
     max_items=st.integers(min_value=1, max_value=30),
+    max_bytes=st.integers(min_value=1, max_value=3_000),
 )
-def test_batcher_keeps_order_and_bounds(sizes: list[int], max_samples: int, max_items: int) -> None:
+def test_batcher_keeps_order_and_bounds(
+    items: list[tuple[int, int]], max_samples: int, max_items: int, max_bytes: int
+) -> None:
     """Every item comes out once, in order, and no batch exceeds a bound unless one item does."""
-    batcher: Batcher[int] = Batcher(max_samples=max_samples, max_age=1.0, max_items=max_items)
+    batcher: Batcher[int] = Batcher(
+        max_samples=max_samples, max_age=1.0, max_items=max_items, max_bytes=max_bytes
+    )
     closed = []
-    for index, size in enumerate(sizes):
-        closed.extend(batcher.add(index, size, now=0.0))
+    for index, (samples, size) in enumerate(items):
+        closed.extend(batcher.add(index, samples, now=0.0, size=size))
     closed.append(batcher.take())
-    assert [i for b in closed for i in b.items] == list(range(len(sizes)))
+    assert [i for b in closed for i in b.items] == list(range(len(items)))
     for batch in closed:
-        assert batch.samples == sum(sizes[i] for i in batch.items)
+        assert batch.samples == sum(items[i][0] for i in batch.items)
+        assert batch.size == sum(items[i][1] for i in batch.items)
         assert len(batch.items) <= max_items
         if len(batch.items) > 1:
             assert batch.samples <= max_samples
+            assert batch.size <= max_bytes
+
+
+def test_batcher_closes_by_bytes() -> None:
+    """Messages without samples (dead letters) still close a batch by their size in bytes."""
+    batcher: Batcher[str] = Batcher(max_samples=10, max_age=60.0, max_bytes=100)
+    assert batcher.add("a", 0, now=0.0, size=60) == []
+    closed = batcher.add("b", 0, now=0.0, size=60)
+    assert [b.items for b in closed] == [["a"]]
+    closed = batcher.add("c", 0, now=0.0, size=40)
+    assert [(b.items, b.size) for b in closed] == [(["b", "c"], 100)]
 
 
 def test_batcher_closes_by_size() -> None:
@@ -166,3 +201,90 @@ def test_bad_settings_name_the_key(env: dict[str, str], key: str) -> None:
         load_settings(environ=env)
     assert info.value.key == key
     assert "\n" not in str(info.value)
+
+
+_VIN_FIELDS = {"v": 1, "vin": VIN, "batch": 1}
+_ONE_CHAR = list(string.ascii_letters + string.digits + "_-")
+_TWO_CHARS = [a + b for a in string.ascii_letters for b in "xyz"][:64]
+
+
+def _samples(n: int, **fields: object) -> list[dict[str, object]]:
+    return [{"ts": 0, "seq": 0, **fields} for _ in range(n)]
+
+
+_HOSTILE_SHAPES = {
+    "bare samples": _samples(2_000),
+    "large ints": [{"ts": 10**15 + i, "seq": 2**40 + i} for i in range(2_000)],
+    "one extra entry each": _samples(2_000, extra={"a": 0}),
+    "64 one-char keys": _samples(1_000, extra=dict.fromkeys(_ONE_CHAR, 0)),
+    "64 two-char keys": _samples(1_000, extra=dict.fromkeys(_TWO_CHARS, 0)),
+    "64 long keys": _samples(200, extra={f"{i:02d}" + "k" * 62: 0 for i in range(64)}),
+    "non-ascii keys": _samples(100, extra={f"{i:02d}" + "\U0001f600" * 62: 0 for i in range(64)}),
+    "ascii keys made ucs-4": _samples(
+        200, extra={f"{i:02d}" + "k" * 61 + "\U0001f600": 0 for i in range(64)}
+    ),
+    "every typed field as 0": _samples(2_000, **dict.fromkeys(NUMERIC_FIELDS, 0)),
+    "every typed field as float": _samples(2_000, **dict.fromkeys(NUMERIC_FIELDS, 1.5)),
+    "typical": [{"ts": 10**15 + i, "seq": i, "speed": 50.5, "rpm": 900.0} for i in range(500)],
+}
+
+
+@pytest.mark.parametrize("wire", ["msgpack", "json"])
+@pytest.mark.parametrize("shape", sorted(_HOSTILE_SHAPES))
+def test_footprint_bounds_what_a_decoded_message_holds(shape: str, wire: str) -> None:
+    """The bytes charged for a message cover its payload and every object its decoding made."""
+    message = {**_VIN_FIELDS, "samples": _HOSTILE_SHAPES[shape]}
+    encode_wire = msgspec.msgpack.encode if wire == "msgpack" else msgspec.json.encode
+    payload = encode_wire(message)
+    tracemalloc.start()
+    try:
+        batch = decode_batch(payload)
+        decoded, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert footprint(len(payload), batch) >= len(payload) + decoded
+    assert footprint(len(payload), None) >= len(payload)
+
+
+def test_byte_budget_holds_the_network_thread_until_acks_free_room() -> None:
+    """Arrivals wait while the limit is reached and go on once held bytes are released."""
+    budget = ByteBudget(100)
+    assert budget.admit(60)
+    budget.decoded(60, 90)  # decoding made it bigger
+    assert not budget.admit(20, timeout=0.01)
+    admitted = threading.Event()
+
+    def arrive() -> None:
+        if budget.admit(20):
+            admitted.set()
+
+    waiter = threading.Thread(target=arrive)
+    waiter.start()
+    assert not admitted.wait(0.05)
+    budget.release(90)
+    waiter.join(10)
+    assert admitted.is_set()
+    assert (budget.queued, budget.held) == (20, 0)
+    assert budget.high_water() == 90
+
+
+def test_byte_budget_lets_a_message_larger_than_the_limit_through_alone() -> None:
+    """With nothing held, any message passes (else it would wait forever), and is decoded."""
+    budget = ByteBudget(100)
+    assert budget.admit(500, timeout=0)
+    assert budget.may_decode()  # nothing decoded is held: the queue alone never stalls
+    budget.decoded(500, 2_000)
+    assert not budget.may_decode()
+    assert not budget.admit(1, timeout=0)
+    budget.release(2_000)
+    assert budget.may_decode()
+    assert budget.admit(1, timeout=0)
+
+
+def test_failure_log_says_the_first_failure_at_once_then_one_line_per_interval() -> None:
+    """Attempts every second for 95 s: lines at 0, 30, 60 and 90 s, each counting its attempts."""
+    failures = FailureLog(every_s=30.0)
+    lines = [(t, n) for t in range(96) if (n := failures.failed(float(t)))]
+    assert lines == [(0, 1), (30, 30), (60, 30), (90, 30)]
+    assert failures.connected() == 96
+    assert failures.failed(200.0) == 1  # after a success the next failure is news again

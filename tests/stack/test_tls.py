@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import socket
 import ssl
@@ -93,3 +94,35 @@ def test_edge_and_consumer_over_tls(
         (total,) = spool_query(spool, "SELECT count(*) FROM samples")[0]
         wait_for(lambda: cold_counts(database_url, unique_vin)[0] >= total, 60, "every sample")
         assert cold_counts(database_url, unique_vin) == (total, total)
+
+
+def test_tls_failures_are_logged_with_their_reason(
+    pki: Path, make_mosquitto: MosquittoFactory, database_url: str
+) -> None:
+    """mqtt:// to a TLS listener, and mqtts:// without the private CA: each logged with why."""
+    tls_port = free_port()
+    make_mosquitto(
+        extra_config=[
+            f"listener {tls_port} 127.0.0.1",
+            f"cafile {pki / 'ca.crt'}",
+            f"certfile {pki / 'server.crt'}",
+            f"keyfile {pki / 'server.key'}",
+        ]
+    )
+    migrate(database_url)
+    cases = {
+        f"mqtt://localhost:{tls_port}": "closed before CONNACK",
+        f"mqtts://localhost:{tls_port}": "TLS certificate of localhost:",
+    }
+    with contextlib.ExitStack() as stack:
+        consumers = {}
+        for url in cases:
+            consumers[url] = stack.enter_context(
+                consumer_process(
+                    mqtt_url=url, database_url=database_url, client_id=f"c-{url[:5]}", drop=False
+                )
+            ).launch()
+        for url, reason in cases.items():
+            line = consumers[url].wait_for_log("cannot connect to broker")
+            assert reason in line, line
+            assert "Traceback" not in consumers[url].log_text()
