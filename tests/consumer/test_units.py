@@ -204,7 +204,7 @@ def test_bad_settings_name_the_key(env: dict[str, str], key: str) -> None:
 
 
 _VIN_FIELDS = {"v": 1, "vin": VIN, "batch": 1}
-_ONE_CHAR = list(string.ascii_letters + string.digits + "_-")
+_ONE_CHAR = list(string.ascii_letters + string.digits + "_")  # every key character allowed
 _TWO_CHARS = [a + b for a in string.ascii_letters for b in "xyz"][:64]
 
 
@@ -219,10 +219,6 @@ _HOSTILE_SHAPES = {
     "64 one-char keys": _samples(1_000, extra=dict.fromkeys(_ONE_CHAR, 0)),
     "64 two-char keys": _samples(1_000, extra=dict.fromkeys(_TWO_CHARS, 0)),
     "64 long keys": _samples(200, extra={f"{i:02d}" + "k" * 62: 0 for i in range(64)}),
-    "non-ascii keys": _samples(100, extra={f"{i:02d}" + "\U0001f600" * 62: 0 for i in range(64)}),
-    "ascii keys made ucs-4": _samples(
-        200, extra={f"{i:02d}" + "k" * 61 + "\U0001f600": 0 for i in range(64)}
-    ),
     "every typed field as 0": _samples(2_000, **dict.fromkeys(NUMERIC_FIELDS, 0)),
     "every typed field as float": _samples(2_000, **dict.fromkeys(NUMERIC_FIELDS, 1.5)),
     "typical": [{"ts": 10**15 + i, "seq": i, "speed": 50.5, "rpm": 900.0} for i in range(500)],
