@@ -26,10 +26,8 @@ __all__ = ["Commands", "main"]
 Runner = Callable[[argparse.Namespace], int]
 
 COMMAND_MODULES = (
-    "revline.tools.tail",
-    "revline.tools.demo",
+    "revline.tools.cli",
     "revline.tools.devices",
-    "revline.tools.simulate",
     "revline.consumer.cli",
     "revline.storage.cli",
     "revline.edge.cli",

@@ -1,11 +1,14 @@
-"""``revline consumer``; only the standard library and the core at top level."""
+"""``revline consumer``: its flags and settings here; the service (asyncpg, prometheus) is imported
+only when it runs, so that ``revline --help`` stays light."""
 
 from __future__ import annotations
 
 import argparse
-import sys
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from revline.consumer.config import load_settings, startup_warnings
 
 if TYPE_CHECKING:
     from revline.cli import Commands
@@ -62,35 +65,11 @@ def register(commands: Commands) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Load settings (a bad value stops here with one line), then serve until SIGTERM/SIGINT.
-
-    A database that waiting cannot fix (missing, login refused, not migrated) stops it with one
-    line and exit code 1; one that is down or failing is waited for."""
-    import asyncio  # noqa: PLC0415 - keep `revline --help` light
-    import logging  # noqa: PLC0415
-
-    from revline.consumer.config import load_settings, startup_warnings  # noqa: PLC0415
-    from revline.storage.errors import UnusableDatabaseError  # noqa: PLC0415
-
+    """Load settings (a bad value stops here with one line), then serve until SIGTERM/SIGINT."""
     flags = {key: getattr(args, key) for key, _, _ in _FLAGS}
     settings = load_settings(config=args.config, flags=flags)
     for warning in startup_warnings(settings):
         logging.getLogger("revline.consumer").warning(warning)
+    from revline.consumer.service import serve  # noqa: PLC0415 - asyncpg, prometheus: not for --help
 
-    async def main() -> None:
-        import signal  # noqa: PLC0415
-
-        from revline.consumer.service import Consumer  # noqa: PLC0415
-
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await Consumer(settings).run(stop)
-
-    try:
-        asyncio.run(main())
-    except UnusableDatabaseError as exc:
-        print(f"revline consumer: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    return serve(settings)

@@ -23,6 +23,8 @@ import functools
 import gc
 import logging
 import random
+import signal
+import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -41,7 +43,7 @@ from revline.logs import kv
 from revline.mqtt import parse_mqtt_url
 from revline.storage.errors import UnusableDatabaseError, describe, is_data_error, sqlstate
 
-__all__ = ["Consumer", "Item"]
+__all__ = ["Consumer", "Item", "serve"]
 
 log = logging.getLogger("revline.consumer")
 
@@ -651,3 +653,24 @@ class Consumer:
             )
             before = (t.samples, t.batches, now)
             self._rejections_logged = 0
+
+
+def serve(settings: ConsumerSettings) -> int:
+    """``revline consumer``: run until SIGTERM/SIGINT; the exit code.
+
+    A database that waiting cannot fix (missing, login refused, not migrated) stops it with one
+    line and exit code 1; one that is down or failing is waited for."""
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await Consumer(settings).run(stop)
+
+    try:
+        asyncio.run(main())
+    except UnusableDatabaseError as exc:
+        print(f"revline consumer: {exc}", file=sys.stderr)
+        return 1
+    return 0

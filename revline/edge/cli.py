@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from revline.edge.config import DEFAULT_SPOOL_PATH, load_edge_settings
+from revline.settings import ConfigError
 
 if TYPE_CHECKING:
     from revline.cli import Commands
@@ -50,9 +54,6 @@ def _flags(args: argparse.Namespace) -> dict[str, object]:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from revline.edge.config import DEFAULT_SPOOL_PATH, load_edge_settings  # noqa: PLC0415
-    from revline.settings import ConfigError  # noqa: PLC0415
-
     flags = _flags(args)
     if args.action == "status":
         from revline.edge.status import format_status, read_status  # noqa: PLC0415
@@ -71,9 +72,7 @@ def _run(args: argparse.Namespace) -> int:
             return 1
         return 0
 
-    import asyncio  # noqa: PLC0415
-
-    from revline.edge.service import StartError, run_edge  # noqa: PLC0415
+    from revline.edge.service import StartError, run_edge  # noqa: PLC0415 - python-OBD, bleak...
 
     settings = load_edge_settings(args.config, flags=flags)
     try:

@@ -19,13 +19,21 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from revline.cli import Commands
-    from revline.edge.config import EdgeSettings
+import asyncpg
 
-__all__ = ["register"]
+from revline.consumer.config import ConsumerSettings
+from revline.consumer.service import Consumer
+from revline.edge.config import EdgeSettings
+from revline.edge.service import run_edge
+from revline.edge.status import read_status
+from revline.mqtt import make_client, parse_mqtt_url
+from revline.storage.maintenance import maintain_dsn
+from revline.storage.migrate import MigrateSettings, migrate_dsn
+from revline.tools.localservices import MosquittoService, PostgresService
+
+__all__ = ["DEMO_VINS", "run"]
 
 # VINs of the demo fleet: valid ISO 3779 VINs with correct check digits.
 DEMO_VINS = (
@@ -39,28 +47,6 @@ DEMO_VINS = (
     "3VWFE21C04M000001",
 )
 
-
-def register(commands: Commands) -> None:
-    """Add ``revline demo``."""
-    parser = commands.add(
-        commands.top,
-        "demo",
-        "run broker, database, consumer and simulated cars here; check nothing is lost",
-        run,
-    )
-    parser.add_argument("--vehicles", type=int, default=3, choices=range(1, len(DEMO_VINS) + 1))
-    parser.add_argument("--seconds", type=float, default=30.0, help="how long the cars drive")
-    parser.add_argument(
-        "--speedup", type=float, default=10.0, help="simulated seconds per real second"
-    )
-    parser.add_argument(
-        "--no-chaos", dest="chaos", action="store_false", help="do not kill the broker mid-run"
-    )
-    parser.add_argument("--mqtt-url", help="use this broker instead of starting one")
-    parser.add_argument("--database-url", help="use this PostgreSQL instead of starting one")
-    parser.add_argument(
-        "--keep", action="store_true", help="keep everything running after the check (Ctrl-C)"
-    )
 
 
 def _say(text: str) -> None:
@@ -76,7 +62,6 @@ class _Stack:
 
 @contextlib.contextmanager
 def _services(args: argparse.Namespace) -> Iterator[_Stack]:
-    from revline.tools.localservices import MosquittoService, PostgresService  # noqa: PLC0415
 
     with contextlib.ExitStack() as stack:
         broker = None
@@ -96,7 +81,6 @@ def _services(args: argparse.Namespace) -> Iterator[_Stack]:
 
 
 async def _query(database_url: str, sql: str, *params: object) -> list[Any]:
-    import asyncpg  # noqa: PLC0415
 
     conn = await asyncpg.connect(database_url)
     try:
@@ -107,7 +91,6 @@ async def _query(database_url: str, sql: str, *params: object) -> list[Any]:
 
 def _spool_total(path: Path) -> tuple[int, int]:
     """(samples, samples not yet acked end to end) in one vehicle's spool."""
-    from revline.edge.status import read_status  # noqa: PLC0415
 
     status = read_status(path)
     return status.samples, status.samples - status.durable
@@ -140,7 +123,6 @@ async def _table(database_url: str, spools: dict[str, Path], started: float) -> 
 
 
 async def _send_garbage(mqtt_url: str, vin: str) -> None:
-    from revline.mqtt import make_client, parse_mqtt_url  # noqa: PLC0415
 
     address = parse_mqtt_url(mqtt_url)
     client = make_client(address, "revline-demo-garbage")
@@ -157,7 +139,6 @@ async def _send_garbage(mqtt_url: str, vin: str) -> None:
 def _edge_settings(
     args: argparse.Namespace, mqtt_url: str, spools: dict[str, Path]
 ) -> list[EdgeSettings]:
-    from revline.edge.config import EdgeSettings  # noqa: PLC0415
 
     return [
         EdgeSettings(
@@ -186,11 +167,6 @@ async def _chaos(broker: Any) -> None:
 
 
 async def _demo(args: argparse.Namespace, stack: _Stack, workdir: Path) -> int:
-    from revline.consumer.config import ConsumerSettings  # noqa: PLC0415
-    from revline.consumer.service import Consumer  # noqa: PLC0415
-    from revline.edge.service import run_edge  # noqa: PLC0415
-    from revline.storage.maintenance import maintain_dsn  # noqa: PLC0415
-    from revline.storage.migrate import MigrateSettings, migrate_dsn  # noqa: PLC0415
 
     report = await migrate_dsn(stack.database_url, MigrateSettings(database_url=stack.database_url))
     _say(f"database schema: mode {report.mode}, {len(report.applied)} migrations applied")
@@ -255,7 +231,6 @@ async def _demo(args: argparse.Namespace, stack: _Stack, workdir: Path) -> int:
 
 
 async def _verdict(database_url: str, spools: dict[str, Path]) -> int:
-    from revline.storage.maintenance import maintain_dsn  # noqa: PLC0415
 
     await maintain_dsn(database_url)  # plain PostgreSQL: refresh the rollups now
     ok = True

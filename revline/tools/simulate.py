@@ -13,27 +13,18 @@ import contextlib
 import sys
 import time
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from revline.cli import Commands
+import msgspec
+from paho.mqtt.client import MQTT_ERR_SUCCESS
 
-__all__ = ["fleet_vins", "register"]
+from revline.contract import SCHEMA_VERSION, Batch, Sample, encode, telemetry_topic
+from revline.edge.sim import DriveSimulator
+from revline.mqtt import make_client, parse_mqtt_url
+
+__all__ = ["fleet_vins", "run"]
 
 _INFLIGHT_MAX = 200  # QoS 1 messages awaiting PUBACK; paho slows down badly with thousands
 
-
-def register(commands: Commands) -> None:
-    """Add ``revline simulate``."""
-    parser = commands.add(
-        commands.top, "simulate", "publish a fleet of simulated cars to a broker (load)", run
-    )
-    parser.add_argument("--mqtt-url", default="mqtt://127.0.0.1:1883", help="broker URL")
-    parser.add_argument("--vehicles", type=int, default=10, help="how many cars")
-    parser.add_argument("--hz", type=float, default=1.0, help="samples per second per car")
-    parser.add_argument("--batch-s", type=float, default=1.0, help="seconds per batch")
-    parser.add_argument("--seconds", type=float, default=0.0, help="stop after this (0: never)")
-    parser.add_argument("--seed", type=int, default=0, help="first simulator seed")
 
 
 def fleet_vins(count: int, seed: int = 0) -> list[str]:
@@ -45,7 +36,6 @@ class _Fleet:
     """The simulated cars and their counters; ``batches()`` advances every car by one batch."""
 
     def __init__(self, vehicles: int, seed: int, hz: float, per_batch: int) -> None:
-        from revline.edge.sim import DriveSimulator  # noqa: PLC0415 - keep `revline --help` light
 
         self.cars = [
             (vin, DriveSimulator(seed + i)) for i, vin in enumerate(fleet_vins(vehicles, seed))
@@ -57,9 +47,7 @@ class _Fleet:
 
     def batches(self, now_us: int) -> Iterator[tuple[str, bytes]]:
         """(topic, payload) of one batch per car, samples spaced 1/hz and ending at ``now_us``."""
-        import msgspec  # noqa: PLC0415
 
-        from revline.contract import SCHEMA_VERSION, Batch, Sample, encode, telemetry_topic  # noqa: PLC0415
 
         for vin, sim in self.cars:
             samples = []
@@ -75,9 +63,7 @@ class _Fleet:
 
 def run(args: argparse.Namespace) -> int:
     """Publish until --seconds elapse or Ctrl-C; print a line every 10 s and a total."""
-    from paho.mqtt.client import MQTT_ERR_SUCCESS  # noqa: PLC0415 - keep `revline --help` light
 
-    from revline.mqtt import make_client, parse_mqtt_url  # noqa: PLC0415
 
     if args.vehicles < 1 or args.hz <= 0 or args.batch_s <= 0:
         print("revline simulate: --vehicles, --hz and --batch-s must be positive", file=sys.stderr)

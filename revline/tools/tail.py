@@ -6,25 +6,14 @@ import argparse
 import datetime as dt
 import sys
 import uuid
-from typing import TYPE_CHECKING
+
+import paho.mqtt.client as paho
 
 from revline.contract import ContractError, decode_ack, decode_batch
+from revline.mqtt import make_client, parse_mqtt_url
 
-if TYPE_CHECKING:
-    from revline.cli import Commands
+__all__ = ["format_message", "run"]
 
-__all__ = ["format_message", "register"]
-
-
-def register(commands: Commands) -> None:
-    """Add ``revline tail``."""
-    parser = commands.add(
-        commands.top, "tail", "print telemetry batches and acks as they cross the broker", run
-    )
-    parser.add_argument("--mqtt-url", default="mqtt://127.0.0.1:1883", help="broker URL")
-    parser.add_argument("--vin", default="+", help="one vehicle (default: all)")
-    parser.add_argument("--samples", action="store_true", help="print every sample too")
-    parser.add_argument("--count", type=int, default=0, help="exit after N messages (0: never)")
 
 
 def _when(micros: int) -> str:
@@ -58,9 +47,7 @@ def format_message(topic: str, payload: bytes, *, samples: bool = False) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Subscribe without a session of its own and print until interrupted or --count is reached."""
-    import paho.mqtt.client as paho  # noqa: PLC0415 - keep `revline --help` light
 
-    from revline.mqtt import make_client, parse_mqtt_url  # noqa: PLC0415
 
     address = parse_mqtt_url(args.mqtt_url)
     client = make_client(address, f"revline-tail-{uuid.uuid4().hex[:8]}")

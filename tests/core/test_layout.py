@@ -8,6 +8,8 @@ nothing imports ``tests``; the wheel installs ``revline`` and nothing else.
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
@@ -122,3 +124,18 @@ def test_the_wheel_installs_only_revline() -> None:
     packages = {p.parent.name for p in ROOT.glob("*/__init__.py")}
     stray = sorted(packages - {"revline", "tests"})
     assert stray == [], f"top-level folders that look like packages: {stray}"
+
+
+def test_the_command_line_loads_without_the_sides_libraries() -> None:
+    """Building `revline`'s whole parser imports no optional library (asyncpg, python-OBD,
+    bleak...): `revline --help` works on a Pi without the consumer extra and in the server image
+    without the edge extra."""
+    probe = (
+        "import sys, revline.cli; revline.cli.build_parser(); "
+        "print(' '.join(m for m in ('asyncpg', 'prometheus_client', 'obd', 'bleak', 'serial', "
+        "'pynmea2') if m in sys.modules))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True
+    )
+    assert done.stdout.strip() == ""

@@ -6,6 +6,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from revline.tools.cli import DEMO_FLEET_SIZE
+from revline.tools.demo import DEMO_VINS
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -25,3 +28,8 @@ def test_demo_survives_a_broker_kill_and_stores_every_sample_once() -> None:
     assert "OK: every sample stored exactly once" in out
     assert out.count("lost 0, duplicated 0, not yet acked 0") == 2
     assert "rejected: telemetry/1HGCM82633A004352 invalid" in out
+
+
+def test_the_demo_command_offers_exactly_the_demo_fleet() -> None:
+    """`revline demo --vehicles` allows as many cars as the demo has VINs."""
+    assert len(DEMO_VINS) == DEMO_FLEET_SIZE
