@@ -19,6 +19,9 @@ Layout, chosen for <= 100 bytes per sample on disk:
   :data:`DEAD_LETTER_MAX_ROWS` rows and :data:`DEAD_LETTER_MAX_BYTES` of payload; the older ones
   are counted in ``meta.rejected_evicted``. Read them with :func:`edge.status.read_dead_letters`.
 
+Only this module reads or writes these tables: :class:`Spool` for the service,
+:class:`SpoolReader` (read-only) for ``revline edge status`` and tests.
+
 Size cap: durable batches are evicted first (oldest first); only then the oldest unsent rows, as
 a last resort, counted in ``meta.evicted_unsent`` and logged.
 """
@@ -51,6 +54,7 @@ __all__ = [
     "DeadLetter",
     "Spool",
     "SpoolBatch",
+    "SpoolReader",
     "SpoolRow",
     "encode_batch",
     "pack_values",
@@ -627,6 +631,140 @@ class Spool:
         """Samples not yet in any batch (upper bound: evicted holes count)."""
         with self._lock:
             return self._index.unbatched
+
+
+class SpoolReader:
+    """A read-only look at a spool file, safe while the service writes it (SQLite read-only URI).
+
+    What ``revline edge status`` and the tests need to know about a spool; no module but this
+    one reads its tables. A context manager; :class:`FileNotFoundError` if there is no file.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._db: sqlite3.Connection | None = None
+
+    def __enter__(self) -> Self:
+        if not self.path.exists():
+            raise FileNotFoundError(f"no spool at {self.path}")
+        self._db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True)
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the connection; idempotent."""
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+    @property
+    def db(self) -> sqlite3.Connection:
+        """The read-only connection; a bug to use it outside the context manager."""
+        if self._db is None:
+            raise RuntimeError("spool reader is not open")
+        return self._db
+
+    def _one(self, sql: str, *args: object) -> Any:
+        return self.db.execute(sql, args).fetchone()[0]
+
+    def _counter(self, key: str) -> int:
+        row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return 0 if row is None else int(row[0])
+
+    def meta(self) -> dict[str, Any]:
+        """The status values (counters, last ack, clock state...) by key."""
+        return dict(self.db.execute("SELECT key, value FROM meta").fetchall())
+
+    def sample_count(self) -> int:
+        """Samples in the spool now (evicted ones gone)."""
+        return int(self._one("SELECT count(*) FROM samples"))
+
+    def next_seq(self) -> int:
+        """The seq the next sample will get: how many were ever spooled."""
+        newest = self._one("SELECT max(seq) FROM samples")
+        return max(self._counter("next_seq"), 0 if newest is None else newest + 1)
+
+    def samples(self) -> dict[int, Sample]:
+        """Every sample in the spool by seq, as the contract sample it is sent as."""
+        rows = self.db.execute("SELECT seq, ts, data, boot FROM samples ORDER BY seq")
+        return {
+            seq: row_to_sample(seq, ts, data, flagged=boot is not None)
+            for seq, ts, data, boot in rows
+        }
+
+    def batch_states(self) -> dict[int, int]:
+        """Every batch's state (:data:`CREATED`, :data:`PUBLISHED`, :data:`DURABLE`) by id."""
+        return dict(self.db.execute("SELECT id, state FROM batches ORDER BY id").fetchall())
+
+    def next_batch(self) -> int:
+        """The id the next batch will get."""
+        newest = self._one("SELECT max(id) FROM batches")
+        return max(self._counter("next_batch"), 0 if newest is None else newest + 1)
+
+    def open_batches(self) -> int:
+        """Batches not yet durable."""
+        return int(self._one("SELECT count(*) FROM batches WHERE state < ?", DURABLE))
+
+    def samples_by_state(self) -> dict[int, int]:
+        """Samples in batches, by batch state; unbatched samples are in none."""
+        rows = self.db.execute("SELECT state, coalesce(sum(n), 0) FROM batches GROUP BY state")
+        return {int(state): int(n) for state, n in rows}
+
+    def oldest_unsent_ts(self) -> int | None:
+        """The timestamp (µs) of the oldest sample no PUBACKed batch covers; None if none."""
+        cursor = self._one("SELECT min(seq) FROM samples")
+        if cursor is None:
+            return None
+        for lo, hi in self.db.execute(
+            "SELECT lo, hi FROM batches WHERE state >= ? ORDER BY lo", (PUBLISHED,)
+        ):
+            if lo > cursor:
+                break
+            cursor = max(cursor, hi + 1)
+        row = self.db.execute(
+            "SELECT ts FROM samples WHERE seq >= ? ORDER BY seq LIMIT 1", (cursor,)
+        ).fetchone()
+        return None if row is None else int(row[0])
+
+    def published_since(self, wall: float) -> int:
+        """Samples of batches first PUBACKed at or after ``wall`` (seconds since the epoch)."""
+        return int(self._one("SELECT coalesce(sum(n), 0) FROM batches WHERE sent_at >= ?", wall))
+
+    def dead_letters_kept(self) -> int:
+        """Dead letters kept with their raw bytes."""
+        try:
+            return int(self._one("SELECT count(*) FROM rejected"))
+        except sqlite3.OperationalError:  # a spool made before dead letters existed
+            return 0
+
+    def dead_letters(self, limit: int = DEAD_LETTER_MAX_ROWS) -> list[DeadLetter]:
+        """The dead letters kept, newest first."""
+        try:
+            rows = self.db.execute(
+                "SELECT received_at, topic, reason, detail, payload, size FROM rejected "
+                "ORDER BY id DESC LIMIT ?",
+                (limit,),
+            ).fetchall()
+        except sqlite3.OperationalError:  # a spool made before dead letters existed
+            return []
+        return [
+            DeadLetter(
+                received_at=float(at),
+                topic=str(topic),
+                reason=str(reason),
+                detail=str(detail),
+                payload=bytes(payload),
+                size=int(size),
+            )
+            for at, topic, reason, detail, payload, size in rows
+        ]
 
 
 def _trim_dead_letters(db: sqlite3.Connection, max_rows: int, max_bytes: int) -> int:
