@@ -5,10 +5,12 @@ faster here than ``loop_start()`` plus a semaphore) so the event loop that sampl
 
 * A batch is created in the spool (ids fixed) before it is published; a resend rebuilds the same
   bytes from the spool, so the database deduplicates by sample identity.
-* At most ``inflight_max`` messages wait for a PUBACK and at most ``unacked_max`` batches for the
+* What to send next, when to resend and which acks to believe is decided by the pure
+  :class:`revline.edge.window.SendWindow`; this module is its shell: paho and the spool. At most
+  ``inflight_max`` messages wait for a PUBACK and at most ``unacked_max`` batches for the
   end-to-end ack on ``ack/<vin>``; everything else stays in the spool, not in paho's queue.
-* Each fill of the window first sends the live tail (newest samples), then the backlog oldest
-  first, resends due after ``ack_timeout_s`` interleaved by age.
+  Each fill first sends the live tail (newest samples), then the backlog oldest first, resends
+  due after ``ack_timeout_s`` interleaved by age.
 * Every connection is a fresh paho client on the same persistent session: paho would otherwise
   replay its un-PUBACKed messages ahead of the live data on reconnect. We resend those ourselves.
 * No message stops it. Whatever arrives on ``ack/<vin>`` is untrusted: a payload that does not
@@ -16,6 +18,8 @@ faster here than ``loop_start()`` plus a semaphore) so the event loop that sampl
   (:meth:`edge.spool.Spool.dead_letter`); an ack is believed only for batches the broker has
   PUBACKed, so a forged ack cannot make unsent samples look durable. No paho callback can raise
   into the loop; every such event is logged at most once per :data:`LOG_EVERY_S`, with a count.
+* Reconnects wait :func:`revline.backoff.backoff_delay`, scheduled here so that a stop is
+  noticed at once.
 """
 
 from __future__ import annotations
@@ -23,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import random
 import sqlite3
 import threading
 import time
@@ -35,6 +38,7 @@ import paho.mqtt.client as paho
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from revline.backoff import backoff_delay
 from revline.contract import (
     MAX_PAYLOAD_BYTES,
     ContractError,
@@ -52,6 +56,7 @@ from revline.edge.spool import (
     SpoolBatch,
     encode_batch,
 )
+from revline.edge.window import BACKLOG, SendWindow, resend_timeout
 from revline.logs import kv
 from revline.mqtt import make_client, parse_mqtt_url
 
@@ -60,7 +65,6 @@ __all__ = [
     "Publisher",
     "PublisherStats",
     "ThrottledLog",
-    "backoff_delay",
     "guarded",
     "resend_timeout",
 ]
@@ -79,16 +83,6 @@ _DEAD_LETTER_QUEUE_MAX: Final = 100
 _DETAIL_MAX: Final = 500
 
 _P = ParamSpec("_P")
-
-
-def backoff_delay(attempt: int, low: float, high: float, rng: random.Random) -> float:
-    """Jittered exponential delay before reconnect attempt ``attempt`` (0-based)."""
-    return rng.uniform(0.5, 1.0) * min(high, low * 2.0 ** min(attempt, 30))
-
-
-def resend_timeout(ack_timeout_s: float, attempts: int) -> float:
-    """How long to wait for the end-to-end ack after the ``attempts``-th send (doubling, x8 max)."""
-    return ack_timeout_s * min(2.0 ** max(attempts - 1, 0), 8.0)
 
 
 class ThrottledLog:
@@ -169,16 +163,6 @@ def _printable(text: str, limit: int = _DETAIL_MAX) -> str:
 
 
 @dataclass
-class _Pending:
-    lo: int
-    samples: int
-    sent_at: float | None = None  # monotonic; None: due now
-    attempts: int = 0
-    mid: int | None = None  # set while waiting for the PUBACK
-    pubacked: bool = False  # the broker took one of its sends: an ack for it can be believed
-
-
-@dataclass
 class PublisherStats:
     """Counters for logs and status."""
 
@@ -211,17 +195,17 @@ class Publisher:
         self._client: paho.Client | None = None
         self._lost = False
         self._answered = False  # a CONNACK came on this connection, success or not
-        self._pending: dict[int, _Pending] = {}
-        self._inflight: dict[int, int] = {}  # mid -> batch id
-        self._pubacks: list[int] = []
-        self._acks: list[int] = []
+        self.window = SendWindow(
+            inflight_max=settings.inflight_max,
+            unacked_max=settings.unacked_max,
+            ack_timeout_s=settings.ack_timeout_s,
+        )
         self._letters: list[DeadLetter] = []
         self._letters_since: float | None = None
         self._letters_bytes = 0
         self._letters_dropped = 0
         self._ignored: dict[str, int] = {}  # reason -> batch ids not believed, not yet counted
-        self._rng = random.Random()
-        self._attempt = 0
+        self._failures = 0  # connection attempts failed in a row
         self._next_try = 0.0
         self._log_bad_ack = ThrottledLog(log, logging.WARNING, "bad ack dead-lettered")
         self._log_ignored = ThrottledLog(
@@ -286,16 +270,9 @@ class Publisher:
         if reason.is_failure:
             # The broker did not take it (ACL, quota): send it again after the ack timeout.
             self._log_publish_refused(reason=str(reason))
-            batch_id = self._inflight.pop(mid, None)
-            pending = None if batch_id is None else self._pending.get(batch_id)
-            if pending is not None:
-                pending.mid = None
+            self.window.refused(mid)
             return
-        batch_id = self._inflight.get(mid)
-        pending = None if batch_id is None else self._pending.get(batch_id)
-        if pending is not None:
-            pending.pubacked = True  # at once: an ack later in this same loop() may name it
-        self._pubacks.append(mid)
+        self.window.puback(mid)
 
     def _on_message(self, _c: paho.Client, _u: Any, message: paho.MQTTMessage) -> None:
         payload = b""
@@ -320,23 +297,13 @@ class Publisher:
         if ack.vin != self.vin:
             self._reject(topic, "vin_mismatch", f"ack for {ack.vin} on {topic}", payload)
             return
-        unknown: list[int] = []
-        unconfirmed: list[int] = []
-        for batch_id in ack.batches:
-            pending = self._pending.get(batch_id)
-            if pending is not None and pending.pubacked:
-                self._acks.append(batch_id)
-            elif pending is not None:
-                unconfirmed.append(batch_id)
-            elif batch_id >= self.spool.next_batch:
-                unknown.append(batch_id)
-            # Otherwise already durable (or evicted): a repeated ack after a resend, harmless.
-        if unconfirmed:
-            self._ignore("not_pubacked", unconfirmed)
-        if unknown:
-            self._ignore("unknown_batch", unknown)
+        verdict = self.window.ack(ack.batches, self.spool.next_batch)
+        if verdict.not_pubacked:
+            self._ignore("not_pubacked", verdict.not_pubacked)
+        if verdict.unknown:
+            self._ignore("unknown_batch", verdict.unknown)
             # Never a batch of ours: whoever sent it is not the consumer. Keep it for an operator.
-            detail = f"batch ids never created: {unknown[:10]}"
+            detail = f"batch ids never created: {verdict.unknown[:10]}"
             self._reject(topic, "unknown_batch", detail, payload)
 
     def _ignore(self, reason: str, batch_ids: list[int]) -> None:
@@ -409,21 +376,16 @@ class Publisher:
         self._client = None
         self.connected = False
         # Whatever waited for a PUBACK goes back to the queue: sent again, after live data.
-        for batch_id in self._inflight.values():
-            pending = self._pending.get(batch_id)
-            if pending is not None:
-                pending.mid, pending.sent_at = None, None
-        self._inflight.clear()
-        self._pubacks.clear()
+        self.window.lost()
 
     # --- the loop ---
 
     def run(self) -> None:
         """Connect, publish and reconnect until stopped; then flush within the shutdown timeout."""
         for batch_id, lo, n, state in self.spool.pending_batches_info():
-            self._pending[batch_id] = _Pending(lo=lo, samples=n, pubacked=state >= PUBLISHED)
-        if self._pending:
-            log.info("resuming unacked batches", extra=kv(batches=len(self._pending)))
+            self.window.resume(batch_id, lo, n, pubacked=state >= PUBLISHED)
+        if self.window.unacked:
+            log.info("resuming unacked batches", extra=kv(batches=self.window.unacked))
         deadline: float | None = None
         while True:
             now = time.monotonic()
@@ -465,7 +427,7 @@ class Publisher:
         """One pass: let paho read and write, then record what came back and fill the window."""
         assert self._client is not None
         try:
-            rc = self._client.loop(timeout=0.02 if self._inflight else 0.1)
+            rc = self._client.loop(timeout=0.02 if self.window.inflight else 0.1)
         except Exception as exc:  # noqa: BLE001 - paho itself failing: reconnect, never stop
             self._log_loop(exc, error=_printable(f"{type(exc).__name__}: {exc}"))
             rc = paho.MQTT_ERR_UNKNOWN
@@ -483,7 +445,7 @@ class Publisher:
             return
         if not self.connected:
             return
-        self._attempt = 0
+        self._failures = 0
         try:
             self._apply()
             self._fill(final=final)
@@ -496,16 +458,18 @@ class Publisher:
 
     def _backoff(self, now: float) -> float:
         """Schedule the next connection attempt; returns the delay."""
+        self._failures += 1
         delay = backoff_delay(
-            self._attempt, self.settings.reconnect_min_s, self.settings.reconnect_max_s, self._rng
+            self._failures,
+            initial=self.settings.reconnect_min_s,
+            maximum=self.settings.reconnect_max_s,
         )
-        self._attempt += 1
         self._next_try = now + delay
         return delay
 
     def _flushed(self) -> bool:
         # Done when everything is PUBACKed and acked end to end; what is not stays in the spool.
-        return not self._inflight and not self._pending and self.spool.unbatched() == 0
+        return self.window.empty and self.spool.unbatched() == 0
 
     def _apply(self) -> None:
         """Record PUBACKs, end-to-end acks and refused acks in the spool, a transaction each.
@@ -513,23 +477,12 @@ class Publisher:
         The spool is written before memory forgets: if a write fails, nothing is lost, the batch
         is just sent again.
         """
-        for batch_id in self.spool.take_dropped():
-            self._pending.pop(batch_id, None)
-        if self._pubacks:
-            mids = [mid for mid in self._pubacks if mid in self._inflight]
-            self._pubacks.clear()
-            self.spool.mark([self._inflight[mid] for mid in mids], PUBLISHED)
-            for mid in mids:
-                pending = self._pending.get(self._inflight.pop(mid))
-                if pending is not None:
-                    pending.mid = None
-        if self._acks:
-            ids = [i for i in dict.fromkeys(self._acks) if i in self._pending]
-            self._acks.clear()
-            self.spool.mark(ids, DURABLE)
-            for batch_id in ids:
-                del self._pending[batch_id]
-            self.stats.acked += len(ids)
+        window = self.window
+        window.forget(self.spool.take_dropped())
+        self.spool.mark(window.unrecorded_pubacks(), PUBLISHED)
+        window.pubacks_recorded()
+        self.spool.mark(window.unrecorded_acks(), DURABLE)
+        self.stats.acked += window.acks_recorded()
         if self._ignored:
             ignored, self._ignored = self._ignored, {}
             for reason, count in ignored.items():
@@ -552,52 +505,30 @@ class Publisher:
             # Dead letters are evidence, not data: under disk trouble they may go, counted.
             self._log_spool(error=str(exc), dead_letters_lost=len(letters) + dropped)
 
-    def _send(self, batch: SpoolBatch, payload: bytes | None = None) -> None:
+    def _send(self, batch: SpoolBatch, now: float) -> None:
         assert self._client is not None
-        data = encode_batch(self.vin, batch) if payload is None else payload
-        info = self._client.publish(self.topic, data, qos=1)
-        pending = self._pending.setdefault(batch.id, _Pending(lo=batch.lo, samples=len(batch.rows)))
-        if pending.attempts:
+        info = self._client.publish(self.topic, encode_batch(self.vin, batch), qos=1)
+        if self.window.sent(batch.id, batch.lo, len(batch.rows), info.mid, now):
             self.stats.resent += 1
-        pending.attempts += 1
-        pending.sent_at = time.monotonic()
-        pending.mid = info.mid
-        self._inflight[info.mid] = batch.id
         self.stats.batches += 1
         self.stats.samples += len(batch.rows)
 
     def _fill(self, *, final: bool = False) -> None:
-        s = self.settings
-        if len(self._inflight) >= s.inflight_max:
-            return
-        # Live first: one batch of the newest samples per round, ahead of any backlog.
-        if len(self._pending) < s.unacked_max or final:
+        """Send what the window allows: the live tail, then due resends and backlog by age."""
+        s, window = self.settings, self.window
+        now = time.monotonic()
+        if window.may_send_live(final=final):
             live = self.spool.take_live(s.batch_max_samples, 0.0 if final else s.batch_max_age_s)
             if live is not None:
-                self._send(live)
-        now = time.monotonic()
-        due = sorted(
-            (p.lo, batch_id)
-            for batch_id, p in self._pending.items()
-            if p.mid is None
-            and (
-                p.sent_at is None or now - p.sent_at >= resend_timeout(s.ack_timeout_s, p.attempts)
-            )
-        )
-        i = 0
-        while len(self._inflight) < s.inflight_max:
-            backlog = self.spool.backlog_start()
-            if i < len(due) and (backlog is None or due[i][0] < backlog):
-                batch = self.spool.load_batch(due[i][1])
-                if batch is None:  # evicted under the size cap
-                    self._pending.pop(due[i][1], None)
-                else:
-                    self._send(batch)
-                i += 1
-            elif backlog is not None and len(self._pending) < s.unacked_max:
+                self._send(live, now)
+        while (step := window.next_send(now, self.spool.backlog_start())) is not None:
+            if step == BACKLOG:
                 batch = self.spool.take_backlog(s.batch_max_samples)
                 if batch is None:
                     break
-                self._send(batch)
             else:
-                break
+                batch = self.spool.load_batch(step)
+                if batch is None:  # evicted under the size cap
+                    window.forget([step])
+                    continue
+            self._send(batch, now)

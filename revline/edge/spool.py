@@ -19,13 +19,15 @@ Layout, chosen for <= 100 bytes per sample on disk:
   :data:`DEAD_LETTER_MAX_ROWS` rows and :data:`DEAD_LETTER_MAX_BYTES` of payload; the older ones
   are counted in ``meta.rejected_evicted``. Read them with :func:`edge.status.read_dead_letters`.
 
+Only this module reads or writes these tables: :class:`Spool` for the service,
+:class:`SpoolReader` (read-only) for ``revline edge status`` and tests.
+
 Size cap: durable batches are evicted first (oldest first); only then the oldest unsent rows, as
 a last resort, counted in ``meta.evicted_unsent`` and logged.
 """
 
 from __future__ import annotations
 
-import bisect
 import logging
 import sqlite3
 import threading
@@ -39,6 +41,7 @@ from typing import Any, Final, Self
 import msgspec
 
 from revline.contract import FLAG_CLOCK_UNSYNCED, NUMERIC_FIELDS, SCHEMA_VERSION, Batch, Sample
+from revline.edge.index import SpoolIndex
 from revline.logs import kv
 
 __all__ = [
@@ -51,6 +54,7 @@ __all__ = [
     "DeadLetter",
     "Spool",
     "SpoolBatch",
+    "SpoolReader",
     "SpoolRow",
     "encode_batch",
     "pack_values",
@@ -204,11 +208,8 @@ class Spool:
         self.boot_id = boot_id
         self._lock = threading.Lock()
         self._db: sqlite3.Connection | None = None
-        self.next_seq = 0
         self.next_batch = 0
-        self._gaps: list[list[int]] = []  # unbatched seq ranges, sorted, disjoint
-        self._hold_from: int | None = None  # first row of this boot waiting for a trusted clock
-        self._tail_since: float | None = None
+        self._index = SpoolIndex()
         self._rows = 0
         self._boot_key = 0
         self.dropped_batches: set[int] = set()
@@ -250,6 +251,11 @@ class Spool:
                 self._db = None
 
     @property
+    def next_seq(self) -> int:
+        """The seq the next written sample gets."""
+        return self._index.next_seq
+
+    @property
     def db(self) -> sqlite3.Connection:
         """The open connection; a bug to use it outside the context manager."""
         if self._db is None:
@@ -273,7 +279,7 @@ class Spool:
             ).fetchone()
             max_seq, self._rows = db.execute("SELECT max(seq), count(*) FROM samples").fetchone()
             (max_batch,) = db.execute("SELECT max(id) FROM batches").fetchone()
-            self.next_seq = max(int(self._meta("next_seq")), (max_seq or -1) + 1)
+            next_seq = max(int(self._meta("next_seq")), (max_seq or -1) + 1)
             self.next_batch = max(int(self._meta("next_batch")), (max_batch or -1) + 1)
             # Rows of an earlier boot that never got a trusted clock: their monotonic time is
             # meaningless now. Give them a best-effort ts (never before the last trusted one) and
@@ -289,7 +295,7 @@ class Spool:
                     "samples from an earlier boot never got a trusted clock; sent flagged",
                     extra=kv(samples=cursor.rowcount),
                 )
-            (self._hold_from,) = db.execute(
+            (hold_from,) = db.execute(
                 "SELECT min(seq) FROM samples WHERE boot = ? AND mono IS NOT NULL",
                 (self._boot_key,),
             ).fetchone()
@@ -299,8 +305,13 @@ class Spool:
             raise
         (min_seq,) = db.execute("SELECT min(seq) FROM samples").fetchone()
         ranges = db.execute("SELECT lo, hi FROM batches ORDER BY lo").fetchall()
-        self._gaps = _uncovered(min_seq, self.next_seq - 1, ranges) if min_seq is not None else []
-        self._tail_since = time.monotonic() if self._gaps else None
+        self._index = SpoolIndex.rebuild(
+            first_seq=min_seq,
+            next_seq=next_seq,
+            batches=ranges,
+            hold_from=hold_from,
+            now=time.monotonic(),
+        )
 
     # --- writing (sampler) ---
 
@@ -328,17 +339,9 @@ class Spool:
             except BaseException:
                 db.execute("ROLLBACK")
                 raise
-            self.next_seq = last + 1
             self._rows += len(rows)
-            if self._hold_from is None and any(mono is not None for _, _, mono in rows):
-                self._hold_from = next(
-                    first + i for i, (_, _, mono) in enumerate(rows) if mono is not None
-                )
-            if self._gaps and self._gaps[-1][1] == first - 1:
-                self._gaps[-1][1] = last
-            else:
-                self._gaps.append([first, last])
-                self._tail_since = time.monotonic()
+            held = next((first + i for i, row in enumerate(rows) if row[2] is not None), None)
+            self._index.written(first, len(rows), held=held, now=time.monotonic())
         if self.max_bytes is not None:
             self.enforce_cap()
         return first
@@ -358,15 +361,10 @@ class Spool:
             except BaseException:
                 db.execute("ROLLBACK")
                 raise
-            self._hold_from = None
+            self._index.clock_fixed()
             return cursor.rowcount
 
     # --- batching (publisher) ---
-
-    def _batchable(self, lo: int, hi: int) -> tuple[int, int] | None:
-        if self._hold_from is not None:
-            hi = min(hi, self._hold_from - 1)
-        return (lo, hi) if lo <= hi else None
 
     def _create(self, rows: list[tuple[int, int, bytes, int | None]]) -> SpoolBatch:
         batch = SpoolBatch(id=self.next_batch, rows=rows)
@@ -383,7 +381,6 @@ class Spool:
             db.execute("ROLLBACK")
             raise
         self.next_batch += 1
-        _remove_range(self._gaps, batch.lo, batch.hi)
         return batch
 
     def _select(self, lo: int, hi: int, limit: int, *, newest: bool) -> list[Any]:
@@ -397,53 +394,37 @@ class Spool:
             rows.reverse()
         return rows
 
-    def _tail(self) -> list[int] | None:
-        if self._gaps and self._gaps[-1][1] == self.next_seq - 1:
-            return self._gaps[-1]
-        return None
-
     def take_live(self, max_samples: int, max_age_s: float) -> SpoolBatch | None:
         """The newest unbatched samples as a new batch, once there are enough or they are old."""
         with self._lock:
-            tail = self._tail()
-            if tail is None:
-                return None
-            span = self._batchable(tail[0], tail[1])
+            now = time.monotonic()
+            span = self._index.live(max_samples, max_age_s, now)
             if span is None:
                 return None
-            lo, hi = span
-            waited = time.monotonic() - (self._tail_since or 0.0)
-            if hi - lo + 1 < max_samples and waited < max_age_s:
-                return None
-            rows = self._select(lo, hi, max_samples, newest=True)
+            rows = self._select(span[0], span[1], max_samples, newest=True)
             if not rows:
-                _remove_range(self._gaps, lo, hi)
+                self._index.gone(*span)
                 return None
-            self._tail_since = time.monotonic()
-            return self._create(rows)
+            batch = self._create(rows)
+            self._index.took_live(batch.lo, batch.hi, now)
+            return batch
 
     def take_backlog(self, max_samples: int) -> SpoolBatch | None:
         """The oldest unbatched samples (not the live tail) as a new batch."""
         with self._lock:
-            while self._gaps:
-                gap = self._gaps[0]
-                if gap is self._tail():
-                    return None
-                span = self._batchable(gap[0], gap[1])
-                if span is None:
-                    return None
+            while (span := self._index.backlog()) is not None:
                 rows = self._select(span[0], span[1], max_samples, newest=False)
                 if rows:
-                    return self._create(rows)
-                _remove_range(self._gaps, span[0], span[1])  # evicted: nothing left there
+                    batch = self._create(rows)
+                    self._index.took_backlog(batch.lo, batch.hi)
+                    return batch
+                self._index.gone(*span)  # evicted: nothing left there
             return None
 
     def backlog_start(self) -> int | None:
         """The oldest unbatched seq outside the live tail (for ordering against resends)."""
         with self._lock:
-            if self._gaps and self._gaps[0] is not self._tail():
-                return self._gaps[0][0]
-            return None
+            return self._index.backlog_start()
 
     def load_batch(self, batch_id: int) -> SpoolBatch | None:
         """A stored batch with its rows, to resend it; None if evicted."""
@@ -635,13 +616,13 @@ class Spool:
                 hi = seq + (target - removed) - 1
                 if nxt is not None:
                     hi = min(hi, nxt - 1)
-                _remove_range(self._gaps, lo, hi)
-                if self._hold_from is not None and self._hold_from <= hi:
-                    (self._hold_from,) = db.execute(
+                if self._index.evicted(lo, hi):
+                    (hold_from,) = db.execute(
                         "SELECT min(seq) FROM samples WHERE boot = ? AND mono IS NOT NULL "
                         "AND seq > ?",
                         (self._boot_key, hi),
                     ).fetchone()
+                    self._index.hold(hold_from)
             removed += _delete_rows(db, lo, hi)
         self._set_meta("evicted_unsent", int(self._meta("evicted_unsent")) + removed)
         return removed
@@ -649,7 +630,141 @@ class Spool:
     def unbatched(self) -> int:
         """Samples not yet in any batch (upper bound: evicted holes count)."""
         with self._lock:
-            return sum(hi - lo + 1 for lo, hi in self._gaps)
+            return self._index.unbatched
+
+
+class SpoolReader:
+    """A read-only look at a spool file, safe while the service writes it (SQLite read-only URI).
+
+    What ``revline edge status`` and the tests need to know about a spool; no module but this
+    one reads its tables. A context manager; :class:`FileNotFoundError` if there is no file.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._db: sqlite3.Connection | None = None
+
+    def __enter__(self) -> Self:
+        if not self.path.exists():
+            raise FileNotFoundError(f"no spool at {self.path}")
+        self._db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True)
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the connection; idempotent."""
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+    @property
+    def db(self) -> sqlite3.Connection:
+        """The read-only connection; a bug to use it outside the context manager."""
+        if self._db is None:
+            raise RuntimeError("spool reader is not open")
+        return self._db
+
+    def _one(self, sql: str, *args: object) -> Any:
+        return self.db.execute(sql, args).fetchone()[0]
+
+    def _counter(self, key: str) -> int:
+        row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return 0 if row is None else int(row[0])
+
+    def meta(self) -> dict[str, Any]:
+        """The status values (counters, last ack, clock state...) by key."""
+        return dict(self.db.execute("SELECT key, value FROM meta").fetchall())
+
+    def sample_count(self) -> int:
+        """Samples in the spool now (evicted ones gone)."""
+        return int(self._one("SELECT count(*) FROM samples"))
+
+    def next_seq(self) -> int:
+        """The seq the next sample will get: how many were ever spooled."""
+        newest = self._one("SELECT max(seq) FROM samples")
+        return max(self._counter("next_seq"), 0 if newest is None else newest + 1)
+
+    def samples(self) -> dict[int, Sample]:
+        """Every sample in the spool by seq, as the contract sample it is sent as."""
+        rows = self.db.execute("SELECT seq, ts, data, boot FROM samples ORDER BY seq")
+        return {
+            seq: row_to_sample(seq, ts, data, flagged=boot is not None)
+            for seq, ts, data, boot in rows
+        }
+
+    def batch_states(self) -> dict[int, int]:
+        """Every batch's state (:data:`CREATED`, :data:`PUBLISHED`, :data:`DURABLE`) by id."""
+        return dict(self.db.execute("SELECT id, state FROM batches ORDER BY id").fetchall())
+
+    def next_batch(self) -> int:
+        """The id the next batch will get."""
+        newest = self._one("SELECT max(id) FROM batches")
+        return max(self._counter("next_batch"), 0 if newest is None else newest + 1)
+
+    def open_batches(self) -> int:
+        """Batches not yet durable."""
+        return int(self._one("SELECT count(*) FROM batches WHERE state < ?", DURABLE))
+
+    def samples_by_state(self) -> dict[int, int]:
+        """Samples in batches, by batch state; unbatched samples are in none."""
+        rows = self.db.execute("SELECT state, coalesce(sum(n), 0) FROM batches GROUP BY state")
+        return {int(state): int(n) for state, n in rows}
+
+    def oldest_unsent_ts(self) -> int | None:
+        """The timestamp (µs) of the oldest sample no PUBACKed batch covers; None if none."""
+        cursor = self._one("SELECT min(seq) FROM samples")
+        if cursor is None:
+            return None
+        for lo, hi in self.db.execute(
+            "SELECT lo, hi FROM batches WHERE state >= ? ORDER BY lo", (PUBLISHED,)
+        ):
+            if lo > cursor:
+                break
+            cursor = max(cursor, hi + 1)
+        row = self.db.execute(
+            "SELECT ts FROM samples WHERE seq >= ? ORDER BY seq LIMIT 1", (cursor,)
+        ).fetchone()
+        return None if row is None else int(row[0])
+
+    def published_since(self, wall: float) -> int:
+        """Samples of batches first PUBACKed at or after ``wall`` (seconds since the epoch)."""
+        return int(self._one("SELECT coalesce(sum(n), 0) FROM batches WHERE sent_at >= ?", wall))
+
+    def dead_letters_kept(self) -> int:
+        """Dead letters kept with their raw bytes."""
+        try:
+            return int(self._one("SELECT count(*) FROM rejected"))
+        except sqlite3.OperationalError:  # a spool made before dead letters existed
+            return 0
+
+    def dead_letters(self, limit: int = DEAD_LETTER_MAX_ROWS) -> list[DeadLetter]:
+        """The dead letters kept, newest first."""
+        try:
+            rows = self.db.execute(
+                "SELECT received_at, topic, reason, detail, payload, size FROM rejected "
+                "ORDER BY id DESC LIMIT ?",
+                (limit,),
+            ).fetchall()
+        except sqlite3.OperationalError:  # a spool made before dead letters existed
+            return []
+        return [
+            DeadLetter(
+                received_at=float(at),
+                topic=str(topic),
+                reason=str(reason),
+                detail=str(detail),
+                payload=bytes(payload),
+                size=int(size),
+            )
+            for at, topic, reason, detail, payload, size in rows
+        ]
 
 
 def _trim_dead_letters(db: sqlite3.Connection, max_rows: int, max_bytes: int) -> int:
@@ -671,31 +786,3 @@ def _trim_dead_letters(db: sqlite3.Connection, max_rows: int, max_bytes: int) ->
 
 def _delete_rows(db: sqlite3.Connection, lo: int, hi: int) -> int:
     return db.execute("DELETE FROM samples WHERE seq BETWEEN ? AND ?", (lo, hi)).rowcount
-
-
-def _uncovered(lo: int, hi: int, ranges: Sequence[tuple[int, int]]) -> list[list[int]]:
-    """Parts of ``[lo, hi]`` not covered by the sorted ``ranges``."""
-    gaps: list[list[int]] = []
-    cursor = lo
-    for r_lo, r_hi in ranges:
-        if r_lo > cursor:
-            gaps.append([cursor, min(r_lo - 1, hi)])
-        cursor = max(cursor, r_hi + 1)
-    if cursor <= hi:
-        gaps.append([cursor, hi])
-    return [g for g in gaps if g[0] <= g[1]]
-
-
-def _remove_range(gaps: list[list[int]], lo: int, hi: int) -> None:
-    """Take ``[lo, hi]`` out of the sorted disjoint ``gaps``, splitting one if needed."""
-    i = max(bisect.bisect_right([g[0] for g in gaps], lo) - 1, 0)
-    out: list[list[int]] = gaps[:i]
-    for g_lo, g_hi in gaps[i:]:
-        if g_hi < lo or g_lo > hi:
-            out.append([g_lo, g_hi])
-            continue
-        if g_lo < lo:
-            out.append([g_lo, lo - 1])
-        if g_hi > hi:
-            out.append([hi + 1, g_hi])
-    gaps[:] = out

@@ -1,14 +1,16 @@
-"""``revline edge status``: what the spool says, read-only, safe while the service runs."""
+"""``revline edge status``: what the spool says, read-only, safe while the service runs.
+
+The spool's tables are read by :class:`revline.edge.spool.SpoolReader`; this module turns what
+it says into a snapshot for people and scripts.
+"""
 
 from __future__ import annotations
 
-import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from revline.edge.spool import DURABLE, PUBLISHED, DeadLetter
+from revline.edge.spool import DURABLE, PUBLISHED, DeadLetter, SpoolReader
 
 __all__ = ["SpoolStatus", "format_status", "read_dead_letters", "read_status"]
 
@@ -41,110 +43,49 @@ class SpoolStatus:
     last_ignored_reason: str | None = None
 
 
-def _meta(db: sqlite3.Connection) -> dict[str, Any]:
-    return dict(db.execute("SELECT key, value FROM meta").fetchall())
-
-
-def _open_ro(path: str | Path) -> sqlite3.Connection:
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"no spool at {path}")
-    return sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-
-
-def _kept_dead_letters(db: sqlite3.Connection) -> int:
-    try:
-        (count,) = db.execute("SELECT count(*) FROM rejected").fetchone()
-    except sqlite3.OperationalError:  # a spool made before dead letters existed
-        return 0
-    return int(count)
-
-
 def read_dead_letters(path: str | Path, *, limit: int = 1000) -> list[DeadLetter]:
     """The dead letters a spool keeps, newest first; read-only, safe while the service runs."""
-    db = _open_ro(path)
-    try:
-        rows = db.execute(
-            "SELECT received_at, topic, reason, detail, payload, size FROM rejected "
-            "ORDER BY id DESC LIMIT ?",
-            (limit,),
-        ).fetchall()
-    except sqlite3.OperationalError:  # a spool made before dead letters existed
-        return []
-    finally:
-        db.close()
-    return [
-        DeadLetter(
-            received_at=float(at),
-            topic=str(topic),
-            reason=str(reason),
-            detail=str(detail),
-            payload=bytes(payload),
-            size=int(size),
-        )
-        for at, topic, reason, detail, payload, size in rows
-    ]
+    with SpoolReader(path) as spool:
+        return spool.dead_letters(limit)
 
 
 def read_status(path: str | Path, *, now: float | None = None) -> SpoolStatus:
     """Read the spool without writing to it (SQLite read-only URI)."""
     path = Path(path)
     now = time.time() if now is None else now
-    db = _open_ro(path)
-    try:
-        meta = _meta(db)
-        (samples,) = db.execute("SELECT count(*) FROM samples").fetchone()
-        counts = dict(
-            db.execute("SELECT state, coalesce(sum(n), 0) FROM batches GROUP BY state").fetchall()
-        )
-        published = int(counts.get(PUBLISHED, 0))
-        durable = int(counts.get(DURABLE, 0))
-        # The oldest sample not covered by a PUBACKed batch: walk covered ranges in seq order.
-        (cursor,) = db.execute("SELECT min(seq) FROM samples").fetchone()
-        oldest_ts: int | None = None
-        if cursor is not None:
-            for lo, hi in db.execute(
-                "SELECT lo, hi FROM batches WHERE state >= ? ORDER BY lo", (PUBLISHED,)
-            ):
-                if lo > cursor:
-                    break
-                cursor = max(cursor, hi + 1)
-            row = db.execute(
-                "SELECT ts, mono FROM samples WHERE seq >= ? ORDER BY seq LIMIT 1", (cursor,)
-            ).fetchone()
-            if row is not None:
-                oldest_ts = row[0]
-        (recent,) = db.execute(
-            "SELECT coalesce(sum(n), 0) FROM batches WHERE sent_at >= ?", (now - 60,)
-        ).fetchone()
-        last_ack = meta.get("last_ack_wall")
-        last_rejected = meta.get("last_rejected_wall")
-        size = sum(p.stat().st_size for p in path.parent.glob(path.name + "*") if p.is_file())
-        return SpoolStatus(
-            path=str(path),
-            size_bytes=size,
-            samples=samples,
-            unsent=samples - published - durable,
-            published=published,
-            durable=durable,
-            oldest_unsent_age_s=None if oldest_ts is None else max(now - oldest_ts / 1e6, 0.0),
-            last_ack_age_s=None if last_ack is None else max(now - float(last_ack), 0.0),
-            published_last_minute=int(recent),
-            evicted_unsent=int(meta.get("evicted_unsent", 0)),
-            evicted_durable=int(meta.get("evicted_durable", 0)),
-            next_seq=int(meta.get("next_seq", 0)),
-            clock=str(meta.get("clock", "unknown")),
-            rejected=int(meta.get("rejected", 0)),
-            rejected_kept=_kept_dead_letters(db),
-            last_rejected_reason=meta.get("last_rejected_reason"),
-            last_rejected_age_s=None
-            if last_rejected is None
-            else max(now - float(last_rejected), 0.0),
-            acks_ignored=int(meta.get("acks_ignored", 0)),
-            last_ignored_reason=meta.get("last_ignored_reason"),
-        )
-    finally:
-        db.close()
+    with SpoolReader(path) as spool:
+        meta = spool.meta()
+        samples = spool.sample_count()
+        by_state = spool.samples_by_state()
+        oldest_ts = spool.oldest_unsent_ts()
+        recent = spool.published_since(now - 60)
+        kept = spool.dead_letters_kept()
+    published = by_state.get(PUBLISHED, 0)
+    durable = by_state.get(DURABLE, 0)
+    last_ack = meta.get("last_ack_wall")
+    last_rejected = meta.get("last_rejected_wall")
+    size = sum(p.stat().st_size for p in path.parent.glob(path.name + "*") if p.is_file())
+    return SpoolStatus(
+        path=str(path),
+        size_bytes=size,
+        samples=samples,
+        unsent=samples - published - durable,
+        published=published,
+        durable=durable,
+        oldest_unsent_age_s=None if oldest_ts is None else max(now - oldest_ts / 1e6, 0.0),
+        last_ack_age_s=None if last_ack is None else max(now - float(last_ack), 0.0),
+        published_last_minute=recent,
+        evicted_unsent=int(meta.get("evicted_unsent", 0)),
+        evicted_durable=int(meta.get("evicted_durable", 0)),
+        next_seq=int(meta.get("next_seq", 0)),
+        clock=str(meta.get("clock", "unknown")),
+        rejected=int(meta.get("rejected", 0)),
+        rejected_kept=kept,
+        last_rejected_reason=meta.get("last_rejected_reason"),
+        last_rejected_age_s=None if last_rejected is None else max(now - float(last_rejected), 0.0),
+        acks_ignored=int(meta.get("acks_ignored", 0)),
+        last_ignored_reason=meta.get("last_ignored_reason"),
+    )
 
 
 def _age(seconds: float | None) -> str:

@@ -19,7 +19,7 @@ PACKAGE = ROOT / "revline"
 
 CORE = frozenset(
     {"revline", "revline.fields", "revline.contract", "revline.settings", "revline.mqtt"}
-    | {"revline.logs", "revline.cli"}
+    | {"revline.logs", "revline.cli", "revline.backoff"}
 )
 PARTS = ("edge", "consumer", "storage", "tools", "bench")
 

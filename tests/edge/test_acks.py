@@ -23,7 +23,7 @@ import pytest
 from revline.contract import Ack, ack_topic, encode, encode_json
 from revline.edge.config import EdgeSettings
 from revline.edge.publisher import Publisher
-from revline.edge.spool import DURABLE, Spool, pack_values
+from revline.edge.spool import CREATED, DURABLE, Spool, SpoolReader, pack_values
 from revline.edge.status import format_status, read_dead_letters, read_status
 from revline.mqtt import make_client, parse_mqtt_url
 from tests.fixtures.consumer import cold_counts, consumer_process, migrate
@@ -31,7 +31,7 @@ from tests.fixtures.edge import (
     holding_proxy,
     running_acker,
     running_edge,
-    spool_query,
+    spool_read,
     wait_for,
 )
 
@@ -133,7 +133,7 @@ def test_poison_acks_are_dead_lettered_and_the_edge_keeps_publishing(
                 wait_for(lambda: len(acker.seqs()) >= again + 200, 60, "samples after restart")
         finally:
             send(bad, topic, b"", retain=True)  # clear it for the session broker's other tests
-        total = int(spool_query(path, "SELECT count(*) FROM samples")[0][0])
+        total = spool_read(path, SpoolReader.sample_count)
         wait_for(lambda: len(set(acker.seqs())) >= total, 30, "every sample")
     assert sorted(set(acker.seqs())) == list(range(total))
     status = read_status(path)
@@ -159,14 +159,13 @@ def test_poison_acks_are_dead_lettered_and_the_edge_keeps_publishing(
 
 
 def held_batches(path: str) -> list[int]:
-    return [int(r[0]) for r in spool_query(path, "SELECT id FROM batches WHERE state = 0")]
+    states = spool_read(path, SpoolReader.batch_states)
+    return [batch_id for batch_id, state in states.items() if state == CREATED]
 
 
 def durable_ids(path: str, ids: list[int]) -> list[int]:
-    marks = ",".join("?" * len(ids))
-    sql = f"SELECT id FROM batches WHERE state = ? AND id IN ({marks})"
-    rows = spool_query(path, sql, DURABLE, *ids)
-    return [int(r[0]) for r in rows]
+    states = spool_read(path, SpoolReader.batch_states)
+    return [batch_id for batch_id in ids if states.get(batch_id) == DURABLE]
 
 
 def test_forged_ack_before_the_puback_marks_nothing_durable(
@@ -190,7 +189,7 @@ def test_forged_ack_before_the_puback_marks_nothing_durable(
             wait_for(lambda: len(held_batches(path)) >= 3, 30, "batches sent, not PUBACKed")
             time.sleep(0.5)  # any PUBACK of a batch sent before the hold has come back by now
             held = held_batches(path)
-            (next_id,) = spool_query(path, "SELECT max(id) + 1 FROM batches")[0]
+            next_id = spool_read(path, SpoolReader.next_batch)
             forged = [*held, *range(next_id, next_id + 6)]
             send(bad, ack_topic(unique_vin), encode(Ack(v=1, vin=unique_vin, batches=forged)))
             wait_for(
@@ -204,10 +203,10 @@ def test_forged_ack_before_the_puback_marks_nothing_durable(
             assert read_status(path).acks_ignored == len(forged)
             proxy.release()
             wait_for(lambda: durable_ids(path, held) == held, 60, "the held batches, for real")
-        (total,) = spool_query(path, "SELECT count(*) FROM samples")[0]
+        total = spool_read(path, SpoolReader.sample_count)
         wait_for(lambda: cold_counts(database_url, unique_vin)[0] >= total, 60, "every sample")
         assert cold_counts(database_url, unique_vin) == (total, total)
-    (open_,) = spool_query(path, "SELECT count(*) FROM batches WHERE state < 2")[0]
+    open_ = spool_read(path, SpoolReader.open_batches)
     assert open_ == 0
 
 

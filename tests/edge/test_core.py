@@ -21,6 +21,7 @@ from revline.edge.spool import (
     PUBLISHED,
     Spool,
     SpoolBatch,
+    SpoolReader,
     encode_batch,
     pack_values,
     row_to_sample,
@@ -222,19 +223,18 @@ def test_eviction_takes_durable_rows_first_then_oldest_unsent(tmp_path: Path) ->
         evicted_durable, evicted_unsent = spool.enforce_cap()
         assert evicted_durable > 0
         assert evicted_unsent == 0
-        left = {r[0] for r in spool.db.execute("SELECT seq FROM samples")}
+        with SpoolReader(path) as reader:
+            left = set(reader.samples())
         assert set(range(2000, 4000)) <= left  # unsent rows untouched
         # A cap far below: durable rows are gone, so the oldest unsent rows go, and are counted.
         spool.max_bytes = int(spool.used_bytes() * 0.3)
         evicted_durable, evicted_unsent = spool.enforce_cap()
         assert evicted_unsent > 0
-        remaining = [r[0] for r in spool.db.execute("SELECT seq FROM samples ORDER BY seq")]
+        with SpoolReader(path) as reader:
+            remaining = sorted(reader.samples())
         assert remaining == list(range(remaining[0], 4000))
         assert remaining[0] > 2000
-        (counted,) = spool.db.execute(
-            "SELECT value FROM meta WHERE key = 'evicted_unsent'"
-        ).fetchone()
-        assert counted == evicted_unsent
+        assert read_status(path).evicted_unsent == evicted_unsent
         # What is left still batches cleanly, starting after the evicted rows.
         batch = spool.take_backlog(500)
         assert batch is not None

@@ -5,8 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from revline.edge.config import EdgeSettings
+from revline.edge.spool import DURABLE, SpoolReader
 from tests.fixtures.consumer import cold_counts, consumer_process, migrate
-from tests.fixtures.edge import running_edge, spool_query, wait_for
+from tests.fixtures.edge import running_edge, spool_read, wait_for
 
 
 def test_simulated_drive_reaches_the_cold_table_exactly_once(
@@ -31,11 +32,11 @@ def test_simulated_drive_reaches_the_cold_table_exactly_once(
         consumer.start()
         with running_edge(settings):
             wait_for(lambda: cold_counts(database_url, unique_vin)[0] >= 1000, 90, "1000 rows")
-        (total,) = spool_query(path, "SELECT count(*) FROM samples")[0]
+        total = spool_read(path, SpoolReader.sample_count)
         wait_for(lambda: cold_counts(database_url, unique_vin)[0] >= total, 60, "every sample")
         assert cold_counts(database_url, unique_vin) == (total, total)
-    (open_,) = spool_query(path, "SELECT count(*) FROM batches WHERE state < 2")[0]
-    (durable,) = spool_query(path, "SELECT coalesce(sum(n), 0) FROM batches WHERE state = 2")[0]
+    open_ = spool_read(path, SpoolReader.open_batches)
+    durable = spool_read(path, SpoolReader.samples_by_state).get(DURABLE, 0)
     # Stopping waits for the end-to-end acks, so the spool knows all of it is in the database.
     assert open_ == 0
     assert durable == total

@@ -19,8 +19,9 @@ from pathlib import Path
 
 import pytest
 
+from revline.edge.spool import SpoolReader
 from tests.fixtures.consumer import cold_counts, consumer_process, migrate
-from tests.fixtures.edge import spool_query, wait_for
+from tests.fixtures.edge import spool_read, wait_for
 from tests.fixtures.services import MosquittoFactory, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -113,18 +114,16 @@ def test_silent_link_loss_loses_nothing_and_resumes(
             time.sleep(max(0.0, 20 - (time.monotonic() - cut_at)))
             # Nothing crossed, but the car kept sampling into its spool.
             assert cold_counts(database_url, unique_vin)[0] == stored_during_cut
-            (spooled,) = spool_query(spool, "SELECT count(*) FROM samples")[0]
+            spooled = spool_read(spool, SpoolReader.sample_count)
             assert spooled >= stored_during_cut + 1_000
             link.restore()
-            wait_for(
-                lambda: cold_counts(database_url, unique_vin)[0] >= spooled, 90, "the backlog"
-            )
+            wait_for(lambda: cold_counts(database_url, unique_vin)[0] >= spooled, 90, "the backlog")
             edge.send_signal(signal.SIGTERM)
             assert edge.wait(timeout=60) == 0
-            (total,) = spool_query(spool, "SELECT count(*) FROM samples")[0]
+            total = spool_read(spool, SpoolReader.sample_count)
             wait_for(lambda: cold_counts(database_url, unique_vin)[0] >= total, 30, "the rest")
             assert cold_counts(database_url, unique_vin) == (total, total)
-            (open_,) = spool_query(spool, "SELECT count(*) FROM batches WHERE state < 2")[0]
+            open_ = spool_read(spool, SpoolReader.open_batches)
             assert open_ == 0
     finally:
         if edge.poll() is None:

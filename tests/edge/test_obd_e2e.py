@@ -12,9 +12,9 @@ from pathlib import Path
 
 from revline.contract import Sample
 from revline.edge.config import ENV_PREFIX, EdgeSettings, load_edge_settings
-from revline.edge.spool import row_to_sample
+from revline.edge.spool import DURABLE, SpoolReader
 from tests.fixtures.consumer import ROOT, cold_counts, consumer_process, migrate, query
-from tests.fixtures.edge import running_acker, spool_query, wait_for
+from tests.fixtures.edge import running_acker, spool_read, wait_for
 from tests.fixtures.edge_sources import emulator_in
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -27,8 +27,7 @@ def _write_config(path: Path, values: dict[str, object]) -> None:
 
 def _spooled(spool: str) -> dict[int, Sample]:
     """Every sample the edge committed to its spool, by seq, as the contract sample."""
-    rows = spool_query(spool, "SELECT seq, ts, data FROM samples")
-    return {seq: row_to_sample(seq, ts, data, flagged=False) for seq, ts, data in rows}
+    return spool_read(spool, SpoolReader.samples)
 
 
 def test_obd_samples_from_an_emulated_car_reach_the_broker_and_the_cold_table(
@@ -112,8 +111,8 @@ def test_obd_samples_from_an_emulated_car_reach_the_broker_and_the_cold_table(
                 unique_vin,
             )
 
-    (open_,) = spool_query(spool, "SELECT count(*) FROM batches WHERE state < 2")[0]
-    (durable,) = spool_query(spool, "SELECT coalesce(sum(n), 0) FROM batches WHERE state = 2")[0]
+    open_ = spool_read(spool, SpoolReader.open_batches)
+    durable = spool_read(spool, SpoolReader.samples_by_state).get(DURABLE, 0)
     assert open_ == 0
     assert durable == len(spooled)
 

@@ -12,8 +12,8 @@ import time
 from pathlib import Path
 
 from revline.edge.config import EdgeSettings
-from revline.edge.spool import DURABLE, PUBLISHED, Spool
-from tests.fixtures.edge import running_acker, running_edge, spool_query, wait_for
+from revline.edge.spool import PUBLISHED, Spool, SpoolReader
+from tests.fixtures.edge import running_acker, running_edge, spool_read, wait_for
 from tests.fixtures.services import MosquittoService
 
 # The issue asks for a 2-minute outage: long enough for paho's reconnect backoff to reach its
@@ -40,26 +40,23 @@ def edge_settings(tmp_path: Path, vin: str, mqtt_url: str, **overrides: object) 
 
 
 def spooled(path: str) -> int:
-    (n,) = spool_query(path, "SELECT coalesce(max(seq), -1) + 1 FROM samples")[0]
-    return int(n)
+    return spool_read(path, SpoolReader.next_seq)
 
 
 def spooled_so_far(path: str) -> int:
     """Like ``spooled`` but 0 while the service is still creating the spool."""
     try:
         return spooled(path)
-    except sqlite3.Error:
+    except (OSError, sqlite3.Error):
         return 0
 
 
 def published(path: str) -> int:
-    (n,) = spool_query(path, "SELECT count(*) FROM batches WHERE state = ?", PUBLISHED)[0]
-    return int(n)
+    return list(spool_read(path, SpoolReader.batch_states).values()).count(PUBLISHED)
 
 
 def all_durable(path: str) -> bool:
-    (open_,) = spool_query(path, "SELECT count(*) FROM batches WHERE state < ?", DURABLE)[0]
-    return int(open_) == 0
+    return spool_read(path, SpoolReader.open_batches) == 0
 
 
 def test_sim_samples_reach_the_broker_once_and_are_acked(
@@ -93,7 +90,7 @@ def test_broker_outage_loses_nothing_and_sends_live_data_first(
             wait_for(lambda: len(acker.seqs()) >= 200, 60, "samples before the outage")
             fresh_mosquitto.stop()
             time.sleep(3)  # the edge has noticed: no batch is created while disconnected
-            (last_id,) = spool_query(path, "SELECT coalesce(max(id), -1) FROM batches")[0]
+            last_id = spool_read(path, SpoolReader.next_batch) - 1
             seq_down = spooled(path) - 1
             time.sleep(OUTAGE_S)
             backlog = spooled(path) - 1 - seq_down
@@ -172,8 +169,8 @@ def test_kill_9_during_heavy_writing_keeps_the_spool_sound(
             child.wait()
     db = sqlite3.connect(path)
     assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
-    seqs = [row[0] for row in db.execute("SELECT seq FROM samples ORDER BY seq")]
     db.close()
+    seqs = sorted(spool_read(path, SpoolReader.samples))
     assert len(seqs) >= committed
     assert seqs == list(range(len(seqs)))  # contiguous: nothing committed went missing
     with Spool(path) as spool:
