@@ -132,6 +132,10 @@ FIELDS: Final[tuple[Field, ...]] = (
         name="gps_speed", unit="km/h", description="GPS speed over ground",
         lo=0, hi=500, device_scale=10, db_digits=1,
     ),
+    Field(
+        name="odometer", unit="km", description="Odometer, total distance travelled",
+        lo=0, hi=2_000_000, device_scale=10, db_digits=1, obd="ODOMETER", obd_unit="km",
+    ),  # PID 01A6, 0.1 km; python-OBD 0.7.3 has no command for it yet: read by a custom one
 )
 """Every typed measurement, in contract order. Append only (see the module docstring)."""
 
