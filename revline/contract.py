@@ -14,11 +14,12 @@ ContractError: nothing else (see "Hostile input" below).
 from __future__ import annotations
 
 import re
-from typing import Annotated, Final, TypeVar
+from typing import TYPE_CHECKING, Annotated, Final, TypeVar
 
 import msgspec
 
 from revline._peek import json_version, msgpack_version
+from revline.fields import FIELDS, Field
 
 __all__ = [
     "ACK_PREFIX",
@@ -73,83 +74,82 @@ FLAG_CLOCK_UNSYNCED: Final = 1
 _VIN_PATTERN: Final = "^[A-HJ-NPR-Z0-9]{17}$"  # ISO 3779: letters I, O and Q are never used
 _VIN_RE: Final = re.compile(_VIN_PATTERN)
 
-# Bounds are physical limits with headroom. Beyond rejecting nonsense they reject NaN and
-# infinities: msgspec fails a NaN on any range check, so no per-value Python check is needed.
+# Bounds (the measurements' are in revline.fields) are physical limits with headroom. Beyond
+# rejecting nonsense they reject NaN and infinities: msgspec fails a NaN on any range check, so no
+# per-value Python check is needed.
 _I64_MAX: Final = 2**63 - 1
 _TS_MAX: Final = 7_258_118_400_000_000  # 2200-01-01 in µs: anything later is a broken clock
-
-
-def _bounded(lo: float, hi: float) -> object:
-    return msgspec.Meta(ge=lo, le=hi)
 
 
 Vin = Annotated[str, msgspec.Meta(pattern=_VIN_PATTERN)]
 Micros = Annotated[int, msgspec.Meta(ge=0, le=_TS_MAX)]
 Seq = Annotated[int, msgspec.Meta(ge=0, le=_I64_MAX)]
-Speed = Annotated[float, _bounded(0, 500)]
-Rpm = Annotated[float, _bounded(0, 20_000)]
-Temp = Annotated[float, _bounded(-60, 300)]
-Percent = Annotated[float, _bounded(0, 100)]
-Maf = Annotated[float, _bounded(0, 2_000)]
-Volts = Annotated[float, _bounded(0, 60)]
-Lat = Annotated[float, _bounded(-90, 90)]
-Lon = Annotated[float, _bounded(-180, 180)]
-Alt = Annotated[float, _bounded(-1_000, 20_000)]
-Heading = Annotated[float, _bounded(0, 360)]
+Flags = Annotated[int, msgspec.Meta(ge=0, le=2**31 - 1)]
 ExtraKey = Annotated[str, msgspec.Meta(pattern=EXTRA_KEY_PATTERN)]
-ExtraValue = Annotated[float, _bounded(-1e12, 1e12)]
+ExtraValue = Annotated[float, msgspec.Meta(ge=-1e12, le=1e12)]
 Extra = Annotated[dict[ExtraKey, ExtraValue], msgspec.Meta(max_length=MAX_EXTRA_FIELDS)]
 
 
-class Sample(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
-    """One reading of a vehicle at one instant. Every measurement is optional.
-
-    ``(vin, ts, seq)`` is the sample's identity: decided once on the device, never changed on
-    resend, and the unique key of the cold table.
-    """
-
-    ts: Micros
-    """UTC time of the reading, microseconds since the Unix epoch."""
-    seq: Seq
-    """Per-device sequence number, strictly increasing across restarts."""
-    speed: Speed | None = None
-    """Vehicle speed from OBD, km/h."""
-    rpm: Rpm | None = None
-    """Engine speed, revolutions per minute."""
-    coolant: Temp | None = None
-    """Engine coolant temperature, °C."""
-    intake: Temp | None = None
-    """Intake air temperature, °C."""
-    throttle: Percent | None = None
-    """Throttle position, %."""
-    load: Percent | None = None
-    """Calculated engine load, %."""
-    maf: Maf | None = None
-    """Mass air flow, g/s."""
-    fuel: Percent | None = None
-    """Fuel tank level, %."""
-    battery: Volts | None = None
-    """Control module (battery) voltage, V."""
-    lat: Lat | None = None
-    """GPS latitude, degrees (WGS84)."""
-    lon: Lon | None = None
-    """GPS longitude, degrees (WGS84)."""
-    alt: Alt | None = None
-    """GPS altitude, metres above mean sea level."""
-    heading: Heading | None = None
-    """GPS course over ground, degrees from true north."""
-    gps_speed: Speed | None = None
-    """GPS speed over ground, km/h."""
-    extra: Extra | None = None
-    """Any other PID by its python-OBD name, e.g. ``{"TIMING_ADVANCE": 12.5}``."""
-    flags: Annotated[int, msgspec.Meta(ge=0, le=2**31 - 1)] = 0
-    """Bit set: ``FLAG_CLOCK_UNSYNCED``."""
+def _measurement(field: Field) -> object:
+    meta = msgspec.Meta(ge=field.lo, le=field.hi, description=f"{field.description}, {field.unit}")
+    return Annotated[float, meta] | None
 
 
-NUMERIC_FIELDS: Final = tuple(
-    name for name in Sample.__struct_fields__ if name not in {"ts", "seq", "extra", "flags"}
-)
-"""The typed measurement columns, in contract order."""
+_SAMPLE_DOC: Final = """One reading of a vehicle at one instant. Every measurement is optional.
+
+``(vin, ts, seq)`` is the sample's identity: decided once on the device, never changed on
+resend, and the unique key of the cold table.
+
+Fields: ``ts`` (UTC time of the reading, microseconds since the Unix epoch), ``seq`` (per-device
+sequence number, strictly increasing across restarts), then one optional float per measurement of
+:data:`revline.fields.FIELDS` (its unit and bounds there), ``extra`` (any other PID by its
+python-OBD name, e.g. ``{"TIMING_ADVANCE": 12.5}``) and ``flags`` (bit set:
+``FLAG_CLOCK_UNSYNCED``).
+"""
+
+if TYPE_CHECKING:
+    # What type checkers see; the class itself is generated from the field table below.
+
+    class Sample(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+        """One reading of a vehicle at one instant (generated from :data:`FIELDS`)."""
+
+        ts: int
+        seq: int
+        extra: dict[str, float] | None = None
+        flags: int = 0
+
+        def __init__(
+            self,
+            *,
+            ts: int,
+            seq: int,
+            extra: dict[str, float] | None = None,
+            flags: int = 0,
+            **measurements: float | None,
+        ) -> None: ...
+
+        def __getattr__(self, name: str) -> float | None:
+            """A measurement of :data:`FIELDS`, None when it was not read."""
+
+else:
+    Sample = msgspec.defstruct(
+        "Sample",
+        [
+            ("ts", Micros),
+            ("seq", Seq),
+            *((field.name, _measurement(field), None) for field in FIELDS),
+            ("extra", Extra | None, None),
+            ("flags", Flags, 0),
+        ],
+        module=__name__,
+        namespace={"__doc__": _SAMPLE_DOC},
+        forbid_unknown_fields=True,
+        omit_defaults=True,
+    )
+
+
+NUMERIC_FIELDS: Final = tuple(field.name for field in FIELDS)
+"""The typed measurement columns, in contract order (:data:`revline.fields.FIELDS`)."""
 
 
 class Batch(msgspec.Struct, forbid_unknown_fields=True):

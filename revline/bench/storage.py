@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import time
+from typing import Final
 
 from revline.consumer.writer import (
     COLD_SCALES,
@@ -25,12 +26,40 @@ from revline.consumer.writer import (
     records,
 )
 from revline.contract import NUMERIC_FIELDS, Batch, Sample
+from revline.fields import FIELDS, Field
 from revline.storage.migrate import MigrateSettings, migrate
 from revline.tools.pglite import PGliteSession
 
 # One row per second per vehicle. Values follow slow sines (a drive), quantised to each PID's
 # real resolution: speed 1 km/h, rpm 0.25, temperatures 1 degC, percentages 100/255, MAF 0.01 g/s,
 # battery 1 mV, GPS 1e-7 degree, altitude 0.1 m, heading and GPS speed 0.1.
+_DRIVE: Final = {
+    "speed": "round(60 + 40 * sin(i / 300.0 + v))",
+    "rpm": "round((1800 + 900 * sin(i / 300.0 + v) + 200 * sin(i / 17.0)) * 4) / 4",
+    "coolant": "round(least(90, 20 + i / 20.0))",
+    "intake": "round(25 + 3 * sin(i / 2000.0))",
+    "throttle": "round((20 + 15 * sin(i / 40.0 + v)) * 2.55) / 2.55",
+    "load": "round((35 + 20 * sin(i / 40.0 + v)) * 2.55) / 2.55",
+    "maf": "round((12 + 8 * sin(i / 40.0 + v))::numeric, 2)",
+    "fuel": "round((80 - i / 1000.0) * 2.55) / 2.55",
+    "battery": "round((14.1 + 0.2 * sin(i / 100.0))::numeric, 3)",
+    "lat": "round((48.1 + v * 0.01 + 0.02 * sin(i / 1000.0))::numeric, 7)",
+    "lon": "round((11.5 + v * 0.01 + 0.02 * cos(i / 1000.0))::numeric, 7)",
+    "alt": "round((520 + 30 * sin(i / 700.0))::numeric, 1)",
+    "heading": "round((180 + 179 * sin(i / 900.0))::numeric, 1)",
+    "gps_speed": "round((60 + 40 * sin(i / 300.0 + v))::numeric, 1)",
+}
+
+
+def _drive(field: Field) -> str:
+    """A measurement's simulated value: its own curve, or (a field added since) a slow sine in the
+    middle of its bounds at the device's resolution."""
+    if field.name in _DRIVE:
+        return _DRIVE[field.name]
+    mid, half, scale = (field.lo + field.hi) / 2, (field.hi - field.lo) / 8, field.device_scale
+    return f"round(({mid} + {half} * sin(i / 600.0 + v)) * {scale}) / {scale}"
+
+
 _GENERATE = f"""
 INSERT INTO samples (vin, ts, seq, received_at, {", ".join(cold_column(n) for n in NUMERIC_FIELDS)},
                      flags)
@@ -43,20 +72,7 @@ FROM (
         t0 + i * interval '1 second' AS ts,
         i AS seq,
         t0 + i * interval '1 second' + interval '2 seconds' AS received_at,
-        round(60 + 40 * sin(i / 300.0 + v)) AS speed,
-        round((1800 + 900 * sin(i / 300.0 + v) + 200 * sin(i / 17.0)) * 4) / 4 AS rpm,
-        round(least(90, 20 + i / 20.0)) AS coolant,
-        round(25 + 3 * sin(i / 2000.0)) AS intake,
-        round((20 + 15 * sin(i / 40.0 + v)) * 2.55) / 2.55 AS throttle,
-        round((35 + 20 * sin(i / 40.0 + v)) * 2.55) / 2.55 AS load,
-        round((12 + 8 * sin(i / 40.0 + v))::numeric, 2) AS maf,
-        round((80 - i / 1000.0) * 2.55) / 2.55 AS fuel,
-        round((14.1 + 0.2 * sin(i / 100.0))::numeric, 3) AS battery,
-        round((48.1 + v * 0.01 + 0.02 * sin(i / 1000.0))::numeric, 7) AS lat,
-        round((11.5 + v * 0.01 + 0.02 * cos(i / 1000.0))::numeric, 7) AS lon,
-        round((520 + 30 * sin(i / 700.0))::numeric, 1) AS alt,
-        round((180 + 179 * sin(i / 900.0))::numeric, 1) AS heading,
-        round((60 + 40 * sin(i / 300.0 + v))::numeric, 1) AS gps_speed
+        {", ".join(f"{_drive(f)} AS {f.name}" for f in FIELDS)}
     FROM generate_series(1, $1::int) AS v,
          generate_series(0, $2::int - 1) AS i,
          (SELECT date_trunc('day', now()) - interval '3 days' AS t0) AS start

@@ -30,6 +30,7 @@ import asyncpg
 import msgspec
 
 from revline.contract import NUMERIC_FIELDS, Batch, Sample
+from revline.fields import FIELD_BY_NAME, FIELDS
 from revline.logs import kv
 from revline.storage.errors import UnusableDatabaseError, unusable_database
 
@@ -58,15 +59,13 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_DOUBLE: Final = frozenset({"lat", "lon"})
-
 STAGING_TABLE: Final = "revline_staging"
 STAGING_COLUMNS: Final = ("vin", *Sample.__struct_fields__)
 """Staging columns: the VIN, then the sample's fields in contract order (``astuple`` order)."""
 
 
 def _type(name: str) -> str:
-    return "double precision" if name in _DOUBLE else "real"
+    return FIELD_BY_NAME[name].value_type
 
 
 # TEMP + ON COMMIT DELETE ROWS: created once per connection, emptied by every commit, never
@@ -80,31 +79,17 @@ STAGING_DDL: Final = (
 
 _TS: Final = "timestamptz 'epoch' + ts * interval '1 microsecond'"
 
-COLD_SCALES: Final = {
-    "speed": (1, "smallint"),
-    "rpm": (2, "integer"),
-    "coolant": (1, "smallint"),
-    "intake": (1, "smallint"),
-    "throttle": (2, "smallint"),
-    "load": (2, "smallint"),
-    "maf": (2, "integer"),
-    "fuel": (2, "smallint"),
-    "battery": (3, "integer"),
-    "lat": (7, "integer"),
-    "lon": (7, "integer"),
-    "alt": (1, "integer"),
-    "heading": (1, "smallint"),
-    "gps_speed": (1, "smallint"),
-}
-"""Cold-table storage of each measurement: ``<field>_e<N>`` holds round(value * 10^N) in the
-given integer type. N is finer than any sensor's resolution (OBD rpm is 0.25, GPS 1e-7 degree),
-and the contract's bounds make overflow impossible. Integers compress by delta-of-delta to a few
-bits per smooth value; floats (Gorilla XOR) take 2-5 bytes each: see docs/storage.md."""
+COLD_SCALES: Final = {field.name: (field.db_digits, field.cold_type) for field in FIELDS}
+"""Cold-table storage of each measurement (from :data:`revline.fields.FIELDS`): ``<field>_e<N>``
+holds round(value * 10^N) in the given integer type. N is finer than any sensor's resolution (OBD
+rpm is 0.25, GPS 1e-7 degree), and the type holds the contract's bounds, so overflow is
+impossible. Integers compress by delta-of-delta to a few bits per smooth value; floats (Gorilla
+XOR) take 2-5 bytes each: see docs/storage.md."""
 
 
 def cold_column(name: str) -> str:
     """The cold-table column of a measurement, e.g. ``speed_e1``."""
-    return f"{name}_e{COLD_SCALES[name][0]}"
+    return FIELD_BY_NAME[name].cold_column
 
 
 def _scaled(name: str) -> str:

@@ -16,6 +16,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
+from revline.fields import FIELDS
+
 __all__ = [
     "FIELD_BY_PID",
     "UNIT_BY_PID",
@@ -24,29 +26,11 @@ __all__ = [
     "split_supported",
 ]
 
-FIELD_BY_PID: Final[Mapping[str, str]] = {
-    "SPEED": "speed",
-    "RPM": "rpm",
-    "COOLANT_TEMP": "coolant",
-    "INTAKE_TEMP": "intake",
-    "THROTTLE_POS": "throttle",
-    "ENGINE_LOAD": "load",
-    "MAF": "maf",
-    "FUEL_LEVEL": "fuel",
-    "CONTROL_MODULE_VOLTAGE": "battery",
-}
+FIELD_BY_PID: Final[Mapping[str, str]] = {f.obd: f.name for f in FIELDS if f.obd is not None}
 """python-OBD command name -> ``revline.contract.Sample`` field; other PIDs go to ``extra``."""
 
 UNIT_BY_PID: Final[Mapping[str, str]] = {
-    "SPEED": "kph",
-    "RPM": "rpm",
-    "COOLANT_TEMP": "degC",
-    "INTAKE_TEMP": "degC",
-    "THROTTLE_POS": "percent",
-    "ENGINE_LOAD": "percent",
-    "MAF": "gps",
-    "FUEL_LEVEL": "percent",
-    "CONTROL_MODULE_VOLTAGE": "volt",
+    f.obd: f.obd_unit for f in FIELDS if f.obd is not None and f.obd_unit is not None
 }
 """The unit each contract field is stored in, as a pint unit name of python-OBD's registry."""
 

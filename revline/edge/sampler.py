@@ -13,12 +13,11 @@ import math
 import re
 from typing import Final
 
-import msgspec
-
-from revline.contract import EXTRA_KEY_PATTERN, Sample
+from revline.contract import EXTRA_KEY_PATTERN
 from revline.edge.clock import ClockJump, ClockModel, ClockSource
 from revline.edge.reading import Reading
 from revline.edge.spool import Spool, SpoolRow, pack_values
+from revline.fields import FIELDS
 from revline.logs import kv
 
 __all__ = ["FIELD_BOUNDS", "Sampler", "clean_values"]
@@ -26,21 +25,9 @@ __all__ = ["FIELD_BOUNDS", "Sampler", "clean_values"]
 log = logging.getLogger("revline.edge.sampler")
 
 
-def _bounds() -> dict[str, tuple[float, float]]:
-    # Read the limits from the contract itself so that a value the consumer would reject (and
-    # dead-letter with its whole batch) is dropped here, one value at a time.
-    info = msgspec.inspect.type_info(Sample)
-    assert isinstance(info, msgspec.inspect.StructType)
-    found: dict[str, tuple[float, float]] = {}
-    for field in info.fields:
-        kinds = field.type.types if isinstance(field.type, msgspec.inspect.UnionType) else ()
-        for kind in kinds:
-            if isinstance(kind, msgspec.inspect.FloatType):
-                found[field.name] = (float(kind.ge or 0), float(kind.le or 0))
-    return found
-
-
-FIELD_BOUNDS: Final = _bounds()
+# The contract's own limits (revline.fields), so that a value the consumer would reject (and
+# dead-letter with its whole batch) is dropped here, one value at a time.
+FIELD_BOUNDS: Final = {field.name: (field.lo, field.hi) for field in FIELDS}
 _EXTRA_LIMIT: Final = 1e12
 _MAX_EXTRA: Final = 64
 _EXTRA_KEY: Final = re.compile(EXTRA_KEY_PATTERN)

@@ -40,8 +40,9 @@ from typing import Any, Final, Self
 
 import msgspec
 
-from revline.contract import FLAG_CLOCK_UNSYNCED, NUMERIC_FIELDS, SCHEMA_VERSION, Batch, Sample
+from revline.contract import FLAG_CLOCK_UNSYNCED, SCHEMA_VERSION, Batch, Sample
 from revline.edge.index import SpoolIndex
+from revline.fields import FIELDS
 from revline.logs import kv
 
 __all__ = [
@@ -67,26 +68,23 @@ CREATED: Final = 0
 PUBLISHED: Final = 1
 DURABLE: Final = 2
 
-FIELD_SCALES: Final[tuple[tuple[str, int], ...]] = (
-    ("speed", 10),  # 0.1 km/h
-    ("rpm", 4),  # OBD resolution: 1/4 rpm
-    ("coolant", 10),
-    ("intake", 10),
-    ("throttle", 100),  # OBD steps are 100/255 %; 0.01 % keeps them apart
-    ("load", 100),
-    ("maf", 100),  # OBD resolution: 0.01 g/s
-    ("fuel", 100),
-    ("battery", 1000),  # OBD resolution: 1 mV
-    ("lat", 10_000_000),  # 1e-7 degree, about 1 cm
-    ("lon", 10_000_000),
-    ("alt", 10),
-    ("heading", 10),
-    ("gps_speed", 10),
+FIELD_SCALES: Final[tuple[tuple[str, int], ...]] = tuple(
+    (field.name, field.device_scale) for field in FIELDS
 )
-"""Integer units the spool stores each measurement in, in contract field order."""
-assert tuple(name for name, _ in FIELD_SCALES) == NUMERIC_FIELDS
+"""Integer units the spool stores each measurement in, in contract field order: a row holds the
+present fields by their position here, so revline.fields only ever appends (old rows stay
+readable: a field added later is simply absent from them)."""
 
 _EXTRA_BIT: Final = 1 << 15
+
+
+def _field_bit(position: int) -> int:
+    """The presence bit of the field at ``position``: bit 15 is ``extra``'s since the first spool
+    rows were written, so the 16th field and later ones take bits 16, 17..."""
+    return 1 << (position if position < 15 else position + 1)
+
+
+_FIELD_BITS: Final = tuple(_field_bit(i) for i in range(len(FIELD_SCALES)))
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder()
 
@@ -134,10 +132,10 @@ def pack_values(values: dict[str, float], extra: dict[str, float] | None = None)
     """The compact ``data`` blob of one sample: quantised integers behind a presence mask."""
     mask = 0
     out: list[Any] = [0]
-    for i, (name, scale) in enumerate(FIELD_SCALES):
+    for bit, (name, scale) in zip(_FIELD_BITS, FIELD_SCALES, strict=True):
         value = values.get(name)
         if value is not None:
-            mask |= 1 << i
+            mask |= bit
             out.append(round(value * scale))
     if extra:
         mask |= _EXTRA_BIT
@@ -152,8 +150,8 @@ def row_to_sample(seq: int, ts: int, data: bytes, *, flagged: bool) -> Sample:
     mask: int = items[0]
     fields: dict[str, Any] = {}
     j = 1
-    for i, (name, scale) in enumerate(FIELD_SCALES):
-        if mask >> i & 1:
+    for bit, (name, scale) in zip(_FIELD_BITS, FIELD_SCALES, strict=True):
+        if mask & bit:
             q: int = items[j]
             j += 1
             # Whole values go on the wire as MessagePack ints (1-3 bytes instead of 9).

@@ -30,6 +30,7 @@ from revline.contract import (
     telemetry_topic,
     vin_from_topic,
 )
+from revline.fields import FIELDS
 
 VIN = "1HGCM82633A004352"
 VIN_ALPHABET = "0123456789ABCDEFGHJKLMNPRSTUVWXYZ"
@@ -53,20 +54,7 @@ samples = st.builds(
     Sample,
     ts=st.integers(min_value=0, max_value=7_258_118_400_000_000),
     seq=st.integers(min_value=0, max_value=2**63 - 1),
-    speed=_opt(0, 500),
-    rpm=_opt(0, 20_000),
-    coolant=_opt(-60, 300),
-    intake=_opt(-60, 300),
-    throttle=_opt(0, 100),
-    load=_opt(0, 100),
-    maf=_opt(0, 2_000),
-    fuel=_opt(0, 100),
-    battery=_opt(0, 60),
-    lat=_opt(-90, 90),
-    lon=_opt(-180, 180),
-    alt=_opt(-1_000, 20_000),
-    heading=_opt(0, 360),
-    gps_speed=_opt(0, 500),
+    **{field.name: _opt(field.lo, field.hi) for field in FIELDS},
     extra=st.none()
     | st.dictionaries(
         st.from_regex(EXTRA_KEY_PATTERN, fullmatch=True),

@@ -85,7 +85,7 @@ def test_values_round_trip_at_sensor_resolution() -> None:
         "gps_speed": 87.5,
     }
     sample = row_to_sample(7, T0, pack_values(values, {"TIMING_ADVANCE": 12.5}), flagged=False)
-    for name, scale in FIELD_SCALES:
+    for name, scale in FIELD_SCALES[: len(values)]:  # the fields appended since: test_fields.py
         assert abs(getattr(sample, name) - values[name]) <= 0.5 / scale
     assert sample.extra == {"TIMING_ADVANCE": 12.5}
     assert sample.flags == 0

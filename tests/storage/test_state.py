@@ -21,6 +21,7 @@ from revline.consumer.writer import (
     state_rows,
 )
 from revline.contract import NUMERIC_FIELDS, Batch, Sample
+from revline.fields import FIELD_BY_NAME
 from revline.storage.migrate import MigrateSettings, migrate_dsn
 from tests.fixtures.storage import batch, sample
 
@@ -33,7 +34,7 @@ SECOND_US = 1_000_000
 
 
 def _type(name: str) -> str:
-    return "double precision" if name in {"lat", "lon"} else "real"
+    return FIELD_BY_NAME[name].value_type  # the column types of the day, whatever they are
 
 
 _TS = "timestamptz 'epoch' + ts * interval '1 microsecond'"
