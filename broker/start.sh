@@ -7,7 +7,7 @@
 # `mosquitto`, mode 0600, then start the broker. After `revline device add`, apply the change
 # with `docker compose restart mosquitto` (sessions and queues survive a clean restart).
 #
-# The environment variables exist for tests/test_broker_security.py, which stages the files the
+# The environment variables exist for tests/stack/test_broker_security.py, which stages the files the
 # same way for a broker it starts itself.
 set -eu
 src=${REVLINE_BROKER_DIR:-/revline/broker}

@@ -15,7 +15,7 @@ faster here than ``loop_start()`` plus a semaphore) so the event loop that sampl
   replay its un-PUBACKed messages ahead of the live data on reconnect. We resend those ourselves.
 * No message stops it. Whatever arrives on ``ack/<vin>`` is untrusted: a payload that does not
   decode, or names another car, is dead-lettered in the spool with its raw bytes
-  (:meth:`edge.spool.Spool.dead_letter`); an ack is believed only for batches the broker has
+  (:meth:`revline.edge.spool.Spool.dead_letter`); an ack is believed only for batches the broker has
   PUBACKed, so a forged ack cannot make unsent samples look durable. No paho callback can raise
   into the loop; every such event is logged at most once per :data:`LOG_EVERY_S`, with a count.
 * Reconnects wait :func:`revline.backoff.backoff_delay`, scheduled here so that a stop is
