@@ -68,7 +68,7 @@ def hostile_future_batch(vin: str, batch: int) -> bytes:
 
 def max_valid_batch(vin: str, batch: int, t0: int, first_seq: int) -> bytes:
     """Exactly MAX_PAYLOAD_BYTES: 5,000 samples with every typed field and long extra keys."""
-    extras = [{f"{name}_{'x' * 40}": 1.5 for name in "ABC"} for _ in range(4_999)]
+    extras = [{f"{name}_{'x' * 30}": 1.5 for name in "ABC"} for _ in range(4_999)]
     samples = [
         {
             "ts": t0 + i * 1_000,
