@@ -38,7 +38,7 @@ from revline.consumer.validate import Invalid, check
 from revline.consumer.writer import Rejected, Writer, WriteResult
 from revline.contract import SCHEMA_VERSION, Ack, Batch, ack_topic, encode
 from revline.logs import kv
-from revline.mqtt import parse_mqtt_url
+from revline.mqtt import parse_mqtt_url, tls_context
 from revline.storage.errors import UnusableDatabaseError, describe, is_data_error, sqlstate
 
 __all__ = ["Consumer", "Item"]
@@ -147,6 +147,14 @@ class Consumer:
     async def run(self, stop: asyncio.Event) -> None:
         """Run until ``stop`` is set, then shut down within ``shutdown_timeout_s``."""
         s = self.settings
+        if s.ca_file or s.cert_file or s.key_file:
+            # A TLS file that cannot be read or used stops us now with one line naming its key,
+            # not at the first connect, which comes only once the database is up.
+            tls_context(
+                ca_file=s.ca_file or None,
+                cert_file=s.cert_file or None,
+                key_file=s.key_file or None,
+            )
         async with contextlib.AsyncExitStack() as stack:
             # The endpoint first: a taken port stops us before we touch anything, and /healthz
             # answers (503) while we wait for the database or the broker.
