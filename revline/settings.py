@@ -1,25 +1,33 @@
 """Building a service's frozen settings object from TOML, environment and flags, in one place.
 
 Each service defines its settings as a frozen ``msgspec.Struct`` with defaults and constraints
-(``msgspec.Meta``). :func:`load` layers the sources (defaults < TOML file < environment < flags)
-and converts once; a bad value raises :class:`ConfigError` whose message is one line naming the
-key, the source it came from and what was expected, e.g.::
+(``msgspec.Meta``) whose ``__post_init__`` calls :func:`check_fields`, then makes the checks that
+involve several keys, raising :class:`ConfigError`. So a settings object is checked the same way
+however it is made: built directly (``ConsumerSettings(group="a/b")``) or by :func:`load`, which
+only layers the sources (defaults < TOML file < environment < flags) and converts once. A bad
+value raises a :class:`ConfigError` whose message is one line naming the key, the source it came
+from when known, and what was expected, e.g.::
 
     config error: batch_max_samples (env REVLINE_BATCH_MAX_SAMPLES): expected int >= 1, got 'lots'
+
+A constraint can say in words what it expects with ``msgspec.Meta(description=...)``: the
+message then reads ``expected <description>, got <value>``.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import tomllib
+import typing
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
 import msgspec
 
-__all__ = ["ConfigError", "load"]
+__all__ = ["ConfigError", "check_fields", "load"]
 
 S = TypeVar("S", bound=msgspec.Struct)
 
@@ -37,6 +45,47 @@ class ConfigError(Exception):
 
 _MISSING_RE = re.compile(r"missing required field `([A-Za-z0-9_]+)`")
 _PATH_RE = re.compile(r" - at `\$\.([A-Za-z0-9_]+)[^`]*`")
+_AT_RE = re.compile(r" - at `[^`]*`")
+
+
+def _description(kind: object) -> str | None:
+    """The ``msgspec.Meta(description=...)`` of a field's type, looking inside ``X | None``."""
+    for arg in typing.get_args(kind):
+        if isinstance(arg, msgspec.Meta) and arg.description:
+            return arg.description
+        if (found := _description(arg)) is not None:
+            return found
+    return None
+
+
+@functools.cache
+def _fields(cls: type[msgspec.Struct]) -> tuple[tuple[str, object, str | None], ...]:
+    return tuple(
+        (f.name, f.type, _description(f.type)) for f in msgspec.structs.fields(cls)
+    )
+
+
+def _expected(message: str, value: object, description: str | None) -> str:
+    """``expected int >= 1, got 'lots'`` from msgspec's ``Expected `int` >= 1, got `str` ...``."""
+    if description:
+        return f"expected {description}, got {value!r}"
+    text = _AT_RE.sub("", message).replace("`", "").split(", got ")[0]
+    return f"{text[:1].lower()}{text[1:]}, got {value!r}"
+
+
+def check_fields(settings: msgspec.Struct) -> None:
+    """Check every field of ``settings`` against its type and ``msgspec.Meta`` constraints.
+
+    msgspec checks them when it converts (what :func:`load` does), not when a struct is built
+    directly: call this first in a settings struct's ``__post_init__``, so that
+    ``ConsumerSettings(write_concurrency=0)`` fails like ``--write-concurrency 0`` does.
+    """
+    for name, kind, description in _fields(type(settings)):
+        value = getattr(settings, name)
+        try:
+            msgspec.convert(value, kind)
+        except msgspec.ValidationError as exc:
+            raise ConfigError(name, "", _expected(str(exc), value, description)) from exc
 
 
 def _from_toml(path: Path) -> dict[str, Any]:
@@ -91,7 +140,9 @@ def load(
                 origin[key] = source
     try:
         # Environment values are strings: strict=False lets "20" become 20 and
-        # "true" become True, while still refusing "lots" for an int.
+        # "true" become True, while still refusing "lots" for an int. The struct's own
+        # __post_init__ checks run here too; their ConfigError is not a ValueError, so msgspec
+        # lets it through unchanged.
         return msgspec.convert(merged, cls, strict=False)
     except msgspec.ValidationError as exc:
         message = str(exc)
@@ -100,7 +151,10 @@ def load(
             raise ConfigError(missing.group(1), "", "required, not set") from exc
         match = _PATH_RE.search(message)
         key = match.group(1) if match else "config"
-        expected = _PATH_RE.sub("", message).replace("`", "")
         if key in merged:
-            expected = f"{expected.split(', got ')[0]}, got {merged[key]!r}"
-        raise ConfigError(key, origin.get(key, ""), expected[:1].lower() + expected[1:]) from exc
+            description = {name: d for name, _, d in _fields(cls)}.get(key)
+            expected = _expected(message, merged[key], description)
+        else:
+            expected = _PATH_RE.sub("", message).replace("`", "")
+            expected = expected[:1].lower() + expected[1:]
+        raise ConfigError(key, origin.get(key, ""), expected) from exc

@@ -10,8 +10,8 @@ from typing import Annotated, Final
 
 import msgspec
 
-from revline.mqtt import parse_mqtt_url, tls_context
-from revline.settings import ConfigError, load
+from revline.mqtt import parse_mqtt_url
+from revline.settings import ConfigError, check_fields, load
 
 __all__ = [
     "GROUP_SESSION_EXPIRY_S",
@@ -81,6 +81,30 @@ class ConsumerSettings(msgspec.Struct, frozen=True, kw_only=True):
     metrics_port: Annotated[int, msgspec.Meta(ge=0, le=65_535)] = 9108
     """Port of ``/metrics`` and ``/healthz``; 0 disables the endpoint."""
 
+    def __post_init__(self) -> None:
+        # Built directly or loaded, the same checks: every constraint above, then what involves
+        # several keys. Readable TLS files are a fact about the machine, checked at start by
+        # the service (Consumer.run), like the edge's.
+        check_fields(self)
+        login = parse_mqtt_url(self.mqtt_url).username
+        if not self.database_url.startswith(("postgres://", "postgresql://")):
+            raise ConfigError(
+                "database_url", "", f"expected postgresql://..., got {self.database_url!r}"
+            )
+        if "/" in self.group or "+" in self.group or "#" in self.group:
+            raise ConfigError("group", "", f"expected a name without / + #, got {self.group!r}")
+        if self.group and not (self.client_id or login):
+            raise ConfigError(
+                "client_id",
+                "",
+                "a group member needs a stable client id: set client_id (e.g. revline-consumer-1) "
+                "or log in with a user name, which is then the id",
+            )
+        if self.key_file and not self.cert_file:
+            raise ConfigError("key_file", "", "set without cert_file")
+        if self.retry_initial_s > self.retry_max_s:
+            raise ConfigError("retry_initial_s", "", "expected at most retry_max_s")
+
     @property
     def subscription(self) -> str:
         """``telemetry/+``, or ``$share/<group>/telemetry/+`` when a group is set."""
@@ -91,7 +115,7 @@ class ConsumerSettings(msgspec.Struct, frozen=True, kw_only=True):
         """The configured client id, else the login, else ``revline-consumer-<hostname>``."""
         # A container's hostname changes when it is re-created: fine for a lone consumer (its
         # old session only queues copies until it expires), not for a group member (its old
-        # session would swallow a share of the traffic), which load_settings refuses.
+        # session would swallow a share of the traffic), which __post_init__ refuses.
         login = parse_mqtt_url(self.mqtt_url).username
         return self.client_id or login or f"revline-consumer-{socket.gethostname()}"
 
@@ -109,36 +133,14 @@ def load_settings(
     flags: Mapping[str, object] | None = None,
     environ: Mapping[str, str] | None = None,
 ) -> ConsumerSettings:
-    """Defaults < TOML < ``MQTT_URL``/``DATABASE_URL`` < ``REVLINE_*`` < flags; checked once."""
+    """Defaults < TOML < ``MQTT_URL``/``DATABASE_URL`` < ``REVLINE_*`` < flags, checked by
+    :class:`ConsumerSettings` itself."""
     env = dict(os.environ if environ is None else environ)
     # The conventional unprefixed names work too; the REVLINE_ ones win if both are set.
     for plain in ("MQTT_URL", "DATABASE_URL"):
         if plain in env:
             env.setdefault(f"REVLINE_{plain}", env[plain])
-    settings = load(ConsumerSettings, toml_path=config, environ=env, flags=flags)
-    parse_mqtt_url(settings.mqtt_url)
-    # A missing or unusable TLS file is a config error now, not a traceback at first connect.
-    tls_context(
-        ca_file=settings.ca_file or None,
-        cert_file=settings.cert_file or None,
-        key_file=settings.key_file or None,
-    )
-    if not settings.database_url.startswith(("postgres://", "postgresql://")):
-        raise ConfigError(
-            "database_url", "", f"expected postgresql://..., got {settings.database_url!r}"
-        )
-    if "/" in settings.group or "+" in settings.group or "#" in settings.group:
-        raise ConfigError("group", "", f"expected a name without / + #, got {settings.group!r}")
-    if settings.group and not (settings.client_id or parse_mqtt_url(settings.mqtt_url).username):
-        raise ConfigError(
-            "client_id",
-            "",
-            "a group member needs a stable client id: set client_id (e.g. revline-consumer-1) "
-            "or log in with a user name, which is then the id",
-        )
-    if settings.retry_initial_s > settings.retry_max_s:
-        raise ConfigError("retry_initial_s", "", "expected at most retry_max_s")
-    return settings
+    return load(ConsumerSettings, toml_path=config, environ=env, flags=flags)
 
 
 def startup_warnings(settings: ConsumerSettings) -> list[str]:

@@ -4,15 +4,19 @@ One TaskGroup of named tasks:
 
 * ``collect`` takes messages from the subscriber, validates them and closes batches by size and
   age; a full batch goes to a queue of one, so at most one batch waits while another is written.
-* ``write`` commits each batch in one transaction (retrying transient database errors with capped,
-  jittered backoff, forever), then PUBACKs its messages in arrival order, then publishes
-  ``ack/<vin>``. While it waits, ``collect`` stops taking batches, the broker stops sending once
-  ``receive_maximum`` messages are unacked, and memory stays flat.
+* ``write`` commits each batch in one transaction (retrying outages with stamina's capped,
+  jittered exponential backoff, forever), then PUBACKs its messages in arrival order, then
+  publishes ``ack/<vin>``. While it waits, ``collect`` stops taking batches, the broker stops
+  sending once ``receive_maximum`` messages are unacked, and memory stays flat.
 * ``report`` logs a summary every ``log_every_s``; ``health`` pings the database when idle.
 
 SIGTERM/SIGINT: stop taking messages, commit what was received, ack it, disconnect keeping the
 session; a write still failing after ``shutdown_timeout_s`` is abandoned unacked (the broker
 redelivers it to the next run), never lost.
+
+What to make of a message, what to store or dead-letter, what a database error means, in which
+order to PUBACK and which acks to publish are decided by :mod:`revline.consumer.pipeline`
+(pure, tested without servers); this module is the asyncio, paho and asyncpg around it.
 """
 
 from __future__ import annotations
@@ -22,45 +26,42 @@ import contextlib
 import functools
 import gc
 import logging
-import random
 import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import TypeVar
 
+import stamina
+import stamina.instrumentation
+
 from revline.consumer.batcher import Batcher, Pending
-from revline.consumer.budget import footprint
 from revline.consumer.config import ConsumerSettings
 from revline.consumer.metrics import Metrics, MetricsServer
+from revline.consumer.pipeline import (
+    Fault,
+    InOrder,
+    Item,
+    Split,
+    acks,
+    classify,
+    fault,
+    newest_sample,
+    plan,
+)
 from revline.consumer.subscriber import Inbound, Subscriber
-from revline.consumer.validate import Invalid, check
 from revline.consumer.writer import Rejected, Writer, WriteResult
-from revline.contract import SCHEMA_VERSION, Ack, Batch, ack_topic, encode
+from revline.contract import Batch, ack_topic, encode
 from revline.logs import kv
-from revline.mqtt import parse_mqtt_url
-from revline.storage.errors import UnusableDatabaseError, describe, is_data_error, sqlstate
+from revline.mqtt import parse_mqtt_url, tls_context
+from revline.storage.errors import UnusableDatabaseError, describe, sqlstate
 
 __all__ = ["Consumer", "Item", "serve"]
 
 log = logging.getLogger("revline.consumer")
 
 _T = TypeVar("_T")
-
-
-@dataclass(frozen=True, slots=True)
-class Item:
-    """One received message and what became of it: a batch to store, or a dead letter.
-
-    ``batch`` is set whenever the payload decoded, even if it was then refused (future
-    timestamps), so that the device still gets its end-to-end ack for it.
-    """
-
-    inbound: Inbound
-    batch: Batch | None = None
-    rejected: Rejected | None = None
 
 
 @dataclass(slots=True)
@@ -76,16 +77,6 @@ class _Totals:
     reasons: dict[str, int] = field(default_factory=dict)
 
 
-def _rejected(inbound: Inbound, reason: str, detail: str) -> Rejected:
-    return Rejected(
-        received_at=datetime.fromtimestamp(inbound.received_at, tz=UTC),
-        topic=inbound.topic,
-        reason=reason,
-        detail=detail,
-        payload=inbound.payload,
-    )
-
-
 @dataclass(frozen=True, slots=True)
 class _Stored:
     """What committing one write batch did: rows written, messages dead-lettered, and the
@@ -96,9 +87,20 @@ class _Stored:
     newest_us: int | None
 
 
+def _outage(exc: BaseException) -> bool:
+    """Retried while writing: every error (what is not an outage became a dead letter)."""
+    return isinstance(exc, Exception)
+
+
+def _waitable(exc: BaseException) -> bool:
+    """Retried while opening the database at start: all but what waiting cannot cure."""
+    return isinstance(exc, Exception) and not isinstance(exc, UnusableDatabaseError)
+
+
 _REJECTIONS_LOGGED_PER_SUMMARY = 10
 _OUTAGE_LOG_EVERY_S = 10.0
 """While the database fails, one line per this many seconds (and at once when the error changes)."""
+_OUTAGE_LINE = "database outage: retrying the same batch, acking nothing"
 
 
 class _Throttle:
@@ -149,6 +151,18 @@ class Consumer:
     async def run(self, stop: asyncio.Event) -> None:
         """Run until ``stop`` is set, then shut down within ``shutdown_timeout_s``."""
         s = self.settings
+        # stamina's own hooks would log a line at every retry, past our rate limit, and count
+        # retries in a Prometheus series per retry number, a new one at each retry of a long
+        # outage. We report our retries ourselves (_database_failed).
+        stamina.instrumentation.set_on_retry_hooks(())
+        if s.ca_file or s.cert_file or s.key_file:
+            # A TLS file that cannot be read or used stops us now with one line naming its key,
+            # not at the first connect, which comes only once the database is up.
+            tls_context(
+                ca_file=s.ca_file or None,
+                cert_file=s.cert_file or None,
+                key_file=s.key_file or None,
+            )
         async with contextlib.AsyncExitStack() as stack:
             # The endpoint first: a taken port stops us before we touch anything, and /healthz
             # answers (503) while we wait for the database or the broker.
@@ -193,28 +207,33 @@ class Consumer:
         self, stack: contextlib.AsyncExitStack, stop: asyncio.Event
     ) -> Writer | None:
         """Enter the writer, waiting for the database while it is down or unusable for now
-        (refused connections, missing privileges...). Raises :class:`UnusableDatabaseError` when
-        waiting cannot help: no such database, login refused, not migrated."""
+        (refused connections, missing privileges...), until ``stop``. Raises
+        :class:`UnusableDatabaseError` when waiting cannot help: no such database, login
+        refused, not migrated."""
         s = self.settings
-        attempt = 0
-        while not stop.is_set():
+
+        async def enter() -> Writer:
             writer = Writer(
                 s.database_url, pool_size=s.pool_size, statement_timeout_s=s.statement_timeout_s
             )
-            try:
-                await stack.enter_async_context(writer)
-            except UnusableDatabaseError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - any other failure: wait for the database
-                attempt += 1
-                delay = self._backoff(attempt)
-                self._database_failed(exc, "database unusable at start; retrying", attempt, delay)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), delay)
-                continue
-            self._database_recovered(attempt)
+            await stack.enter_async_context(writer)
             return writer
-        return None
+
+        if stop.is_set():
+            return None
+        retry = self._retry(enter, "database unusable at start; retrying", on=_waitable)
+        opening = asyncio.create_task(retry, name="open-writer")
+        stopping = asyncio.create_task(stop.wait(), name="stop")
+        try:
+            # A stop ends the wait between attempts (up to retry_max_s) at once.
+            await asyncio.wait({opening, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+            if not opening.done():
+                opening.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await opening
+        return None if opening.cancelled() else opening.result()
 
     async def _serve(self, writer: Writer, subscriber: Subscriber, stop: asyncio.Event) -> None:
         s = self.settings
@@ -299,32 +318,23 @@ class Consumer:
         now: float,
     ) -> list[Pending[Item]]:
         """Classify a message, charge what it holds to the byte budget, add it to the batch."""
-        item = self._classify(got, max_future_us)
-        size = footprint(len(got.payload), item.batch)
-        subscriber.hold(got, size)
-        samples = len(item.batch.samples) if item.batch is not None else 0
-        return batcher.add(item, samples, now, size)
+        self.metrics.messages.inc()
+        item = classify(
+            got,
+            now_us=int(time.time() * 1e6),
+            max_future_us=max_future_us,
+            max_age_us=int(self.settings.max_age_s * 1e6),
+        )
+        if item.rejected is not None:
+            self._log_rejection(item.rejected, len(got.payload))
+        subscriber.hold(got, item.size)
+        return batcher.add(item, item.samples, now, item.size)
 
     async def _hand_over(self, closed: list[Pending[Item]]) -> None:
         for pending in closed:
             await self._ready.put(pending)
 
-    def _classify(self, inbound: Inbound, max_future_us: int) -> Item:
-        self.metrics.messages.inc()
-        verdict = check(
-            inbound.payload,
-            inbound.topic,
-            now_us=int(time.time() * 1e6),
-            max_future_us=max_future_us,
-            max_age_us=int(self.settings.max_age_s * 1e6),
-        )
-        if isinstance(verdict, Invalid):
-            self._log_rejection(inbound, verdict)
-            rejected = _rejected(inbound, verdict.reason, verdict.detail)
-            return Item(inbound, batch=verdict.batch, rejected=rejected)
-        return Item(inbound, batch=verdict)
-
-    def _log_rejection(self, inbound: Inbound, verdict: Invalid) -> None:
+    def _log_rejection(self, rejected: Rejected, size: int) -> None:
         # One line per bad message helps whoever is publishing by hand; a flood (a broken device,
         # an attack) is capped per summary interval, the rejected table keeps every one anyway.
         self._rejections_logged += 1
@@ -332,10 +342,10 @@ class Consumer:
             log.warning(
                 "message rejected",
                 extra=kv(
-                    topic=inbound.topic,
-                    reason=verdict.reason,
-                    detail=verdict.detail[:200],
-                    bytes=len(inbound.payload),
+                    topic=rejected.topic,
+                    reason=rejected.reason,
+                    detail=rejected.detail[:200],
+                    bytes=size,
                 ),
             )
         elif self._rejections_logged == _REJECTIONS_LOGGED_PER_SUMMARY + 1:
@@ -344,35 +354,27 @@ class Consumer:
     # -- write ---------------------------------------------------------------------------------
 
     async def _write_loop(self, writer: Writer, subscriber: Subscriber) -> None:
-        """Write up to ``write_concurrency`` batches at once; ack strictly in arrival order.
-
-        MQTT wants PUBACKs in the order the PUBLISHes came, and a later batch must not be acked
-        while an earlier one may still fail: so a committed batch waits for its predecessors.
-        """
+        """Write up to ``write_concurrency`` batches at once; ack strictly in arrival order
+        (:class:`InOrder`: a committed batch waits for its predecessors)."""
         slots = asyncio.Semaphore(self.settings.write_concurrency)
-        inflight: asyncio.Queue[tuple[Pending[Item], float, asyncio.Task[_Stored]] | None]
-        inflight = asyncio.Queue()
+        order: InOrder[tuple[Pending[Item], float, _Stored]] = InOrder()
         loop = asyncio.get_running_loop()
 
-        async def acknowledge_in_order() -> None:
-            while (entry := await inflight.get()) is not None:
-                pending, started, task = entry
-                self._acknowledge(subscriber, pending, started, await task)
+        async def write(ticket: int, pending: Pending[Item], started: float) -> None:
+            stored = await self._store(writer, pending.items)
+            for committed in order.done(ticket, (pending, started, stored)):
+                self._acknowledge(subscriber, *committed)
                 slots.release()
-                del entry, pending, task  # acked: not kept alive until the next batch
+                del committed  # acked: not kept alive until the next batch
 
         async with asyncio.TaskGroup() as tg:
-            tg.create_task(acknowledge_in_order(), name="ack")
-            number = 0
             while (pending := await self._ready.get()) is not None:
                 if not pending.items:
                     continue
                 await slots.acquire()
-                number += 1
-                task = tg.create_task(self._store(writer, pending.items), name=f"write-{number}")
-                inflight.put_nowait((pending, loop.time(), task))
-                del pending, task  # the ack loop has them; freed as soon as it is done
-            inflight.put_nowait(None)
+                ticket = order.start()
+                tg.create_task(write(ticket, pending, loop.time()), name=f"write-{ticket + 1}")
+                del pending  # the write task has it; freed as soon as it is acked
 
     def _acknowledge(
         self, subscriber: Subscriber, pending: Pending[Item], started: float, stored: _Stored
@@ -383,7 +385,8 @@ class Consumer:
         now = time.time()
         # Only now, with the transaction committed, may the broker forget these messages.
         subscriber.ack(item.inbound for item in pending.items)
-        self._publish_acks(subscriber, pending.items)
+        for ack in acks(pending.items):
+            subscriber.publish(ack_topic(ack.vin), encode(ack))
 
         t = self.totals
         t.samples += result.samples
@@ -417,133 +420,117 @@ class Consumer:
         )
 
     async def _store(self, writer: Writer, items: Sequence[Item]) -> _Stored:
-        """Commit the batches, then dead-letter the refused messages; each step is retried until
-        it succeeds (:meth:`_retry`), so this returns only when everything is durable.
+        """Commit the batches, then dead-letter the refused messages (:func:`plan`); each step is
+        retried until it succeeds (:meth:`_retry`), so this returns only when all is durable.
 
         The dead letters are written after the samples and retried on their own: a failing
         ``rejected`` insert (a missing privilege...) is an outage like any other, and must not
         make the samples be written again.
         """
-        rejected = [item.rejected for item in items if item.rejected is not None]
-        todo = [item for item in items if item.batch is not None and item.rejected is None]
+        todo = plan(items)
+        rejected = list(todo.refused)
         result = WriteResult(batches=0, samples=0, inserted=0)
         newest: int | None = None
-        if todo:
+        if todo.store:
             result, refused, stored = await self._retry(
-                functools.partial(self._write, writer, todo)
+                functools.partial(self._write, writer, todo.store), _OUTAGE_LINE
             )
             rejected.extend(refused)
-            newest = max((b.samples[-1].ts for b in stored if b.samples), default=None)
+            newest = newest_sample(stored)
         if rejected:
-            await self._retry(functools.partial(writer.reject, rejected))
+            await self._retry(functools.partial(writer.reject, rejected), _OUTAGE_LINE)
         return _Stored(result, rejected, newest)
 
     async def _write(
         self, writer: Writer, items: Sequence[Item]
     ) -> tuple[WriteResult, list[Rejected], list[Batch]]:
-        """One transaction for all ``items``; if the database refuses their values, one per
-        message (:meth:`_store_each`). Any other error propagates: it is an outage."""
+        """One transaction for all ``items``; if the database refuses their values
+        (:attr:`Fault.VALUES`), one per message (:meth:`_write_each`). An outage propagates."""
         batches = [item.batch for item in items if item.batch is not None]
         try:
             return await writer.write(batches), [], batches
         except Exception as exc:
-            if not is_data_error(exc):
+            if fault(exc) is Fault.OUTAGE:
                 raise
             log.warning(
                 "batch refused by the database; writing its messages one by one",
                 extra=kv(messages=len(items), error=describe(exc)),
             )
-        return await self._store_each(writer, items)
+        return await self._write_each(writer, items)
 
-    async def _store_each(
+    async def _write_each(
         self, writer: Writer, items: Sequence[Item]
     ) -> tuple[WriteResult, list[Rejected], list[Batch]]:
-        """Write each message alone; dead-letter one only if its own write raised a data error
-        (:func:`is_data_error`) and a probe write of a plain sample works (:meth:`Writer.probe`),
-        which proves the fault is in that message's values. Anything else is an outage."""
-        batches = samples = inserted = 0
-        refused: list[Rejected] = []
-        stored: list[Batch] = []
-        probed = False
-        for item in items:
-            if item.batch is None:
-                continue
+        """Write each message alone; dead-letter one by the rule of :class:`Split` (its own data
+        error, proven by a probe write that works: :meth:`Writer.probe`). An outage propagates."""
+        split = Split()
+        for item, batch in split.todo(items):
             try:
-                one = await writer.write([item.batch])
+                one = await writer.write([batch])
             except Exception as exc:
-                if not is_data_error(exc):
+                if fault(exc) is Fault.OUTAGE:
                     raise
-                if not probed:
+                if split.needs_probe(exc):
                     await writer.probe()  # raises if the deployment cannot write at all
-                    probed = True
-                detail = describe(exc)
-                detail = f"SQLSTATE {detail}" if getattr(exc, "sqlstate", None) else detail
-                refused.append(_rejected(item.inbound, "db_error", detail))
+                    split.probe_worked()
+                split.refuse(item, exc)
                 continue
-            stored.append(item.batch)
-            batches += one.batches
-            samples += one.samples
-            inserted += one.inserted
-        return WriteResult(batches=batches, samples=samples, inserted=inserted), refused, stored
+            split.wrote(batch, one)
+        return split.result, split.refused, split.stored
 
-    def _publish_acks(self, subscriber: Subscriber, items: Sequence[Item]) -> None:
-        """Publish one ``ack/<vin>`` per vehicle naming its batches now durable, duplicates too.
+    async def _retry(
+        self,
+        op: Callable[[], Awaitable[_T]],
+        what: str,
+        *,
+        on: Callable[[BaseException], bool] = _outage,
+    ) -> _T:
+        """Run ``op`` until it succeeds, forever, waiting between attempts with stamina's capped,
+        jittered exponential backoff (``retry_initial_s`` doubling up to ``retry_max_s``).
 
-        A decoded batch that was dead-lettered (future timestamps, refused by the database) is
-        acked as well: its bytes are in ``rejected`` for an operator to replay, and a device
-        resending it forever would help nobody.
+        Every error ``on`` accepts is an outage (:meth:`_write` has already turned data errors
+        into dead letters): the same batch is retried however long it takes, nothing is acked
+        meanwhile, ``/healthz`` is red and one line per ``_OUTAGE_LOG_EVERY_S`` says ``what``.
+        An error ``on`` refuses propagates at once.
         """
-        per_vin: dict[str, list[int]] = {}
-        for item in items:
-            batch = item.batch
-            if batch is None:
-                continue
-            ids = per_vin.setdefault(batch.vin, [])
-            if batch.batch not in ids:
-                ids.append(batch.batch)
-        for vin, ids in per_vin.items():
-            subscriber.publish(ack_topic(vin), encode(Ack(v=SCHEMA_VERSION, vin=vin, batches=ids)))
-
-    async def _retry(self, op: Callable[[], Awaitable[_T]]) -> _T:
-        """Run ``op`` until it succeeds, sleeping with capped jittered backoff after each failure.
-
-        Every error that reaches here is an outage (:meth:`_write` has already turned data
-        errors into dead letters): the same batch is retried however long it takes, nothing is
-        acked meanwhile, ``/healthz`` is red and one line per ``_OUTAGE_LOG_EVERY_S`` says why.
-        """
-        attempt = 0
+        s = self.settings
+        failed = 0
         try:
-            while True:
-                try:
-                    value = await op()
-                except Exception as exc:  # noqa: BLE001 - an outage, whatever it is (see above)
-                    attempt += 1
-                    if attempt == 1:
-                        self._failing += 1
-                    delay = self._backoff(attempt)
-                    self._database_failed(
-                        exc,
-                        "database outage: retrying the same batch, acking nothing",
-                        attempt,
-                        delay,
-                    )
-                    # A failed write leaves reference cycles (exception, traceback, frames) that
-                    # hold the batch's staging rows; in a long outage they pile up faster than the
-                    # cyclic GC's full passes come, and RSS climbs. Collecting here keeps memory
-                    # flat, and costs nothing that matters while the database is failing anyway.
-                    gc.collect()
-                    await asyncio.sleep(delay)
-                    continue
-                if attempt:
-                    self._failing -= 1
-                    attempt, retried = 0, attempt
-                    self._database_recovered(retried)
-                else:
-                    self._db_ok()
-                return value
+            async for attempt in stamina.retry_context(
+                on=on,
+                attempts=None,
+                timeout=None,
+                wait_initial=s.retry_initial_s,
+                wait_max=s.retry_max_s,
+                # Up to this much is added to each wait below the cap (stamina adds none at the
+                # cap): consumers that lost the same database drift apart, not in step.
+                wait_jitter=s.retry_initial_s,
+            ):
+                with attempt:
+                    try:
+                        value = await op()
+                    except BaseException as exc:
+                        if on(exc):
+                            failed = attempt.num
+                            if failed == 1:
+                                self._failing += 1
+                            # next_wait: the wait before the next attempt, less its jitter.
+                            self._database_failed(exc, what, failed, attempt.next_wait)
+                            # A failed write leaves reference cycles (exception, traceback,
+                            # frames) that hold the batch's staging rows; in a long outage they
+                            # pile up faster than the cyclic GC's full passes come, and RSS
+                            # climbs. Collecting here keeps memory flat, and costs nothing that
+                            # matters while the database is failing anyway.
+                            gc.collect()
+                        raise
         finally:
-            if attempt:  # cancelled while failing (shutdown): no longer retrying
+            if failed:  # recovered, or cancelled while failing (shutdown): no longer retrying
                 self._failing -= 1
+        if failed:
+            self._database_recovered(failed)
+        else:
+            self._db_ok()
+        return value
 
     def _database_failed(self, exc: BaseException, what: str, attempt: int, delay: float) -> None:
         """Count a failed database call, turn health red, log one line (rate-limited)."""
@@ -585,11 +572,6 @@ class Consumer:
             self._outage_since = None
             self.metrics.outage_seconds.set(0)
         self._db_ok()
-
-    def _backoff(self, attempt: int) -> float:
-        s = self.settings
-        cap = min(s.retry_max_s, s.retry_initial_s * 2.0 ** min(attempt - 1, 30))
-        return cap / 2 + random.uniform(0, cap / 2)  # jitter: consumers must not retry in step
 
     def _db_ok(self) -> None:
         self._last_db_ok = time.monotonic()

@@ -19,7 +19,8 @@ from typing import Annotated, Final, Literal
 import msgspec
 
 from revline.contract import Vin
-from revline.settings import ConfigError, load
+from revline.mqtt import parse_mqtt_url
+from revline.settings import ConfigError, check_fields, load
 
 __all__ = [
     "DEFAULT_CONFIG_PATH",
@@ -115,8 +116,11 @@ class EdgeSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     """On SIGTERM, time allowed to flush the spool and publish what is open before closing."""
 
     def __post_init__(self) -> None:
-        # Cross-field checks that a msgspec constraint cannot express. ConfigError is not a
+        # Built directly or loaded, the same checks: every constraint above (msgspec checks them
+        # only when converting), then what a constraint cannot express. ConfigError is not a
         # ValueError, so msgspec lets it through unchanged and the operator sees the key.
+        check_fields(self)
+        parse_mqtt_url(self.mqtt_url)
         if self.source == "ble" and not (self.ble_name or self.ble_address):
             raise ConfigError("ble_name", "", "source = 'ble' needs ble_name or ble_address")
         if self.reconnect_max_s < self.reconnect_min_s:

@@ -29,7 +29,7 @@ from typing import Annotated, Any, Final, Literal, Protocol
 
 import msgspec
 
-from revline.settings import ConfigError, load
+from revline.settings import ConfigError, check_fields, load
 
 __all__ = [
     "MODES",
@@ -56,8 +56,11 @@ TABLE: Final = "revline_migrations"
 
 _UNITS = r"(microseconds?|milliseconds?|seconds?|minutes?|hours?|days?|weeks?|months?|years?)"
 _INTERVAL = rf"^\d+ ?{_UNITS}( \d+ ?{_UNITS})*$"
-Interval = Annotated[str, msgspec.Meta(pattern=_INTERVAL)]
-Retention = Annotated[str, msgspec.Meta(pattern=rf"^forever$|{_INTERVAL}")]
+_LIKE = "an interval like '7 days' or '12 months'"
+Interval = Annotated[str, msgspec.Meta(pattern=_INTERVAL, description=_LIKE)]
+Retention = Annotated[
+    str, msgspec.Meta(pattern=rf"^forever$|{_INTERVAL}", description=f"{_LIKE} or 'forever'")
+]
 
 
 class MigrateSettings(msgspec.Struct, frozen=True, kw_only=True):
@@ -75,12 +78,13 @@ class MigrateSettings(msgspec.Struct, frozen=True, kw_only=True):
     partitions_ahead: Annotated[int, msgspec.Meta(ge=1, le=366)] = 7
     """Plain mode: daily partitions created ahead of today."""
 
-
-_INTERVAL_KEYS: Final = frozenset(
-    name
-    for name, kind in MigrateSettings.__annotations__.items()
-    if kind in ("Interval", "Retention")
-)
+    def __post_init__(self) -> None:
+        # Built directly or loaded, the same checks (see revline.settings).
+        check_fields(self)
+        if not self.database_url.startswith(("postgres://", "postgresql://")):
+            raise ConfigError(
+                "database_url", "", f"expected postgresql://..., got {self.database_url!r}"
+            )
 
 
 def load_settings(
@@ -88,26 +92,11 @@ def load_settings(
     flags: Mapping[str, object] | None = None,
     environ: Mapping[str, str] | None = None,
 ) -> MigrateSettings:
-    """Defaults < ``DATABASE_URL`` < ``REVLINE_*`` < flags; checked once."""
+    """Defaults < ``DATABASE_URL`` < ``REVLINE_*`` < flags, checked by :class:`MigrateSettings`."""
     env = dict(os.environ if environ is None else environ)
     if "DATABASE_URL" in env:
         env.setdefault("REVLINE_DATABASE_URL", env["DATABASE_URL"])
-    try:
-        settings = load(MigrateSettings, environ=env, flags=flags)
-    except ConfigError as exc:
-        if exc.key in _INTERVAL_KEYS:
-            expected = "expected an interval like '7 days' or '12 months'"
-            if exc.key.endswith("retention"):
-                expected += " or 'forever'"
-            raise ConfigError(
-                exc.key, exc.source, f"{expected}, got {exc.expected.split(', got ')[-1]}"
-            ) from exc
-        raise
-    if not settings.database_url.startswith(("postgres://", "postgresql://")):
-        raise ConfigError(
-            "database_url", "", f"expected postgresql://..., got {settings.database_url!r}"
-        )
-    return settings
+    return load(MigrateSettings, environ=env, flags=flags)
 
 
 class MigrationError(Exception):
