@@ -16,11 +16,14 @@ import pytest
 
 from revline.cli import main
 from revline.consumer.writer import Rejected, Writer
-from revline.storage.errors import is_data_error
+from revline.storage.errors import UnusableDatabaseError, is_data_error
 from revline.storage.maintenance import maintain
 from revline.storage.migrate import (
+    AppliedMigrations,
+    AsyncpgSession,
     MigrateSettings,
     MigrationError,
+    applied_migrations,
     default_sql_dir,
     discover,
     migrate_dsn,
@@ -48,6 +51,14 @@ async def _fetch(url: str, sql: str, *args: object) -> list[asyncpg.Record]:
     connection = await asyncpg.connect(url)
     try:
         return list(await connection.fetch(sql, *args))
+    finally:
+        await connection.close()
+
+
+async def _applied(url: str) -> AppliedMigrations:
+    connection = await asyncpg.connect(url)
+    try:
+        return await applied_migrations(AsyncpgSession(connection))
     finally:
         await connection.close()
 
@@ -86,8 +97,8 @@ def test_concurrent_migrators_apply_each_migration_once(database_url: str) -> No
         applied = [key for report in reports for key in report.applied]
         assert sorted(applied) == sorted(set(applied))
         assert len(applied) == len(discover(default_sql_dir(), "postgres"))
-        rows = await _fetch(database_url, "SELECT key FROM revline_migrations")
-        assert sorted(r["key"] for r in rows) == sorted(applied)
+        recorded = await _applied(database_url)
+        assert sorted(recorded.checksums) == sorted(applied)
 
     _run(scenario())
 
@@ -107,8 +118,7 @@ def test_failing_migration_leaves_the_database_as_it_was(database_url: str, tmp_
         with pytest.raises(MigrationError, match=r"099_broken\.sql failed"):
             await migrate_dsn(database_url, SETTINGS, tmp_path)
         assert await _schema(database_url) == before
-        keys = {r["key"] for r in await _fetch(database_url, "SELECT key FROM revline_migrations")}
-        assert "099_broken" not in keys
+        assert "099_broken" not in (await _applied(database_url)).checksums
         broken.write_text("CREATE TABLE half_done (id int);\n")
         report = await migrate_dsn(database_url, SETTINGS, tmp_path)
         assert report.applied == ["099_broken"]
@@ -175,6 +185,27 @@ def test_migrate_command_rejects_a_bad_interval(
         _fetch(database_url, "SELECT count(*) AS n FROM pg_tables WHERE tablename = 'samples'")
     )
     assert rows[0]["n"] == 0
+
+
+def test_a_database_never_migrated_reads_as_such_and_is_not_maintained(database_url: str) -> None:
+    """Without the migrations table the database has no recorded migration and no mode, and a
+    maintenance pass says it is not migrated instead of failing on a missing table."""
+
+    async def scenario() -> None:
+        recorded = await _applied(database_url)
+        assert (recorded.mode, recorded.checksums) == (None, {})
+        connection = await asyncpg.connect(database_url)
+        try:
+            with pytest.raises(UnusableDatabaseError, match="not migrated"):
+                await maintain(connection)
+        finally:
+            await connection.close()
+        await migrate_dsn(database_url, SETTINGS)
+        recorded = await _applied(database_url)
+        assert recorded.mode == "postgres"
+        assert list(recorded.checksums) == [m.key for m in discover(default_sql_dir(), "postgres")]
+
+    _run(scenario())
 
 
 def _revline(*args: str) -> subprocess.CompletedProcess[str]:
