@@ -27,9 +27,8 @@ from tests.fixtures.consumer import (
     migrate,
     publisher,
     query,
-    wait_until,
 )
-from tests.fixtures.services import MosquittoFactory, PostgresService
+from tests.fixtures.services import MosquittoFactory, PostgresService, wait_until
 
 
 def test_kill_9_mid_stream_then_restart_stores_every_sample_exactly_once(

@@ -16,9 +16,8 @@ from tests.fixtures.consumer import (
     migrate,
     publisher,
     query,
-    wait_until,
 )
-from tests.fixtures.services import parse_mqtt_url
+from tests.fixtures.services import parse_mqtt_url, wait_until
 
 
 class AckListener:

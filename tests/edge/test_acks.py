@@ -32,8 +32,8 @@ from tests.fixtures.edge import (
     running_acker,
     running_edge,
     spool_query,
-    wait_for,
 )
+from tests.fixtures.services import wait_until
 
 T0 = 1_750_000_000_000_000  # test data time, µs: never the wall clock
 
@@ -118,23 +118,39 @@ def test_poison_acks_are_dead_lettered_and_the_edge_keeps_publishing(
         send(bad, topic, retained, retain=True)
         try:
             with running_edge(settings):
-                wait_for(lambda: read_status(path).rejected >= 1, 30, "the retained poison")
-                wait_for(lambda: len(acker.seqs()) >= 200, 60, "samples before the poison")
+                wait_until(
+                    lambda: read_status(path).rejected >= 1, what="the retained poison", timeout=30
+                )
+                wait_until(
+                    lambda: len(acker.seqs()) >= 200, what="samples before the poison", timeout=60
+                )
                 for payload in poison.values():
                     send(bad, topic, payload)
                 count = 1 + len(poison)
-                wait_for(lambda: read_status(path).rejected >= count, 30, "every dead letter")
+                wait_until(
+                    lambda: read_status(path).rejected >= count,
+                    what="every dead letter",
+                    timeout=30,
+                )
                 before = len(acker.seqs())
-                wait_for(lambda: len(acker.seqs()) >= before + 200, 60, "samples after it")
+                wait_until(
+                    lambda: len(acker.seqs()) >= before + 200, what="samples after it", timeout=60
+                )
             # A restart meets the retained poison again at its first subscription.
             with running_edge(settings):
-                wait_for(lambda: read_status(path).rejected >= count + 1, 30, "the restart")
+                wait_until(
+                    lambda: read_status(path).rejected >= count + 1, what="the restart", timeout=30
+                )
                 again = len(acker.seqs())
-                wait_for(lambda: len(acker.seqs()) >= again + 200, 60, "samples after restart")
+                wait_until(
+                    lambda: len(acker.seqs()) >= again + 200,
+                    what="samples after restart",
+                    timeout=60,
+                )
         finally:
             send(bad, topic, b"", retain=True)  # clear it for the session broker's other tests
         total = int(spool_query(path, "SELECT count(*) FROM samples")[0][0])
-        wait_for(lambda: len(set(acker.seqs())) >= total, 30, "every sample")
+        wait_until(lambda: len(set(acker.seqs())) >= total, what="every sample", timeout=30)
     assert sorted(set(acker.seqs())) == list(range(total))
     status = read_status(path)
     assert status.durable == total  # stopping waited for the acks: every sample is durable
@@ -185,27 +201,39 @@ def test_forged_ack_before_the_puback_marks_nothing_durable(
         settings = settings_for(tmp_path, unique_vin, proxy.url())
         path = settings.spool_path
         with running_edge(settings):
-            wait_for(lambda: cold_counts(database_url, unique_vin)[0] >= 300, 60, "300 rows")
+            wait_until(
+                lambda: cold_counts(database_url, unique_vin)[0] >= 300, what="300 rows", timeout=60
+            )
             proxy.hold()  # the edge's PUBLISHes now wait in front of the broker: no PUBACK
-            wait_for(lambda: len(held_batches(path)) >= 3, 30, "batches sent, not PUBACKed")
+            wait_until(
+                lambda: len(held_batches(path)) >= 3, what="batches sent, not PUBACKed", timeout=30
+            )
             time.sleep(0.5)  # any PUBACK of a batch sent before the hold has come back by now
             held = held_batches(path)
             (next_id,) = spool_query(path, "SELECT max(id) + 1 FROM batches")[0]
             forged = [*held, *range(next_id, next_id + 6)]
             send(bad, ack_topic(unique_vin), encode(Ack(v=1, vin=unique_vin, batches=forged)))
-            wait_for(
+            wait_until(
                 lambda: (
                     read_status(path).acks_ignored >= len(forged) or bool(durable_ids(path, held))
                 ),
-                30,
-                "the edge to read the forged ack",
+                what="the edge to read the forged ack",
+                timeout=30,
             )
             assert durable_ids(path, held) == []
             assert read_status(path).acks_ignored == len(forged)
             proxy.release()
-            wait_for(lambda: durable_ids(path, held) == held, 60, "the held batches, for real")
+            wait_until(
+                lambda: durable_ids(path, held) == held,
+                what="the held batches, for real",
+                timeout=60,
+            )
         (total,) = spool_query(path, "SELECT count(*) FROM samples")[0]
-        wait_for(lambda: cold_counts(database_url, unique_vin)[0] >= total, 60, "every sample")
+        wait_until(
+            lambda: cold_counts(database_url, unique_vin)[0] >= total,
+            what="every sample",
+            timeout=60,
+        )
         assert cold_counts(database_url, unique_vin) == (total, total)
     (open_,) = spool_query(path, "SELECT count(*) FROM batches WHERE state < 2")[0]
     assert open_ == 0
@@ -235,12 +263,12 @@ def test_an_exception_in_a_paho_callback_does_not_stop_the_publisher(
         thread = threading.Thread(target=publisher.run, name="publisher", daemon=True)
         thread.start()
         try:
-            wait_for(
+            wait_until(
                 lambda: (
                     (spool.unbatched(), spool.open_batches()) == (0, 0) or not thread.is_alive()
                 ),
-                60,
-                "every batch acked end to end",
+                what="every batch acked end to end",
+                timeout=60,
             )
             assert thread.is_alive()
         finally:

@@ -6,7 +6,8 @@ from pathlib import Path
 
 from revline.edge.config import EdgeSettings
 from tests.fixtures.consumer import cold_counts, consumer_process, migrate
-from tests.fixtures.edge import running_edge, spool_query, wait_for
+from tests.fixtures.edge import running_edge, spool_query
+from tests.fixtures.services import wait_until
 
 
 def test_simulated_drive_reaches_the_cold_table_exactly_once(
@@ -30,9 +31,17 @@ def test_simulated_drive_reaches_the_cold_table_exactly_once(
     ) as consumer:
         consumer.start()
         with running_edge(settings):
-            wait_for(lambda: cold_counts(database_url, unique_vin)[0] >= 1000, 90, "1000 rows")
+            wait_until(
+                lambda: cold_counts(database_url, unique_vin)[0] >= 1000,
+                what="1000 rows",
+                timeout=90,
+            )
         (total,) = spool_query(path, "SELECT count(*) FROM samples")[0]
-        wait_for(lambda: cold_counts(database_url, unique_vin)[0] >= total, 60, "every sample")
+        wait_until(
+            lambda: cold_counts(database_url, unique_vin)[0] >= total,
+            what="every sample",
+            timeout=60,
+        )
         assert cold_counts(database_url, unique_vin) == (total, total)
     (open_,) = spool_query(path, "SELECT count(*) FROM batches WHERE state < 2")[0]
     (durable,) = spool_query(path, "SELECT coalesce(sum(n), 0) FROM batches WHERE state = 2")[0]

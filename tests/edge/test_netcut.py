@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 
 from tests.fixtures.consumer import cold_counts, consumer_process, migrate
-from tests.fixtures.edge import spool_query, wait_for
-from tests.fixtures.services import MosquittoFactory, free_port
+from tests.fixtures.edge import spool_query
+from tests.fixtures.services import MosquittoFactory, free_port, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 HOST_IP = "10.231.7.1"  # a /30 that exists only on this veth pair, inside this test
@@ -105,7 +105,11 @@ def test_silent_link_loss_loses_nothing_and_resumes(
             mqtt_url=broker.url, database_url=database_url, client_id=f"c-{unique_vin}"
         ) as consumer:
             consumer.start()
-            wait_for(lambda: cold_counts(database_url, unique_vin)[0] >= 300, 60, "first rows")
+            wait_until(
+                lambda: cold_counts(database_url, unique_vin)[0] >= 300,
+                what="first rows",
+                timeout=60,
+            )
             link.cut()
             cut_at = time.monotonic()
             time.sleep(3)
@@ -116,13 +120,19 @@ def test_silent_link_loss_loses_nothing_and_resumes(
             (spooled,) = spool_query(spool, "SELECT count(*) FROM samples")[0]
             assert spooled >= stored_during_cut + 1_000
             link.restore()
-            wait_for(
-                lambda: cold_counts(database_url, unique_vin)[0] >= spooled, 90, "the backlog"
+            wait_until(
+                lambda: cold_counts(database_url, unique_vin)[0] >= spooled,
+                what="the backlog",
+                timeout=90,
             )
             edge.send_signal(signal.SIGTERM)
             assert edge.wait(timeout=60) == 0
             (total,) = spool_query(spool, "SELECT count(*) FROM samples")[0]
-            wait_for(lambda: cold_counts(database_url, unique_vin)[0] >= total, 30, "the rest")
+            wait_until(
+                lambda: cold_counts(database_url, unique_vin)[0] >= total,
+                what="the rest",
+                timeout=30,
+            )
             assert cold_counts(database_url, unique_vin) == (total, total)
             (open_,) = spool_query(spool, "SELECT count(*) FROM batches WHERE state < 2")[0]
             assert open_ == 0

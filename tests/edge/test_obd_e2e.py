@@ -14,8 +14,9 @@ from revline.contract import Sample
 from revline.edge.config import ENV_PREFIX, EdgeSettings, load_edge_settings
 from revline.edge.spool import row_to_sample
 from tests.fixtures.consumer import ROOT, cold_counts, consumer_process, migrate, query
-from tests.fixtures.edge import running_acker, spool_query, wait_for
+from tests.fixtures.edge import running_acker, spool_query
 from tests.fixtures.edge_sources import emulator_in
+from tests.fixtures.services import wait_until
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
@@ -92,7 +93,11 @@ def test_obd_samples_from_an_emulated_car_reach_the_broker_and_the_cold_table(
                     )[0]
                     return bool(rows["n"] >= 30 and rows["c"] >= 1 and watcher.snapshot())
 
-                wait_for(progressed, 45, "30 OBD samples with a coolant reading in the database")
+                wait_until(
+                    progressed,
+                    what="30 OBD samples with a coolant reading in the database",
+                    timeout=45,
+                )
                 edge.send_signal(signal.SIGTERM)
                 assert edge.wait(60) == 0, log_path.read_text()
             finally:
@@ -102,8 +107,10 @@ def test_obd_samples_from_an_emulated_car_reach_the_broker_and_the_cold_table(
 
             spooled = _spooled(spool)
             # Stopping waits for the end-to-end acks: the spool knows every sample is committed.
-            wait_for(
-                lambda: cold_counts(database_url, unique_vin)[0] >= len(spooled), 30, "all rows"
+            wait_until(
+                lambda: cold_counts(database_url, unique_vin)[0] >= len(spooled),
+                what="all rows",
+                timeout=30,
             )
             rows = query(
                 database_url,

@@ -12,8 +12,9 @@ from pathlib import Path
 
 from revline.edge.config import EdgeSettings
 from tests.fixtures.broker import shipped_broker
-from tests.fixtures.consumer import cold_counts, consumer_process, migrate, wait_until
+from tests.fixtures.consumer import cold_counts, consumer_process, migrate
 from tests.fixtures.edge import StoppableSim, running_edge, spool_query, spool_settled
+from tests.fixtures.services import wait_until
 
 CAR = "1HGCM82633A004352"
 CONSUMER = "revline-consumer-1"

@@ -15,8 +15,9 @@ import pytest
 
 from revline.edge.config import EdgeSettings
 from tests.fixtures.broker import OBSERVER, MqttClient, ShippedBroker, shipped_broker
-from tests.fixtures.consumer import cold_counts, consumer_process, migrate, wait_until
+from tests.fixtures.consumer import cold_counts, consumer_process, migrate
 from tests.fixtures.edge import running_edge, spool_query
+from tests.fixtures.services import wait_until
 
 CAR_A = "1HGCM82633A004352"
 CAR_B = "2HGCM82633A004353"

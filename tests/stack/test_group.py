@@ -29,10 +29,9 @@ from tests.fixtures.consumer import (
     cold_counts,
     consumer_process,
     migrate,
-    wait_until,
 )
 from tests.fixtures.edge import StoppableSim, running_edge, spool_query, spool_settled
-from tests.fixtures.services import MosquittoFactory
+from tests.fixtures.services import MosquittoFactory, wait_until
 
 SAMPLES = "revline_consumer_samples_total"
 

@@ -55,10 +55,9 @@ from tests.fixtures.consumer import (
     migrate,
     publisher,
     query,
-    wait_until,
 )
 from tests.fixtures.edge import running_edge
-from tests.fixtures.services import MosquittoFactory
+from tests.fixtures.services import MosquittoFactory, wait_until
 
 VIN = "1HGCM82633A004352"
 CONTRACT_REASONS = {

@@ -14,8 +14,8 @@ import pytest
 
 from revline.edge.config import EdgeSettings
 from tests.fixtures.consumer import cold_counts, consumer_process, migrate
-from tests.fixtures.edge import running_edge, spool_query, wait_for
-from tests.fixtures.services import MosquittoFactory, free_port
+from tests.fixtures.edge import running_edge, spool_query
+from tests.fixtures.services import MosquittoFactory, free_port, wait_until
 
 
 def _openssl(*args: str, cwd: Path) -> None:
@@ -89,7 +89,13 @@ def test_edge_and_consumer_over_tls(
     ) as consumer:
         consumer.start()
         with running_edge(settings):
-            wait_for(lambda: cold_counts(database_url, unique_vin)[0] >= 200, 60, "200 rows")
+            wait_until(
+                lambda: cold_counts(database_url, unique_vin)[0] >= 200, what="200 rows", timeout=60
+            )
         (total,) = spool_query(spool, "SELECT count(*) FROM samples")[0]
-        wait_for(lambda: cold_counts(database_url, unique_vin)[0] >= total, 60, "every sample")
+        wait_until(
+            lambda: cold_counts(database_url, unique_vin)[0] >= total,
+            what="every sample",
+            timeout=60,
+        )
         assert cold_counts(database_url, unique_vin) == (total, total)

@@ -9,7 +9,8 @@ from pathlib import Path
 
 from revline.contract import is_valid_vin
 from revline.tools.simulate import fleet_vins
-from tests.fixtures.consumer import consumer_process, migrate, query, wait_until
+from tests.fixtures.consumer import consumer_process, migrate, query
+from tests.fixtures.services import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 
