@@ -21,13 +21,13 @@ import paho.mqtt.client as paho
 import pytest
 
 from revline.contract import Ack, ack_topic, encode, encode_json
-from revline.edge.config import EdgeSettings
 from revline.edge.publisher import Publisher
 from revline.edge.spool import DURABLE, Spool, pack_values
 from revline.edge.status import format_status, read_dead_letters, read_status
 from revline.mqtt import make_client, parse_mqtt_url
-from tests.fixtures.consumer import cold_counts, consumer_process, migrate
+from tests.fixtures.consumer import ConsumerFactory, cold_counts
 from tests.fixtures.edge import (
+    edge_settings,
     holding_proxy,
     running_acker,
     running_edge,
@@ -36,24 +36,6 @@ from tests.fixtures.edge import (
 from tests.fixtures.services import wait_until
 
 T0 = 1_750_000_000_000_000  # test data time, µs: never the wall clock
-
-
-def settings_for(tmp_path: Path, vin: str, mqtt_url: str, **overrides: object) -> EdgeSettings:
-    values: dict[str, object] = {
-        "vin": vin,
-        "mqtt_url": mqtt_url,
-        "spool_path": str(tmp_path / "spool.db"),
-        "clock": "trusted",
-        "sim_hz": 10.0,
-        "sim_speedup": 10.0,  # 100 samples/s
-        "flush_interval_s": 0.2,
-        "batch_max_age_s": 0.3,
-        "reconnect_min_s": 0.2,
-        "reconnect_max_s": 1.0,
-        "shutdown_timeout_s": 10.0,
-        **overrides,
-    }
-    return EdgeSettings(**values)  # type: ignore[arg-type]
 
 
 @contextmanager
@@ -108,7 +90,7 @@ def test_poison_acks_are_dead_lettered_and_the_edge_keeps_publishing(
 ) -> None:
     """No ack payload stops the edge: each is kept with its raw bytes, samples keep flowing."""
     caplog.set_level(logging.WARNING, logger="revline.edge")
-    settings = settings_for(tmp_path, unique_vin, mqtt_url)
+    settings = edge_settings(tmp_path, unique_vin, mqtt_url, batch_max_age_s=0.3)
     path = settings.spool_path
     topic = ack_topic(unique_vin)
     poison = poison_acks(unique_vin)
@@ -186,19 +168,16 @@ def durable_ids(path: str, ids: list[int]) -> list[int]:
 
 
 def test_forged_ack_before_the_puback_marks_nothing_durable(
-    tmp_path: Path, mqtt_url: str, database_url: str, unique_vin: str
+    tmp_path: Path,
+    mqtt_url: str,
+    database_url: str,
+    unique_vin: str,
+    make_consumer: ConsumerFactory,
 ) -> None:
     """Acks for batches sent but not PUBACKed, and for the next ids, are ignored; none is lost."""
-    migrate(database_url)
-    with (
-        holding_proxy(mqtt_url) as proxy,
-        consumer_process(
-            mqtt_url=mqtt_url, database_url=database_url, client_id=f"c-{unique_vin}"
-        ) as consumer,
-        forger(mqtt_url) as bad,
-    ):
-        consumer.start()
-        settings = settings_for(tmp_path, unique_vin, proxy.url())
+    make_consumer()
+    with holding_proxy(mqtt_url) as proxy, forger(mqtt_url) as bad:
+        settings = edge_settings(tmp_path, unique_vin, proxy.url(), batch_max_age_s=0.3)
         path = settings.spool_path
         with running_edge(settings):
             wait_until(
@@ -255,7 +234,7 @@ def test_an_exception_in_a_paho_callback_does_not_stop_the_publisher(
     tmp_path: Path, mqtt_url: str, unique_vin: str
 ) -> None:
     """A callback that raises is logged and its connection started over; every sample arrives."""
-    settings = settings_for(tmp_path, unique_vin, mqtt_url)
+    settings = edge_settings(tmp_path, unique_vin, mqtt_url, batch_max_age_s=0.3)
     rows = [(T0 + i * 100_000, pack_values({"rpm": 800.0 + i % 50}), None) for i in range(3000)]
     with Spool(settings.spool_path) as spool, running_acker(mqtt_url, unique_vin) as acker:
         spool.write(rows)

@@ -5,16 +5,19 @@ from __future__ import annotations
 from pathlib import Path
 
 from revline.edge.config import EdgeSettings
-from tests.fixtures.consumer import cold_counts, consumer_process, migrate
+from tests.fixtures.consumer import ConsumerFactory, cold_counts
 from tests.fixtures.edge import running_edge, spool_query
 from tests.fixtures.services import wait_until
 
 
 def test_simulated_drive_reaches_the_cold_table_exactly_once(
-    tmp_path: Path, mqtt_url: str, database_url: str, unique_vin: str
+    tmp_path: Path,
+    mqtt_url: str,
+    database_url: str,
+    unique_vin: str,
+    make_consumer: ConsumerFactory,
 ) -> None:
     """Samples go sim -> spool -> broker -> consumer -> cold table, acked back into the spool."""
-    migrate(database_url)
     path = str(tmp_path / "spool.db")
     settings = EdgeSettings(
         vin=unique_vin,
@@ -26,23 +29,20 @@ def test_simulated_drive_reaches_the_cold_table_exactly_once(
         batch_max_age_s=0.5,
         shutdown_timeout_s=10.0,
     )
-    with consumer_process(
-        mqtt_url=mqtt_url, database_url=database_url, client_id=f"c-{unique_vin}"
-    ) as consumer:
-        consumer.start()
-        with running_edge(settings):
-            wait_until(
-                lambda: cold_counts(database_url, unique_vin)[0] >= 1000,
-                what="1000 rows",
-                timeout=90,
-            )
-        (total,) = spool_query(path, "SELECT count(*) FROM samples")[0]
+    make_consumer()
+    with running_edge(settings):
         wait_until(
-            lambda: cold_counts(database_url, unique_vin)[0] >= total,
-            what="every sample",
-            timeout=60,
+            lambda: cold_counts(database_url, unique_vin)[0] >= 1000,
+            what="1000 rows",
+            timeout=90,
         )
-        assert cold_counts(database_url, unique_vin) == (total, total)
+    (total,) = spool_query(path, "SELECT count(*) FROM samples")[0]
+    wait_until(
+        lambda: cold_counts(database_url, unique_vin)[0] >= total,
+        what="every sample",
+        timeout=60,
+    )
+    assert cold_counts(database_url, unique_vin) == (total, total)
     (open_,) = spool_query(path, "SELECT count(*) FROM batches WHERE state < 2")[0]
     (durable,) = spool_query(path, "SELECT coalesce(sum(n), 0) FROM batches WHERE state = 2")[0]
     # Stopping waits for the end-to-end acks, so the spool knows all of it is in the database.

@@ -13,7 +13,7 @@ from pathlib import Path
 from revline.contract import Sample
 from revline.edge.config import ENV_PREFIX, EdgeSettings, load_edge_settings
 from revline.edge.spool import row_to_sample
-from tests.fixtures.consumer import ROOT, cold_counts, consumer_process, migrate, query
+from tests.fixtures.consumer import ROOT, ConsumerFactory, cold_counts, query
 from tests.fixtures.edge import running_acker, spool_query
 from tests.fixtures.edge_sources import emulator_in
 from tests.fixtures.services import wait_until
@@ -33,10 +33,13 @@ def _spooled(spool: str) -> dict[int, Sample]:
 
 
 def test_obd_samples_from_an_emulated_car_reach_the_broker_and_the_cold_table(
-    tmp_path: Path, mqtt_url: str, database_url: str, unique_vin: str
+    tmp_path: Path,
+    mqtt_url: str,
+    database_url: str,
+    unique_vin: str,
+    make_consumer: ConsumerFactory,
 ) -> None:
     """Real decoded OBD values land once per (vin, ts, seq), and the spool sees them all durable."""
-    migrate(database_url)
     spool = str(tmp_path / "spool.db")
     log_path = tmp_path / "edge.log"
     config = tmp_path / "edge.toml"
@@ -61,14 +64,9 @@ def test_obd_samples_from_an_emulated_car_reach_the_broker_and_the_cold_table(
         assert isinstance(settings, EdgeSettings)
         assert settings.source == "obd"
 
-        with (
-            running_acker(mqtt_url, unique_vin) as watcher,
-            consumer_process(
-                mqtt_url=mqtt_url, database_url=database_url, client_id=f"c-{unique_vin}"
-            ) as consumer,
-        ):
+        with running_acker(mqtt_url, unique_vin) as watcher:
             watcher.acking = False  # only watches the broker: acks are the real consumer's job
-            consumer.start()
+            make_consumer()
             env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
             with log_path.open("ab") as log:
                 edge = subprocess.Popen(

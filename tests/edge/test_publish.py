@@ -11,55 +11,22 @@ import sys
 import time
 from pathlib import Path
 
-from revline.edge.config import EdgeSettings
-from revline.edge.spool import DURABLE, PUBLISHED, Spool
-from tests.fixtures.edge import running_acker, running_edge, spool_query
+from revline.edge.spool import Spool
+from tests.fixtures.edge import (
+    all_durable,
+    edge_settings,
+    published,
+    running_acker,
+    running_edge,
+    spool_query,
+    spooled,
+    spooled_so_far,
+)
 from tests.fixtures.services import MosquittoService, wait_until
 
 # The issue asks for a 2-minute outage: long enough for paho's reconnect backoff to reach its
 # ceiling and for a backlog of ~12k samples. REVLINE_EDGE_OUTAGE_S shortens it while iterating.
 OUTAGE_S = float(os.environ.get("REVLINE_EDGE_OUTAGE_S", "120"))
-
-
-def edge_settings(tmp_path: Path, vin: str, mqtt_url: str, **overrides: object) -> EdgeSettings:
-    values: dict[str, object] = {
-        "vin": vin,
-        "mqtt_url": mqtt_url,
-        "spool_path": str(tmp_path / "spool.db"),
-        "clock": "trusted",
-        "sim_hz": 10.0,
-        "sim_speedup": 10.0,  # 100 samples/s
-        "flush_interval_s": 0.2,
-        "batch_max_age_s": 0.5,
-        "reconnect_min_s": 0.2,
-        "reconnect_max_s": 1.0,
-        "shutdown_timeout_s": 10.0,
-        **overrides,
-    }
-    return EdgeSettings(**values)  # type: ignore[arg-type]
-
-
-def spooled(path: str) -> int:
-    (n,) = spool_query(path, "SELECT coalesce(max(seq), -1) + 1 FROM samples")[0]
-    return int(n)
-
-
-def spooled_so_far(path: str) -> int:
-    """Like ``spooled`` but 0 while the service is still creating the spool."""
-    try:
-        return spooled(path)
-    except sqlite3.Error:
-        return 0
-
-
-def published(path: str) -> int:
-    (n,) = spool_query(path, "SELECT count(*) FROM batches WHERE state = ?", PUBLISHED)[0]
-    return int(n)
-
-
-def all_durable(path: str) -> bool:
-    (open_,) = spool_query(path, "SELECT count(*) FROM batches WHERE state < ?", DURABLE)[0]
-    return int(open_) == 0
 
 
 def test_sim_samples_reach_the_broker_once_and_are_acked(

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from revline.edge.config import EdgeSettings
-from tests.fixtures.consumer import cold_counts, consumer_process, migrate
+from tests.fixtures.consumer import ConsumerFactory, cold_counts
 from tests.fixtures.edge import running_edge, spool_query
 from tests.fixtures.services import MosquittoFactory, free_port, wait_until
 
@@ -48,6 +48,7 @@ def test_edge_and_consumer_over_tls(
     database_url: str,
     unique_vin: str,
     tmp_path: Path,
+    make_consumer: ConsumerFactory,
 ) -> None:
     """With mqtts:// and the CA file, samples cross a TLS-only broker into the cold table."""
     tls_port = free_port()
@@ -69,7 +70,6 @@ def test_edge_and_consumer_over_tls(
         pytest.raises(ssl.SSLCertVerificationError),
     ):
         context.wrap_socket(raw, server_hostname="localhost").close()
-    migrate(database_url)
     spool = str(tmp_path / "spool.db")
     settings = EdgeSettings(
         vin=unique_vin,
@@ -81,21 +81,15 @@ def test_edge_and_consumer_over_tls(
         batch_max_age_s=0.5,
         shutdown_timeout_s=10.0,
     )
-    with consumer_process(
-        mqtt_url=url,
-        database_url=database_url,
-        client_id=f"c-{unique_vin}",
-        args=["--ca-file", ca],
-    ) as consumer:
-        consumer.start()
-        with running_edge(settings):
-            wait_until(
-                lambda: cold_counts(database_url, unique_vin)[0] >= 200, what="200 rows", timeout=60
-            )
-        (total,) = spool_query(spool, "SELECT count(*) FROM samples")[0]
+    make_consumer(mqtt_url=url, args=["--ca-file", ca])
+    with running_edge(settings):
         wait_until(
-            lambda: cold_counts(database_url, unique_vin)[0] >= total,
-            what="every sample",
-            timeout=60,
+            lambda: cold_counts(database_url, unique_vin)[0] >= 200, what="200 rows", timeout=60
         )
-        assert cold_counts(database_url, unique_vin) == (total, total)
+    (total,) = spool_query(spool, "SELECT count(*) FROM samples")[0]
+    wait_until(
+        lambda: cold_counts(database_url, unique_vin)[0] >= total,
+        what="every sample",
+        timeout=60,
+    )
+    assert cold_counts(database_url, unique_vin) == (total, total)
