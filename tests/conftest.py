@@ -3,10 +3,15 @@
 Each service starts once per session, on first use (see revline/tools/localservices.py for how it
 is found: ``MQTT_URL``/``DATABASE_URL``, else Docker, else local binaries). A missing binary fails
 the test with an install hint; nothing is skipped silently.
+
+On top of them, what the integration tests share: a migrated database, a listener on the test
+vehicle's ack topic, and factories of consumer processes and publishers that close what they made
+when the test ends.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import re
@@ -15,6 +20,14 @@ from collections.abc import Iterator, Sequence
 
 import pytest
 
+from revline.storage.migrate import MigrateSettings, migrate_dsn
+from tests.fixtures.consumer import (
+    AckListener,
+    ConsumerFactory,
+    ConsumerProcess,
+    Publisher,
+    PublisherFactory,
+)
 from tests.fixtures.services import MosquittoFactory, MosquittoService, PostgresService
 
 logger = logging.getLogger(__name__)
@@ -130,3 +143,75 @@ def make_mosquitto() -> Iterator[MosquittoFactory]:
     yield make
     for service in reversed(made):
         service.close()
+
+
+@pytest.fixture
+def migrated_db(database_url: str) -> str:
+    """This test's own database (:func:`database_url`) with the schema ``revline migrate`` makes."""
+    asyncio.run(migrate_dsn(database_url, MigrateSettings(database_url=database_url)))
+    return database_url
+
+
+@pytest.fixture
+def ack_listener(mqtt_url: str, unique_vin: str) -> Iterator[AckListener]:
+    """The batch ids acked on ``ack/<unique_vin>`` of the session broker, from before the test
+    body runs."""
+    listener = AckListener(mqtt_url, unique_vin)
+    yield listener
+    listener.close()
+
+
+@pytest.fixture
+def make_consumer(mqtt_url: str, migrated_db: str) -> Iterator[ConsumerFactory]:
+    """Factory of ``revline consumer`` subprocesses, each killed and its broker session dropped
+    after the test.
+
+    Call as ``make_consumer(client_id=..., args=[...])``: by default it reads the session broker
+    and writes this test's migrated database, under a client id of its own, and it returns once
+    the consumer is healthy (``start=False``: not started yet; call ``.start()``, or ``.launch()``
+    for one that cannot become healthy). ``drop=False``: no broker session is dropped after the
+    test (a consumer that never reaches its broker has none).
+    """
+    made: list[ConsumerProcess] = []
+    session_broker = mqtt_url  # the arguments of make() below shadow the fixture's
+
+    def make(
+        *,
+        client_id: str | None = None,
+        mqtt_url: str | None = None,
+        database_url: str | None = None,
+        args: Sequence[str] = (),
+        start: bool = True,
+        drop: bool = True,
+    ) -> ConsumerProcess:
+        consumer = ConsumerProcess(
+            mqtt_url=mqtt_url or session_broker,
+            database_url=database_url or migrated_db,
+            client_id=client_id or f"c-{secrets.token_hex(4)}",
+            args=args,
+            drop=drop,
+        )
+        made.append(consumer)
+        if start:
+            consumer.start()
+        return consumer
+
+    yield make
+    for consumer in reversed(made):
+        consumer.close()
+
+
+@pytest.fixture
+def make_publisher(mqtt_url: str) -> Iterator[PublisherFactory]:
+    """Factory of QoS 1 publishers (clean session), connected to ``mqtt_url`` or the session
+    broker; each disconnected after the test."""
+    made: list[Publisher] = []
+
+    def make(url: str | None = None) -> Publisher:
+        publisher = Publisher(url or mqtt_url)
+        made.append(publisher)
+        return publisher
+
+    yield make
+    for publisher in reversed(made):
+        publisher.close()

@@ -356,20 +356,21 @@ class Writer:
     async def _schema_mode(self) -> str:
         """The storage mode recorded by ``revline migrate``; :class:`UnusableDatabaseError` if
         the database was never migrated or lacks a migration this code expects."""
-        from revline.storage.migrate import TABLE, default_sql_dir, discover  # noqa: PLC0415
+        from revline.storage.migrate import (  # noqa: PLC0415
+            AsyncpgSession,
+            applied_migrations,
+            default_sql_dir,
+            discover,
+        )
 
-        try:
-            rows = await self._pool.fetch(f"SELECT key, mode FROM {TABLE}")
-        except asyncpg.exceptions.UndefinedTableError as exc:
-            raise UnusableDatabaseError(_NOT_MIGRATED) from exc
-        if not rows:
+        applied = await applied_migrations(AsyncpgSession(self._pool))
+        mode = applied.mode
+        if mode is None:
             raise UnusableDatabaseError(_NOT_MIGRATED)
-        mode = str(rows[0]["mode"])
-        applied = {str(row["key"]) for row in rows}
         missing = [
             m.key
             for m in discover(default_sql_dir(), mode)
-            if m.version is not None and m.key not in applied
+            if m.version is not None and m.key not in applied.checksums
         ]
         if missing:
             raise UnusableDatabaseError(

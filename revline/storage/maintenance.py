@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from revline.logs import kv
+from revline.storage.migrate import AsyncpgSession, applied_migrations
 
 __all__ = ["MaintenanceReport", "maintain", "maintain_dsn", "maintain_forever"]
 
@@ -51,9 +52,11 @@ class MaintenanceReport:
 
 async def maintain(connection: Any) -> MaintenanceReport:
     """One pass on an asyncpg connection; a no-op in TimescaleDB mode."""
-    mode = await connection.fetchval(
-        "SELECT mode FROM revline_migrations ORDER BY applied_at LIMIT 1"
-    )
+    from revline.storage.errors import UnusableDatabaseError  # noqa: PLC0415 - needs asyncpg
+
+    mode = (await applied_migrations(AsyncpgSession(connection))).mode
+    if mode is None:
+        raise UnusableDatabaseError("database is not migrated: run `revline migrate`")
     if mode != "postgres":
         return MaintenanceReport(mode=str(mode), skipped="timescaledb jobs do it")
     async with connection.transaction():

@@ -33,12 +33,14 @@ from revline.settings import ConfigError, check_fields, load
 
 __all__ = [
     "MODES",
+    "AppliedMigrations",
     "AsyncpgSession",
     "MigrateReport",
     "MigrateSettings",
     "Migration",
     "MigrationError",
     "Session",
+    "applied_migrations",
     "default_sql_dir",
     "detect_mode",
     "discover",
@@ -253,11 +255,33 @@ CREATE TABLE IF NOT EXISTS {TABLE} (
 """
 
 
+@dataclass(frozen=True)
+class AppliedMigrations:
+    """What the migrations table records (:func:`applied_migrations` reads it)."""
+
+    mode: str | None
+    """The storage mode the database was migrated in; None if it never was."""
+    checksums: dict[str, str] = field(default_factory=dict)
+    """``{key: checksum}`` of every applied migration, in the order they were applied."""
+
+
+async def applied_migrations(session: Session) -> AppliedMigrations:
+    """The migrations recorded in the database: the one reader of the migrations table. A
+    database without the table (never migrated) has none and no mode."""
+    (present,) = await session.fetch(f"SELECT to_regclass('{TABLE}') IS NOT NULL AS present")
+    if not present["present"]:
+        return AppliedMigrations(mode=None)
+    rows = await session.fetch(f"SELECT key, mode, checksum FROM {TABLE} ORDER BY applied_at, key")
+    return AppliedMigrations(
+        mode=str(rows[0]["mode"]) if rows else None,
+        checksums={str(r["key"]): str(r["checksum"]) for r in rows},
+    )
+
+
 async def detect_mode(session: Session, wanted: str = "auto") -> str:
     """The recorded mode if any (it never changes), else ``wanted``, else what is available."""
-    rows = await session.fetch(f"SELECT DISTINCT mode FROM {TABLE}")
-    if rows:
-        recorded = str(rows[0]["mode"])
+    recorded = (await applied_migrations(session)).mode
+    if recorded is not None:
         if wanted not in ("auto", recorded):
             raise MigrationError(f"database was migrated in {recorded} mode, not {wanted}")
         return recorded
@@ -283,8 +307,7 @@ async def migrate(
         await session.execute(_CREATE_TABLE)
         mode = await detect_mode(session, settings.mode)
         available = discover(directory, mode)
-        rows = await session.fetch(f"SELECT key, checksum FROM {TABLE}")
-        applied = {str(r["key"]): str(r["checksum"]) for r in rows}
+        applied = (await applied_migrations(session)).checksums
         todo = plan(available, applied, template_values(settings))
         report = MigrateReport(mode=mode, already=len(available) - len(todo))
         for migration, sql, checksum in todo:
@@ -316,7 +339,7 @@ async def _apply_one(
 
 
 class AsyncpgSession:
-    """:class:`Session` over one asyncpg connection."""
+    """:class:`Session` over one asyncpg connection (or a pool, for :func:`applied_migrations`)."""
 
     def __init__(self, connection: Any) -> None:
         self._connection = connection

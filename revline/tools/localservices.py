@@ -65,6 +65,7 @@ __all__ = [
     "mqtt_answers",
     "parse_mqtt_url",
     "postgres_answers",
+    "wait_until",
 ]
 
 MOSQUITTO_IMAGE = "eclipse-mosquitto:2"
@@ -119,7 +120,20 @@ def _run_async(factory: Callable[[], Coroutine[Any, Any, _T]]) -> _T:
         return pool.submit(run).result()
 
 
-def _wait_until(
+def wait_until(
+    condition: Callable[[], bool], *, what: str, timeout: float = 120.0, every: float = 0.1
+) -> None:
+    """Poll ``condition`` every ``every`` seconds until it holds; after ``timeout`` seconds raise
+    :class:`TimeoutError` naming ``what``. An exception from ``condition`` ends the wait at once
+    (a condition can fail fast, e.g. when the process it waits for has exited)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(every)
+
+
+def _wait_for_service(
     ready: Callable[[], bool],
     *,
     what: str,
@@ -127,13 +141,19 @@ def _wait_until(
     alive: Callable[[], bool] = lambda: True,
     diagnostics: Callable[[], str] = lambda: "",
 ) -> None:
-    deadline = time.monotonic() + timeout
-    while not ready():
+    """:func:`wait_until` ``ready``, as a :class:`ServiceError` with the service's own log."""
+
+    def up() -> bool:
+        if ready():
+            return True
         if not alive():
             raise ServiceError(f"{what} exited while starting\n{diagnostics()}")
-        if time.monotonic() > deadline:
-            raise ServiceError(f"{what} was not ready after {timeout:.0f}s\n{diagnostics()}")
-        time.sleep(0.1)
+        return False
+
+    try:
+        wait_until(up, what=what, timeout=timeout)
+    except TimeoutError as exc:
+        raise ServiceError(f"{what} was not ready after {timeout:.0f}s\n{diagnostics()}") from exc
 
 
 def _tail(path: Path, lines: int = 40) -> str:
@@ -268,7 +288,7 @@ class _External:
         self._what = what
 
     def start(self) -> None:
-        _wait_until(self._ready, what=self._what, timeout=EXTERNAL_TIMEOUT)
+        _wait_for_service(self._ready, what=self._what, timeout=EXTERNAL_TIMEOUT)
 
     def _refuse(self) -> None:
         raise NotControllableError(
@@ -341,7 +361,7 @@ class _Container:
         elif not self.is_running():
             # Same container: same filesystem (so same data), same port binding.
             self._container.get_wrapped_container().start()
-        _wait_until(
+        _wait_for_service(
             lambda: self._ready(self.host, self.port),
             what=self._what,
             timeout=START_TIMEOUT,
@@ -485,7 +505,7 @@ class _LocalMosquitto:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # Ctrl-C in pytest must not reach the broker first
             )
-        _wait_until(
+        _wait_for_service(
             lambda: self._ready(self.host, self.port),
             what=f"mosquitto on {self.host}:{self.port}",
             timeout=START_TIMEOUT,
@@ -652,7 +672,7 @@ class _LocalPostgres:
             str(int(START_TIMEOUT)),
             "start",
         )
-        _wait_until(
+        _wait_for_service(
             lambda: self._ready(self.host, self.port),
             what=f"PostgreSQL on {self.host}:{self.port}",
             timeout=START_TIMEOUT,
@@ -682,7 +702,7 @@ class _LocalPostgres:
         for victim in victims:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(victim, signal.SIGKILL)
-        _wait_until(
+        _wait_for_service(
             lambda: not any(_pid_alive(victim) for victim in victims),
             what=f"killed PostgreSQL on port {self.port}",
             timeout=STOP_TIMEOUT,

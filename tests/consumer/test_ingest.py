@@ -3,147 +3,86 @@ saying why it cannot reach the broker."""
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import subprocess
 import sys
-import threading
 from pathlib import Path
-from secrets import token_hex
 
 import msgspec
-import paho.mqtt.client as paho
-from paho.mqtt.enums import CallbackAPIVersion
 
-from revline.contract import ack_topic, decode_ack, encode
+from revline.contract import encode
 from tests.fixtures.consumer import (
     ROOT,
+    AckListener,
+    ConsumerFactory,
     ConsumerProcess,
+    PublisherFactory,
     cold_counts,
-    consumer_process,
     make_batches,
-    migrate,
-    publisher,
     query,
-    wait_until,
 )
-from tests.fixtures.services import MosquittoFactory, MosquittoService, free_port, parse_mqtt_url
-
-
-class AckListener:
-    """Collects the batch ids of every ``ack/<vin>`` message received."""
-
-    def __init__(self, mqtt_url: str, vin: str) -> None:
-        host, port = parse_mqtt_url(mqtt_url)
-        self.ids: list[int] = []
-        self._lock = threading.Lock()
-        subscribed = threading.Event()
-        self.client = paho.Client(
-            callback_api_version=CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5
-        )
-        self.client.on_message = self._on_message
-        self.client.on_subscribe = lambda *_: subscribed.set()
-        self.client.on_connect = lambda c, *_: c.subscribe(ack_topic(vin), qos=1)
-        self.client.connect(host, port)
-        self.client.loop_start()
-        assert subscribed.wait(10)
-
-    def _on_message(self, _c: paho.Client, _u: object, msg: paho.MQTTMessage) -> None:
-        with self._lock:
-            self.ids.extend(decode_ack(bytes(msg.payload)).batches)
-
-    def seen(self) -> list[int]:
-        """Batch ids acked so far, in arrival order."""
-        with self._lock:
-            return list(self.ids)
-
-    def close(self) -> None:
-        """Disconnect."""
-        self.client.disconnect()
-        self.client.loop_stop()
+from tests.fixtures.services import MosquittoFactory, MosquittoService, free_port, wait_until
 
 
 def test_committed_batches_are_acked_end_to_end_even_when_duplicate(
-    mqtt_url: str, database_url: str, unique_vin: str
+    database_url: str,
+    unique_vin: str,
+    ack_listener: AckListener,
+    make_consumer: ConsumerFactory,
+    make_publisher: PublisherFactory,
 ) -> None:
     """Each committed batch id is published on ack/<vin>, and a resent batch is acked again."""
-    migrate(database_url)
     batches = make_batches(unique_vin, 2_000, per_message=500)
-    listener = AckListener(mqtt_url, unique_vin)
-    try:
-        with (
-            consumer_process(
-                mqtt_url=mqtt_url, database_url=database_url, client_id=f"c-{unique_vin}"
-            ) as consumer,
-            publisher(mqtt_url) as pub,
-        ):
-            consumer.start()
-            pub.publish_batches(batches)
-            wait_until(lambda: sorted(listener.seen()) == [0, 1, 2, 3], what="acks of 4 batches")
-            assert cold_counts(database_url, unique_vin) == (2_000, 2_000)
-            pub.publish_batches(batches[1:2])
-            wait_until(lambda: len(listener.seen()) == 5, what="ack of the resent batch")
-            assert listener.seen()[-1] == 1
-            assert cold_counts(database_url, unique_vin) == (2_000, 2_000)
-            assert consumer.metric("revline_consumer_inserted_total") == 2_000
-            assert consumer.metric("revline_consumer_samples_total") == 2_500
-    finally:
-        listener.close()
+    consumer = make_consumer()
+    pub = make_publisher()
+    pub.publish_batches(batches)
+    wait_until(lambda: sorted(ack_listener.seen()) == [0, 1, 2, 3], what="acks of 4 batches")
+    assert cold_counts(database_url, unique_vin) == (2_000, 2_000)
+    pub.publish_batches(batches[1:2])
+    wait_until(lambda: len(ack_listener.seen()) == 5, what="ack of the resent batch")
+    assert ack_listener.seen()[-1] == 1
+    assert cold_counts(database_url, unique_vin) == (2_000, 2_000)
+    assert consumer.metric("revline_consumer_inserted_total") == 2_000
+    assert consumer.metric("revline_consumer_samples_total") == 2_500
 
 
 def test_sigterm_commits_the_batch_in_hand_and_exits_zero(
-    mqtt_url: str, database_url: str, unique_vin: str
+    database_url: str,
+    unique_vin: str,
+    make_consumer: ConsumerFactory,
+    make_publisher: PublisherFactory,
 ) -> None:
     """On SIGTERM the samples received but not yet due are committed, then the process exits 0."""
-    migrate(database_url)
     batches = make_batches(unique_vin, 3_000, per_message=300)
-    with (
-        consumer_process(
-            mqtt_url=mqtt_url,
-            database_url=database_url,
-            client_id=f"c-{unique_vin}",
-            # A batch that would only close after ten minutes: only shutdown can flush it.
-            args=["--batch-max-age-ms", "600000", "--batch-max-samples", "1000000"],
-        ) as consumer,
-        publisher(mqtt_url) as pub,
-    ):
-        consumer.start()
-        pub.publish_batches(batches)
-        wait_until(
-            lambda: consumer.metric("revline_consumer_messages_total") == len(batches),
-            what="all messages in the consumer's hands",
-        )
-        assert cold_counts(database_url, unique_vin) == (0, 0)
-        assert consumer.terminate() == 0
-        assert cold_counts(database_url, unique_vin) == (3_000, 3_000)
-        assert "stopping: committing what was received" in consumer.log_text()
+    # A batch that would only close after ten minutes: only shutdown can flush it.
+    consumer = make_consumer(
+        args=["--batch-max-age-ms", "600000", "--batch-max-samples", "1000000"]
+    )
+    make_publisher().publish_batches(batches)
+    wait_until(
+        lambda: consumer.metric("revline_consumer_messages_total") == len(batches),
+        what="all messages in the consumer's hands",
+    )
+    assert cold_counts(database_url, unique_vin) == (0, 0)
+    assert consumer.terminate() == 0
+    assert cold_counts(database_url, unique_vin) == (3_000, 3_000)
+    assert "stopping: committing what was received" in consumer.log_text()
 
 
-def test_healthz_reports_which_dependency_is_down(
-    mqtt_url: str, database_url: str, unique_vin: str
-) -> None:
+def test_healthz_reports_which_dependency_is_down(make_consumer: ConsumerFactory) -> None:
     """/healthz is 200 with broker and database up, /metrics is Prometheus text."""
-    migrate(database_url)
-    with consumer_process(
-        mqtt_url=mqtt_url, database_url=database_url, client_id=f"c-{unique_vin}"
-    ) as consumer:
-        consumer.start()
-        status, body = consumer.http("/healthz")
-        assert status == 200
-        assert msgspec.json.decode(body) == {"broker": True, "database": True}
-        status, body = consumer.http("/metrics")
-        assert status == 200
-        assert "# TYPE revline_consumer_samples_total counter" in body
-        assert consumer.http("/nope")[0] == 404
+    consumer = make_consumer()
+    status, body = consumer.http("/healthz")
+    assert status == 200
+    assert msgspec.json.decode(body) == {"broker": True, "database": True}
+    status, body = consumer.http("/metrics")
+    assert status == 200
+    assert "# TYPE revline_consumer_samples_total counter" in body
+    assert consumer.http("/nope")[0] == 404
 
 
 def test_bad_config_stops_at_start_with_one_line_naming_the_key() -> None:
     """A malformed setting exits 2 at once with one line naming the key."""
-    import subprocess  # noqa: PLC0415
-    import sys  # noqa: PLC0415
-
-    from tests.fixtures.consumer import ROOT  # noqa: PLC0415
-
     result = subprocess.run(
         [sys.executable, "-m", "revline.cli", "consumer", "--batch-max-samples", "0"],
         cwd=ROOT,
@@ -160,10 +99,13 @@ def test_bad_config_stops_at_start_with_one_line_naming_the_key() -> None:
 
 
 def test_a_message_the_database_refuses_is_dead_lettered_and_the_rest_stored(
-    mqtt_url: str, database_url: str, unique_vin: str
+    database_url: str,
+    unique_vin: str,
+    ack_listener: AckListener,
+    make_consumer: ConsumerFactory,
+    make_publisher: PublisherFactory,
 ) -> None:
     """A permanent DB error splits the batch: the refused message goes to `rejected` as db_error."""
-    migrate(database_url)
     # A rule the contract does not know, enforced by the real database: sequence 666 is refused.
     query(
         database_url,
@@ -177,55 +119,41 @@ def test_a_message_the_database_refuses_is_dead_lettered_and_the_rest_stored(
         "FOR EACH ROW EXECUTE FUNCTION refuse_666()",
     )
     batches = make_batches(unique_vin, 2_000, per_message=500)  # seq 666 is in batch 1
-    listener = AckListener(mqtt_url, unique_vin)
-    try:
-        with (
-            consumer_process(
-                mqtt_url=mqtt_url, database_url=database_url, client_id=f"c-{unique_vin}"
-            ) as consumer,
-            publisher(mqtt_url) as pub,
-        ):
-            consumer.start()
-            pub.publish_batches(batches)
-            wait_until(lambda: sorted(listener.seen()) == [0, 1, 2, 3], what="acks of 4 batches")
-            assert cold_counts(database_url, unique_vin) == (1_500, 1_500)
-            rows = query(database_url, "SELECT reason, detail, payload FROM rejected")
-            assert [row["reason"] for row in rows] == ["db_error"]
-            assert "23514" in rows[0]["detail"]
-            assert bytes(rows[0]["payload"]) == encode(batches[1])
-            assert consumer.healthy()
-    finally:
-        listener.close()
+    consumer = make_consumer()
+    make_publisher().publish_batches(batches)
+    wait_until(lambda: sorted(ack_listener.seen()) == [0, 1, 2, 3], what="acks of 4 batches")
+    assert cold_counts(database_url, unique_vin) == (1_500, 1_500)
+    rows = query(database_url, "SELECT reason, detail, payload FROM rejected")
+    assert [row["reason"] for row in rows] == ["db_error"]
+    assert "23514" in rows[0]["detail"]
+    assert bytes(rows[0]["payload"]) == encode(batches[1])
+    assert consumer.healthy()
 
 
 def test_plain_postgres_maintenance_runs_inside_the_consumer(
-    mqtt_url: str, database_url: str, unique_vin: str
+    database_url: str,
+    unique_vin: str,
+    make_consumer: ConsumerFactory,
+    make_publisher: PublisherFactory,
 ) -> None:
     """On plain PostgreSQL the consumer creates today's partitions and keeps the rollups fresh."""
-    migrate(database_url)  # schema only: no partition for today exists yet
-    with (
-        consumer_process(
-            mqtt_url=mqtt_url,
-            database_url=database_url,
-            client_id=f"c-{unique_vin}",
-            args=["--maintenance-every-s", "1"],
-        ) as consumer,
-        publisher(mqtt_url) as pub,
-    ):
-        consumer.start()
-        pub.publish_batches(make_batches(unique_vin, 1_000))
-        wait_until(lambda: cold_counts(database_url, unique_vin) == (1_000, 1_000), what="rows")
-        wait_until(
-            lambda: query(
+    # The database has the schema only: no partition for today exists yet.
+    make_consumer(args=["--maintenance-every-s", "1"])
+    make_publisher().publish_batches(make_batches(unique_vin, 1_000))
+    wait_until(lambda: cold_counts(database_url, unique_vin) == (1_000, 1_000), what="rows")
+    wait_until(
+        lambda: (
+            query(
                 database_url,
                 "SELECT coalesce(sum(sample_count), 0) AS n FROM samples_1m WHERE vin = $1",
                 unique_vin,
             )[0]["n"]
-            == 1_000,
-            what="the 1-minute rollup to count every sample",
-        )
-        (row,) = query(database_url, "SELECT count(*) AS n FROM samples_default")
-        assert row["n"] == 0  # every row sits in its daily partition
+            == 1_000
+        ),
+        what="the 1-minute rollup to count every sample",
+    )
+    (row,) = query(database_url, "SELECT count(*) AS n FROM samples_default")
+    assert row["n"] == 0  # every row sits in its daily partition
 
 
 def test_unusable_tls_files_stop_at_start_with_one_line_naming_the_key(tmp_path: Path) -> None:
@@ -256,60 +184,42 @@ def test_unusable_tls_files_stop_at_start_with_one_line_naming_the_key(tmp_path:
         assert why in lines[0]
 
 
-def _failing_consumer(
-    stack: contextlib.ExitStack, mqtt_url: str, database_url: str, *args: str
-) -> ConsumerProcess:
-    consumer = stack.enter_context(
-        consumer_process(
-            mqtt_url=mqtt_url,
-            database_url=database_url,
-            client_id=f"c-{token_hex(4)}",
-            args=list(args),
-            drop=False,  # there is no broker session to drop
-        )
-    )
-    return consumer.launch()
-
-
 def _unhealthy(consumer: ConsumerProcess) -> bool:
     return consumer.http("/healthz")[0] == 503
 
 
 def test_each_failed_broker_connection_is_logged_with_its_reason(
-    make_mosquitto: MosquittoFactory, database_url: str
+    make_mosquitto: MosquittoFactory, make_consumer: ConsumerFactory
 ) -> None:
     """Closed port, unknown host, anonymous refused: each logged at once with its reason."""
-    migrate(database_url)
     locked = make_mosquitto(extra_config=["allow_anonymous false"])
     cases = {
         f"mqtt://127.0.0.1:{free_port()}": "connection refused by 127.0.0.1:",
         "mqtt://no-such-host.invalid:1883": "cannot resolve host 'no-such-host.invalid'",
         locked.url: "refused by the broker: Not authorized",
     }
-    with contextlib.ExitStack() as stack:
-        consumers = {url: _failing_consumer(stack, url, database_url) for url in cases}
-        for url, reason in cases.items():
-            line = consumers[url].wait_for_log("cannot connect to broker")
-            assert reason in line, line
-            assert "failed_attempts=1" in line
-            assert "Traceback" not in consumers[url].log_text()
-        for consumer in consumers.values():
-            wait_until(functools.partial(_unhealthy, consumer), what="/healthz 503")
+    # drop=False: none of them reaches its broker, so there is no session to drop.
+    consumers = {
+        url: make_consumer(mqtt_url=url, start=False, drop=False).launch() for url in cases
+    }
+    for url, reason in cases.items():
+        line = consumers[url].wait_for_log("cannot connect to broker")
+        assert reason in line, line
+        assert "failed_attempts=1" in line
+        assert "Traceback" not in consumers[url].log_text()
+    for consumer in consumers.values():
+        wait_until(functools.partial(_unhealthy, consumer), what="/healthz 503")
 
 
 def test_a_broker_that_comes_back_is_reported_once_connected(
-    mqtt_url: str, database_url: str, fresh_mosquitto: MosquittoService
+    make_consumer: ConsumerFactory, fresh_mosquitto: MosquittoService
 ) -> None:
     """Broker down at start: failures are logged, then one line on connecting with the count."""
-    migrate(database_url)
     fresh_mosquitto.stop()
-    with consumer_process(
-        mqtt_url=mqtt_url, database_url=database_url, client_id=f"c-{token_hex(4)}"
-    ) as consumer:
-        consumer.launch()
-        line = consumer.wait_for_log("cannot connect to broker")
-        assert "connection refused" in line
-        fresh_mosquitto.start()
-        back = consumer.wait_for_log(r"connected to broker .*after_failed_attempts=\d+")
-        assert int(back.rsplit("after_failed_attempts=", 1)[1].split()[0]) >= 1
-        wait_until(consumer.healthy, what="healthy")
+    consumer = make_consumer(mqtt_url=fresh_mosquitto.url, start=False).launch()
+    line = consumer.wait_for_log("cannot connect to broker")
+    assert "connection refused" in line
+    fresh_mosquitto.start()
+    back = consumer.wait_for_log(r"connected to broker .*after_failed_attempts=\d+")
+    assert int(back.rsplit("after_failed_attempts=", 1)[1].split()[0]) >= 1
+    wait_until(consumer.healthy, what="the consumer to be healthy")

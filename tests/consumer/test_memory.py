@@ -13,15 +13,13 @@ import msgspec
 
 from revline.contract import MAX_PAYLOAD_BYTES, NUMERIC_FIELDS, telemetry_topic
 from tests.fixtures.consumer import (
+    ConsumerFactory,
     ConsumerProcess,
-    consumer_process,
+    PublisherFactory,
     make_batches,
-    migrate,
-    publisher,
     query,
-    wait_until,
 )
-from tests.fixtures.services import PostgresService
+from tests.fixtures.services import PostgresService, wait_until
 
 # Short keys with integer values are the cheapest extra entries on the wire (6-7 bytes) and
 # among the dearest once decoded (a dict slot, a float, a key): the hostile case for memory.
@@ -130,54 +128,53 @@ def _flood(vin: str, first: int, t0: int) -> tuple[list[bytes], list[bytes], lis
 
 
 def test_a_flood_of_maximum_size_messages_keeps_consumer_memory_bounded(
-    mqtt_url: str, database_url: str, unique_vin: str
+    database_url: str,
+    unique_vin: str,
+    make_consumer: ConsumerFactory,
+    make_publisher: PublisherFactory,
 ) -> None:
     """Two floods of 2 MiB and 2 MiB + 1 messages, many times the byte budget: RSS stays under
     200 MiB, gives back most of it afterwards, does not grow flood over flood, and every message
     is stored or dead-lettered with its bytes."""
-    migrate(database_url)
     topic = telemetry_topic(unique_vin)
     t0 = make_batches(unique_vin, 1)[0].samples[0].ts - 60_000_000
     rounds = [_flood(unique_vin, first, t0) for first in (0, 100)]
     rejected: list[tuple[str, str]] = []
     stored = 0
-    with consumer_process(
-        mqtt_url=mqtt_url, database_url=database_url, client_id=f"c-{unique_vin}"
-    ) as consumer:
-        consumer.start()
-        time.sleep(1)  # let start-up allocations settle before taking the baseline
-        before = consumer.rss_kib()
-        figures = [before]
-        for oversized, hostile, valid in rounds:
-            rejected += [("too_large", hashlib.md5(p).hexdigest()) for p in oversized]
-            rejected += [("future_timestamp", hashlib.md5(p).hexdigest()) for p in hostile]
-            stored += 5_000 * len(valid)
-            assert all(len(p) == MAX_PAYLOAD_BYTES for p in hostile + valid)
-            # Interleaved, so that every kind meets every other in the same write batches.
-            messages = valid[:2]
-            for i, message in enumerate(hostile):
-                messages += [*oversized[i :: len(hostile)], message]
-            messages += valid[2:]
-            assert len(messages) == len(oversized) + len(hostile) + len(valid)
-            sampler = RssSampler(consumer)
-            sampler.start()
-            with publisher(mqtt_url) as pub:
-                for info in [pub.publish(topic, payload) for payload in messages]:
-                    info.wait_for_publish(120)
-            _wait_accounted(consumer, database_url, len(rejected), stored)
-            peak = sampler.stop()
-            # Comes back down: gives back more than half of what the flood took.
-            back = before + (peak - before) // 2
-            wait_until(
-                functools.partial(_rss_below, consumer, back),
-                what=f"RSS back down from a peak of {peak} KiB (baseline {before} KiB)",
-                timeout=30,
-            )
-            figures += [peak, consumer.rss_kib()]
-        print("RSS KiB before, then peak and after of each flood:", figures)
-        rows = query(database_url, "SELECT reason, md5(payload) AS md5 FROM rejected")
-        assert sorted((row["reason"], row["md5"]) for row in rows) == sorted(rejected)
-        assert consumer.healthy()
+    consumer = make_consumer()
+    time.sleep(1)  # let start-up allocations settle before taking the baseline
+    before = consumer.rss_kib()
+    figures = [before]
+    for oversized, hostile, valid in rounds:
+        rejected += [("too_large", hashlib.md5(p).hexdigest()) for p in oversized]
+        rejected += [("future_timestamp", hashlib.md5(p).hexdigest()) for p in hostile]
+        stored += 5_000 * len(valid)
+        assert all(len(p) == MAX_PAYLOAD_BYTES for p in hostile + valid)
+        # Interleaved, so that every kind meets every other in the same write batches.
+        messages = valid[:2]
+        for i, message in enumerate(hostile):
+            messages += [*oversized[i :: len(hostile)], message]
+        messages += valid[2:]
+        assert len(messages) == len(oversized) + len(hostile) + len(valid)
+        sampler = RssSampler(consumer)
+        sampler.start()
+        pub = make_publisher()
+        for info in [pub.publish(topic, payload) for payload in messages]:
+            info.wait_for_publish(120)
+        _wait_accounted(consumer, database_url, len(rejected), stored)
+        peak = sampler.stop()
+        # Comes back down: gives back more than half of what the flood took.
+        back = before + (peak - before) // 2
+        wait_until(
+            functools.partial(_rss_below, consumer, back),
+            what=f"RSS back down from a peak of {peak} KiB (baseline {before} KiB)",
+            timeout=30,
+        )
+        figures += [peak, consumer.rss_kib()]
+    print("RSS KiB before, then peak and after of each flood:", figures)
+    rows = query(database_url, "SELECT reason, md5(payload) AS md5 FROM rejected")
+    assert sorted((row["reason"], row["md5"]) for row in rows) == sorted(rejected)
+    assert consumer.healthy()
     _, peak_1, after_1, peak_2, after_2 = figures
     assert max(peak_1, peak_2) < 200 * 1024, figures
     assert after_2 < after_1 + 24 * 1024, figures  # what is kept is reused, not accumulated
@@ -201,7 +198,7 @@ def _wait_accounted(
 
     try:
         wait_until(lambda: accounted() == (rejected, stored), what="", timeout=120)
-    except AssertionError:
+    except TimeoutError:
         raise AssertionError(
             f"(rejected, samples) {accounted()}, expected {(rejected, stored)}\n"
             f"{consumer.log_tail()}"
@@ -209,34 +206,33 @@ def _wait_accounted(
 
 
 def test_a_full_byte_budget_outlasting_the_keepalive_loses_nothing(
-    mqtt_url: str, database_url: str, unique_vin: str, fresh_postgres: PostgresService
+    database_url: str,
+    unique_vin: str,
+    fresh_postgres: PostgresService,
+    make_consumer: ConsumerFactory,
+    make_publisher: PublisherFactory,
 ) -> None:
     """Database down while big messages fill the budget: reading pauses (logged), the broker
     drops the silent link after 1.5 keepalives, and after recovery every message is accounted."""
-    migrate(database_url)
     oversized = [bytes([i]) * (MAX_PAYLOAD_BYTES + 1) for i in range(12)]  # 3x an 8 MiB budget
-    with consumer_process(
-        mqtt_url=mqtt_url,
-        database_url=database_url,
-        client_id=f"c-{unique_vin}",
-        args=["--max-inflight-mb", "8", "--keepalive-s", "5", "--retry-max-s", "1"],
-    ) as consumer:
-        consumer.start()
-        fresh_postgres.stop()
-        with publisher(mqtt_url) as pub:
-            for info in [pub.publish(telemetry_topic(unique_vin), p) for p in oversized]:
-                info.wait_for_publish(60)
-        consumer.wait_for_log("reading from the broker paused")
-        # Past 1.5 keepalives the broker closes the link of a client that sends nothing.
-        time.sleep(10)
-        fresh_postgres.start()
-        consumer.wait_for_log("reading from the broker resumed")
-        consumer.wait_for_log("disconnected from broker; reconnecting")
-        want = {hashlib.md5(p).hexdigest() for p in oversized}
-        wait_until(
-            lambda: (
-                {r["md5"] for r in query(database_url, "SELECT md5(payload) FROM rejected")} == want
-            ),
-            what="every message dead-lettered",
-        )
-        wait_until(consumer.healthy, what="healthy again")
+    consumer = make_consumer(
+        args=["--max-inflight-mb", "8", "--keepalive-s", "5", "--retry-max-s", "1"]
+    )
+    fresh_postgres.stop()
+    pub = make_publisher()
+    for info in [pub.publish(telemetry_topic(unique_vin), p) for p in oversized]:
+        info.wait_for_publish(60)
+    consumer.wait_for_log("reading from the broker paused")
+    # Past 1.5 keepalives the broker closes the link of a client that sends nothing.
+    time.sleep(10)
+    fresh_postgres.start()
+    consumer.wait_for_log("reading from the broker resumed")
+    consumer.wait_for_log("disconnected from broker; reconnecting")
+    want = {hashlib.md5(p).hexdigest() for p in oversized}
+    wait_until(
+        lambda: (
+            {r["md5"] for r in query(database_url, "SELECT md5(payload) FROM rejected")} == want
+        ),
+        what="every message dead-lettered",
+    )
+    wait_until(consumer.healthy, what="healthy again")

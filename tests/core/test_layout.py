@@ -139,3 +139,26 @@ def test_the_command_line_loads_without_the_sides_libraries() -> None:
         [sys.executable, "-c", probe], capture_output=True, text=True, check=True
     )
     assert done.stdout.strip() == ""
+
+
+def cross_test_imports(source: str, module: str, where: str) -> list[str]:
+    """The imports of another test module in ``source`` (a module of ``tests/``): what two test
+    files share lives in ``tests/fixtures`` (or ``tests/conftest.py``), not in one of them."""
+    shared = ("tests.fixtures", "tests.conftest")
+    found: dict[int, str] = {}  # one line per statement, not one per name it imports
+    for line, name in imports(source, module, is_package=False):
+        if name.startswith("tests.") and not name.startswith(shared):
+            found.setdefault(line, f"{where}:{line}: imports {name}: share it from tests/fixtures")
+    return list(found.values())
+
+
+def test_test_modules_share_helpers_only_through_the_fixtures() -> None:
+    """No test module imports another test module; a test importing one is reported."""
+    found = []
+    for path in sorted((ROOT / "tests").rglob("*.py")):
+        where = str(path.relative_to(ROOT))
+        found += cross_test_imports(path.read_text(), module_name(path), where)
+    assert found == []
+    reported = "from tests.consumer.test_ingest import AckListener"
+    assert cross_test_imports(reported, "tests.stack.test_poison", "x")
+    assert cross_test_imports("from tests.fixtures.edge import spooled", "tests.a", "x") == []

@@ -21,39 +21,21 @@ import paho.mqtt.client as paho
 import pytest
 
 from revline.contract import Ack, ack_topic, encode, encode_json
-from revline.edge.config import EdgeSettings
 from revline.edge.publisher import Publisher
 from revline.edge.spool import CREATED, DURABLE, Spool, SpoolReader, pack_values
 from revline.edge.status import format_status, read_dead_letters, read_status
 from revline.mqtt import make_client, parse_mqtt_url
-from tests.fixtures.consumer import cold_counts, consumer_process, migrate
+from tests.fixtures.consumer import ConsumerFactory, cold_counts
 from tests.fixtures.edge import (
+    edge_settings,
     holding_proxy,
     running_acker,
     running_edge,
     spool_read,
-    wait_for,
 )
+from tests.fixtures.services import wait_until
 
 T0 = 1_750_000_000_000_000  # test data time, µs: never the wall clock
-
-
-def settings_for(tmp_path: Path, vin: str, mqtt_url: str, **overrides: object) -> EdgeSettings:
-    values: dict[str, object] = {
-        "vin": vin,
-        "mqtt_url": mqtt_url,
-        "spool_path": str(tmp_path / "spool.db"),
-        "clock": "trusted",
-        "sim_hz": 10.0,
-        "sim_speedup": 10.0,  # 100 samples/s
-        "flush_interval_s": 0.2,
-        "batch_max_age_s": 0.3,
-        "reconnect_min_s": 0.2,
-        "reconnect_max_s": 1.0,
-        "shutdown_timeout_s": 10.0,
-        **overrides,
-    }
-    return EdgeSettings(**values)  # type: ignore[arg-type]
 
 
 @contextmanager
@@ -108,7 +90,7 @@ def test_poison_acks_are_dead_lettered_and_the_edge_keeps_publishing(
 ) -> None:
     """No ack payload stops the edge: each is kept with its raw bytes, samples keep flowing."""
     caplog.set_level(logging.WARNING, logger="revline.edge")
-    settings = settings_for(tmp_path, unique_vin, mqtt_url)
+    settings = edge_settings(tmp_path, unique_vin, mqtt_url, batch_max_age_s=0.3)
     path = settings.spool_path
     topic = ack_topic(unique_vin)
     poison = poison_acks(unique_vin)
@@ -118,23 +100,39 @@ def test_poison_acks_are_dead_lettered_and_the_edge_keeps_publishing(
         send(bad, topic, retained, retain=True)
         try:
             with running_edge(settings):
-                wait_for(lambda: read_status(path).rejected >= 1, 30, "the retained poison")
-                wait_for(lambda: len(acker.seqs()) >= 200, 60, "samples before the poison")
+                wait_until(
+                    lambda: read_status(path).rejected >= 1, what="the retained poison", timeout=30
+                )
+                wait_until(
+                    lambda: len(acker.seqs()) >= 200, what="samples before the poison", timeout=60
+                )
                 for payload in poison.values():
                     send(bad, topic, payload)
                 count = 1 + len(poison)
-                wait_for(lambda: read_status(path).rejected >= count, 30, "every dead letter")
+                wait_until(
+                    lambda: read_status(path).rejected >= count,
+                    what="every dead letter",
+                    timeout=30,
+                )
                 before = len(acker.seqs())
-                wait_for(lambda: len(acker.seqs()) >= before + 200, 60, "samples after it")
+                wait_until(
+                    lambda: len(acker.seqs()) >= before + 200, what="samples after it", timeout=60
+                )
             # A restart meets the retained poison again at its first subscription.
             with running_edge(settings):
-                wait_for(lambda: read_status(path).rejected >= count + 1, 30, "the restart")
+                wait_until(
+                    lambda: read_status(path).rejected >= count + 1, what="the restart", timeout=30
+                )
                 again = len(acker.seqs())
-                wait_for(lambda: len(acker.seqs()) >= again + 200, 60, "samples after restart")
+                wait_until(
+                    lambda: len(acker.seqs()) >= again + 200,
+                    what="samples after restart",
+                    timeout=60,
+                )
         finally:
             send(bad, topic, b"", retain=True)  # clear it for the session broker's other tests
         total = spool_read(path, SpoolReader.sample_count)
-        wait_for(lambda: len(set(acker.seqs())) >= total, 30, "every sample")
+        wait_until(lambda: len(set(acker.seqs())) >= total, what="every sample", timeout=30)
     assert sorted(set(acker.seqs())) == list(range(total))
     status = read_status(path)
     assert status.durable == total  # stopping waited for the acks: every sample is durable
@@ -169,42 +167,51 @@ def durable_ids(path: str, ids: list[int]) -> list[int]:
 
 
 def test_forged_ack_before_the_puback_marks_nothing_durable(
-    tmp_path: Path, mqtt_url: str, database_url: str, unique_vin: str
+    tmp_path: Path,
+    mqtt_url: str,
+    database_url: str,
+    unique_vin: str,
+    make_consumer: ConsumerFactory,
 ) -> None:
     """Acks for batches sent but not PUBACKed, and for the next ids, are ignored; none is lost."""
-    migrate(database_url)
-    with (
-        holding_proxy(mqtt_url) as proxy,
-        consumer_process(
-            mqtt_url=mqtt_url, database_url=database_url, client_id=f"c-{unique_vin}"
-        ) as consumer,
-        forger(mqtt_url) as bad,
-    ):
-        consumer.start()
-        settings = settings_for(tmp_path, unique_vin, proxy.url())
+    make_consumer()
+    with holding_proxy(mqtt_url) as proxy, forger(mqtt_url) as bad:
+        settings = edge_settings(tmp_path, unique_vin, proxy.url(), batch_max_age_s=0.3)
         path = settings.spool_path
         with running_edge(settings):
-            wait_for(lambda: cold_counts(database_url, unique_vin)[0] >= 300, 60, "300 rows")
+            wait_until(
+                lambda: cold_counts(database_url, unique_vin)[0] >= 300, what="300 rows", timeout=60
+            )
             proxy.hold()  # the edge's PUBLISHes now wait in front of the broker: no PUBACK
-            wait_for(lambda: len(held_batches(path)) >= 3, 30, "batches sent, not PUBACKed")
+            wait_until(
+                lambda: len(held_batches(path)) >= 3, what="batches sent, not PUBACKed", timeout=30
+            )
             time.sleep(0.5)  # any PUBACK of a batch sent before the hold has come back by now
             held = held_batches(path)
             next_id = spool_read(path, SpoolReader.next_batch)
             forged = [*held, *range(next_id, next_id + 6)]
             send(bad, ack_topic(unique_vin), encode(Ack(v=1, vin=unique_vin, batches=forged)))
-            wait_for(
+            wait_until(
                 lambda: (
                     read_status(path).acks_ignored >= len(forged) or bool(durable_ids(path, held))
                 ),
-                30,
-                "the edge to read the forged ack",
+                what="the edge to read the forged ack",
+                timeout=30,
             )
             assert durable_ids(path, held) == []
             assert read_status(path).acks_ignored == len(forged)
             proxy.release()
-            wait_for(lambda: durable_ids(path, held) == held, 60, "the held batches, for real")
+            wait_until(
+                lambda: durable_ids(path, held) == held,
+                what="the held batches, for real",
+                timeout=60,
+            )
         total = spool_read(path, SpoolReader.sample_count)
-        wait_for(lambda: cold_counts(database_url, unique_vin)[0] >= total, 60, "every sample")
+        wait_until(
+            lambda: cold_counts(database_url, unique_vin)[0] >= total,
+            what="every sample",
+            timeout=60,
+        )
         assert cold_counts(database_url, unique_vin) == (total, total)
     open_ = spool_read(path, SpoolReader.open_batches)
     assert open_ == 0
@@ -226,7 +233,7 @@ def test_an_exception_in_a_paho_callback_does_not_stop_the_publisher(
     tmp_path: Path, mqtt_url: str, unique_vin: str
 ) -> None:
     """A callback that raises is logged and its connection started over; every sample arrives."""
-    settings = settings_for(tmp_path, unique_vin, mqtt_url)
+    settings = edge_settings(tmp_path, unique_vin, mqtt_url, batch_max_age_s=0.3)
     rows = [(T0 + i * 100_000, pack_values({"rpm": 800.0 + i % 50}), None) for i in range(3000)]
     with Spool(settings.spool_path) as spool, running_acker(mqtt_url, unique_vin) as acker:
         spool.write(rows)
@@ -234,12 +241,12 @@ def test_an_exception_in_a_paho_callback_does_not_stop_the_publisher(
         thread = threading.Thread(target=publisher.run, name="publisher", daemon=True)
         thread.start()
         try:
-            wait_for(
+            wait_until(
                 lambda: (
                     (spool.unbatched(), spool.open_batches()) == (0, 0) or not thread.is_alive()
                 ),
-                60,
-                "every batch acked end to end",
+                what="every batch acked end to end",
+                timeout=60,
             )
             assert thread.is_alive()
         finally:

@@ -6,15 +6,19 @@ from pathlib import Path
 
 from revline.edge.config import EdgeSettings
 from revline.edge.spool import DURABLE, SpoolReader
-from tests.fixtures.consumer import cold_counts, consumer_process, migrate
-from tests.fixtures.edge import running_edge, spool_read, wait_for
+from tests.fixtures.consumer import ConsumerFactory, cold_counts
+from tests.fixtures.edge import running_edge, spool_read
+from tests.fixtures.services import wait_until
 
 
 def test_simulated_drive_reaches_the_cold_table_exactly_once(
-    tmp_path: Path, mqtt_url: str, database_url: str, unique_vin: str
+    tmp_path: Path,
+    mqtt_url: str,
+    database_url: str,
+    unique_vin: str,
+    make_consumer: ConsumerFactory,
 ) -> None:
     """Samples go sim -> spool -> broker -> consumer -> cold table, acked back into the spool."""
-    migrate(database_url)
     path = str(tmp_path / "spool.db")
     settings = EdgeSettings(
         vin=unique_vin,
@@ -26,15 +30,20 @@ def test_simulated_drive_reaches_the_cold_table_exactly_once(
         batch_max_age_s=0.5,
         shutdown_timeout_s=10.0,
     )
-    with consumer_process(
-        mqtt_url=mqtt_url, database_url=database_url, client_id=f"c-{unique_vin}"
-    ) as consumer:
-        consumer.start()
-        with running_edge(settings):
-            wait_for(lambda: cold_counts(database_url, unique_vin)[0] >= 1000, 90, "1000 rows")
-        total = spool_read(path, SpoolReader.sample_count)
-        wait_for(lambda: cold_counts(database_url, unique_vin)[0] >= total, 60, "every sample")
-        assert cold_counts(database_url, unique_vin) == (total, total)
+    make_consumer()
+    with running_edge(settings):
+        wait_until(
+            lambda: cold_counts(database_url, unique_vin)[0] >= 1000,
+            what="1000 rows",
+            timeout=90,
+        )
+    total = spool_read(path, SpoolReader.sample_count)
+    wait_until(
+        lambda: cold_counts(database_url, unique_vin)[0] >= total,
+        what="every sample",
+        timeout=60,
+    )
+    assert cold_counts(database_url, unique_vin) == (total, total)
     open_ = spool_read(path, SpoolReader.open_batches)
     durable = spool_read(path, SpoolReader.samples_by_state).get(DURABLE, 0)
     # Stopping waits for the end-to-end acks, so the spool knows all of it is in the database.

@@ -19,7 +19,7 @@ from revline.edge.spool import DEAD_LETTER_MAX_ROWS, DeadLetter, Spool, pack_val
 from revline.edge.status import format_status, read_dead_letters, read_status
 from revline.settings import ConfigError
 from revline.tools.localservices import free_port
-from tests.fixtures.edge import wait_for
+from tests.fixtures.services import wait_until
 
 VIN = "1HGCM82633A004352"
 ROOT = Path(__file__).resolve().parents[2]
@@ -235,7 +235,11 @@ def test_each_failed_connection_is_one_line_saying_why(
                 thread.start()
                 try:
                     lines = i + 1
-                    wait_for(lambda: len(caplog.records) >= lines, 30, f"a line for {url}")  # noqa: B023
+                    wait_until(
+                        lambda: len(caplog.records) >= lines,  # noqa: B023
+                        what=f"a line for {url}",
+                        timeout=30,
+                    )
                 finally:
                     publisher.stop()
                     thread.join(30)

@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 
 from revline.edge.spool import SpoolReader
-from tests.fixtures.consumer import cold_counts, consumer_process, migrate
-from tests.fixtures.edge import spool_read, wait_for
-from tests.fixtures.services import MosquittoFactory, free_port
+from tests.fixtures.consumer import ConsumerFactory, cold_counts
+from tests.fixtures.edge import spool_read
+from tests.fixtures.services import MosquittoFactory, free_port, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 HOST_IP = "10.231.7.1"  # a /30 that exists only on this veth pair, inside this test
@@ -81,11 +81,11 @@ def test_silent_link_loss_loses_nothing_and_resumes(
     database_url: str,
     unique_vin: str,
     tmp_path: Path,
+    make_consumer: ConsumerFactory,
 ) -> None:
     """Car cut off for 20 s without a TCP reset: it keeps spooling, then every sample lands once."""
     port = free_port()
     broker = make_mosquitto(extra_config=[f"listener {port} {HOST_IP}"])
-    migrate(database_url)
     spool = str(tmp_path / "spool.db")
     config = tmp_path / "edge.toml"
     config.write_text(
@@ -102,29 +102,38 @@ def test_silent_link_loss_loses_nothing_and_resumes(
         ["ip", "netns", "exec", link.namespace, *command], cwd=ROOT, stdout=log, stderr=log, env=env
     )
     try:
-        with consumer_process(
-            mqtt_url=broker.url, database_url=database_url, client_id=f"c-{unique_vin}"
-        ) as consumer:
-            consumer.start()
-            wait_for(lambda: cold_counts(database_url, unique_vin)[0] >= 300, 60, "first rows")
-            link.cut()
-            cut_at = time.monotonic()
-            time.sleep(3)
-            stored_during_cut = cold_counts(database_url, unique_vin)[0]
-            time.sleep(max(0.0, 20 - (time.monotonic() - cut_at)))
-            # Nothing crossed, but the car kept sampling into its spool.
-            assert cold_counts(database_url, unique_vin)[0] == stored_during_cut
-            spooled = spool_read(spool, SpoolReader.sample_count)
-            assert spooled >= stored_during_cut + 1_000
-            link.restore()
-            wait_for(lambda: cold_counts(database_url, unique_vin)[0] >= spooled, 90, "the backlog")
-            edge.send_signal(signal.SIGTERM)
-            assert edge.wait(timeout=60) == 0
-            total = spool_read(spool, SpoolReader.sample_count)
-            wait_for(lambda: cold_counts(database_url, unique_vin)[0] >= total, 30, "the rest")
-            assert cold_counts(database_url, unique_vin) == (total, total)
-            open_ = spool_read(spool, SpoolReader.open_batches)
-            assert open_ == 0
+        make_consumer(mqtt_url=broker.url)
+        wait_until(
+            lambda: cold_counts(database_url, unique_vin)[0] >= 300,
+            what="first rows",
+            timeout=60,
+        )
+        link.cut()
+        cut_at = time.monotonic()
+        time.sleep(3)
+        stored_during_cut = cold_counts(database_url, unique_vin)[0]
+        time.sleep(max(0.0, 20 - (time.monotonic() - cut_at)))
+        # Nothing crossed, but the car kept sampling into its spool.
+        assert cold_counts(database_url, unique_vin)[0] == stored_during_cut
+        spooled = spool_read(spool, SpoolReader.sample_count)
+        assert spooled >= stored_during_cut + 1_000
+        link.restore()
+        wait_until(
+            lambda: cold_counts(database_url, unique_vin)[0] >= spooled,
+            what="the backlog",
+            timeout=90,
+        )
+        edge.send_signal(signal.SIGTERM)
+        assert edge.wait(timeout=60) == 0
+        total = spool_read(spool, SpoolReader.sample_count)
+        wait_until(
+            lambda: cold_counts(database_url, unique_vin)[0] >= total,
+            what="the rest",
+            timeout=30,
+        )
+        assert cold_counts(database_url, unique_vin) == (total, total)
+        open_ = spool_read(spool, SpoolReader.open_batches)
+        assert open_ == 0
     finally:
         if edge.poll() is None:
             edge.kill()

@@ -13,9 +13,10 @@ from pathlib import Path
 from revline.contract import Sample
 from revline.edge.config import ENV_PREFIX, EdgeSettings, load_edge_settings
 from revline.edge.spool import DURABLE, SpoolReader
-from tests.fixtures.consumer import ROOT, cold_counts, consumer_process, migrate, query
-from tests.fixtures.edge import running_acker, spool_read, wait_for
+from tests.fixtures.consumer import ROOT, ConsumerFactory, cold_counts, query
+from tests.fixtures.edge import running_acker, spool_read
 from tests.fixtures.edge_sources import emulator_in
+from tests.fixtures.services import wait_until
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
@@ -31,10 +32,13 @@ def _spooled(spool: str) -> dict[int, Sample]:
 
 
 def test_obd_samples_from_an_emulated_car_reach_the_broker_and_the_cold_table(
-    tmp_path: Path, mqtt_url: str, database_url: str, unique_vin: str
+    tmp_path: Path,
+    mqtt_url: str,
+    database_url: str,
+    unique_vin: str,
+    make_consumer: ConsumerFactory,
 ) -> None:
     """Real decoded OBD values land once per (vin, ts, seq), and the spool sees them all durable."""
-    migrate(database_url)
     spool = str(tmp_path / "spool.db")
     log_path = tmp_path / "edge.log"
     config = tmp_path / "edge.toml"
@@ -59,14 +63,9 @@ def test_obd_samples_from_an_emulated_car_reach_the_broker_and_the_cold_table(
         assert isinstance(settings, EdgeSettings)
         assert settings.source == "obd"
 
-        with (
-            running_acker(mqtt_url, unique_vin) as watcher,
-            consumer_process(
-                mqtt_url=mqtt_url, database_url=database_url, client_id=f"c-{unique_vin}"
-            ) as consumer,
-        ):
+        with running_acker(mqtt_url, unique_vin) as watcher:
             watcher.acking = False  # only watches the broker: acks are the real consumer's job
-            consumer.start()
+            make_consumer()
             env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
             with log_path.open("ab") as log:
                 edge = subprocess.Popen(
@@ -91,7 +90,11 @@ def test_obd_samples_from_an_emulated_car_reach_the_broker_and_the_cold_table(
                     )[0]
                     return bool(rows["n"] >= 30 and rows["c"] >= 1 and watcher.snapshot())
 
-                wait_for(progressed, 45, "30 OBD samples with a coolant reading in the database")
+                wait_until(
+                    progressed,
+                    what="30 OBD samples with a coolant reading in the database",
+                    timeout=45,
+                )
                 edge.send_signal(signal.SIGTERM)
                 assert edge.wait(60) == 0, log_path.read_text()
             finally:
@@ -101,8 +104,10 @@ def test_obd_samples_from_an_emulated_car_reach_the_broker_and_the_cold_table(
 
             spooled = _spooled(spool)
             # Stopping waits for the end-to-end acks: the spool knows every sample is committed.
-            wait_for(
-                lambda: cold_counts(database_url, unique_vin)[0] >= len(spooled), 30, "all rows"
+            wait_until(
+                lambda: cold_counts(database_url, unique_vin)[0] >= len(spooled),
+                what="all rows",
+                timeout=30,
             )
             rows = query(
                 database_url,

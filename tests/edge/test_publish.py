@@ -11,52 +11,22 @@ import sys
 import time
 from pathlib import Path
 
-from revline.edge.config import EdgeSettings
-from revline.edge.spool import PUBLISHED, Spool, SpoolReader
-from tests.fixtures.edge import running_acker, running_edge, spool_read, wait_for
-from tests.fixtures.services import MosquittoService
+from revline.edge.spool import Spool, SpoolReader
+from tests.fixtures.edge import (
+    all_durable,
+    edge_settings,
+    published,
+    running_acker,
+    running_edge,
+    spool_read,
+    spooled,
+    spooled_so_far,
+)
+from tests.fixtures.services import MosquittoService, wait_until
 
 # The issue asks for a 2-minute outage: long enough for paho's reconnect backoff to reach its
 # ceiling and for a backlog of ~12k samples. REVLINE_EDGE_OUTAGE_S shortens it while iterating.
 OUTAGE_S = float(os.environ.get("REVLINE_EDGE_OUTAGE_S", "120"))
-
-
-def edge_settings(tmp_path: Path, vin: str, mqtt_url: str, **overrides: object) -> EdgeSettings:
-    values: dict[str, object] = {
-        "vin": vin,
-        "mqtt_url": mqtt_url,
-        "spool_path": str(tmp_path / "spool.db"),
-        "clock": "trusted",
-        "sim_hz": 10.0,
-        "sim_speedup": 10.0,  # 100 samples/s
-        "flush_interval_s": 0.2,
-        "batch_max_age_s": 0.5,
-        "reconnect_min_s": 0.2,
-        "reconnect_max_s": 1.0,
-        "shutdown_timeout_s": 10.0,
-        **overrides,
-    }
-    return EdgeSettings(**values)  # type: ignore[arg-type]
-
-
-def spooled(path: str) -> int:
-    return spool_read(path, SpoolReader.next_seq)
-
-
-def spooled_so_far(path: str) -> int:
-    """Like ``spooled`` but 0 while the service is still creating the spool."""
-    try:
-        return spooled(path)
-    except (OSError, sqlite3.Error):
-        return 0
-
-
-def published(path: str) -> int:
-    return list(spool_read(path, SpoolReader.batch_states).values()).count(PUBLISHED)
-
-
-def all_durable(path: str) -> bool:
-    return spool_read(path, SpoolReader.open_batches) == 0
 
 
 def test_sim_samples_reach_the_broker_once_and_are_acked(
@@ -66,9 +36,13 @@ def test_sim_samples_reach_the_broker_once_and_are_acked(
     settings = edge_settings(tmp_path, unique_vin, mqtt_url)
     with running_acker(mqtt_url, unique_vin) as acker:
         with running_edge(settings):
-            wait_for(lambda: len(acker.seqs()) >= 300, 60, "300 samples at the acker")
+            wait_until(
+                lambda: len(acker.seqs()) >= 300, what="300 samples at the acker", timeout=60
+            )
         total = spooled(settings.spool_path)
-        wait_for(lambda: len(acker.seqs()) >= total, 30, "every spooled sample at the acker")
+        wait_until(
+            lambda: len(acker.seqs()) >= total, what="every spooled sample at the acker", timeout=30
+        )
     seqs = acker.seqs()
     assert sorted(seqs) == list(range(total))  # each once: no loss, no duplicate
     sample = acker.snapshot()[0].samples[0]
@@ -87,7 +61,9 @@ def test_broker_outage_loses_nothing_and_sends_live_data_first(
     path = settings.spool_path
     with running_acker(url, unique_vin, persistent=True) as acker:
         with running_edge(settings):
-            wait_for(lambda: len(acker.seqs()) >= 200, 60, "samples before the outage")
+            wait_until(
+                lambda: len(acker.seqs()) >= 200, what="samples before the outage", timeout=60
+            )
             fresh_mosquitto.stop()
             time.sleep(3)  # the edge has noticed: no batch is created while disconnected
             last_id = spool_read(path, SpoolReader.next_batch) - 1
@@ -96,13 +72,13 @@ def test_broker_outage_loses_nothing_and_sends_live_data_first(
             backlog = spooled(path) - 1 - seq_down
             assert backlog >= 500  # sampling went on while the broker was away
             fresh_mosquitto.start()
-            wait_for(
+            wait_until(
                 lambda: all_durable(path) and len(set(acker.seqs())) >= seq_down + backlog,
-                120,
-                "the backlog to drain",
+                what="the backlog to drain",
+                timeout=120,
             )
         total = spooled(path)
-        wait_for(lambda: len(set(acker.seqs())) >= total, 30, "the last samples")
+        wait_until(lambda: len(set(acker.seqs())) >= total, what="the last samples", timeout=30)
         arrivals = acker.snapshot()
     assert sorted(set(acker.seqs())) == list(range(total))
     after = [b for b in arrivals if b.batch > last_id]
@@ -124,17 +100,21 @@ def test_broker_killed_after_puback_before_commit_resends_every_sample(
         acker.acking = False  # the consumer has not committed anything yet
         with running_edge(settings):
             # PUBACKed to the edge and delivered to the consumer, which has not committed them.
-            wait_for(
+            wait_until(
                 lambda: published(path) >= 4 and len(acker.batches) >= 4,
-                60,
-                "batches PUBACKed and delivered but not acked",
+                what="batches PUBACKed and delivered but not acked",
+                timeout=60,
             )
             fresh_mosquitto.kill()  # SIGKILL: no persistence written since the last autosave
             fresh_mosquitto.start()
             acker.acking = True
-            wait_for(lambda: len(acker.batches) > 0 and all_durable(path), 120, "every batch acked")
+            wait_until(
+                lambda: len(acker.batches) > 0 and all_durable(path),
+                what="every batch acked",
+                timeout=120,
+            )
         total = spooled(path)
-        wait_for(lambda: len(set(acker.seqs())) >= total, 30, "the last samples")
+        wait_until(lambda: len(set(acker.seqs())) >= total, what="the last samples", timeout=30)
         arrivals = acker.snapshot()
     seqs = acker.seqs()
     assert sorted(set(seqs)) == list(range(total))  # nothing lost
@@ -159,7 +139,7 @@ def test_kill_9_during_heavy_writing_keeps_the_spool_sound(
         stderr=subprocess.DEVNULL,
     )
     try:
-        wait_for(lambda: spooled_so_far(path) >= 5000, 90, "a heavy write burst")
+        wait_until(lambda: spooled_so_far(path) >= 5000, what="a heavy write burst", timeout=90)
         committed = spooled(path)  # rows a reader sees are committed: they must survive
         child.send_signal(signal.SIGKILL)
         child.wait(10)
@@ -177,8 +157,10 @@ def test_kill_9_during_heavy_writing_keeps_the_spool_sound(
         assert spool.next_seq == len(seqs)
     settings = edge_settings(tmp_path, unique_vin, mqtt_url, spool_path=path)
     with running_acker(mqtt_url, unique_vin) as acker, running_edge(settings):
-        wait_for(
-            lambda: len(set(acker.seqs())) >= len(seqs), 120, "the spool to drain after restart"
+        wait_until(
+            lambda: len(set(acker.seqs())) >= len(seqs),
+            what="the spool to drain after restart",
+            timeout=120,
         )
     assert set(range(len(seqs))) <= set(acker.seqs())
 
@@ -196,7 +178,7 @@ def test_sigterm_flushes_publishes_and_exits_cleanly(
             stderr=subprocess.PIPE,
         )
         try:
-            wait_for(lambda: len(acker.seqs()) >= 400, 60, "samples at the acker")
+            wait_until(lambda: len(acker.seqs()) >= 400, what="samples at the acker", timeout=60)
             child.send_signal(signal.SIGTERM)
             _, stderr = child.communicate(timeout=30)
         finally:

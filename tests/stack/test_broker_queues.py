@@ -12,8 +12,9 @@ from pathlib import Path
 
 from revline.edge.config import EdgeSettings
 from tests.fixtures.broker import shipped_broker
-from tests.fixtures.consumer import cold_counts, consumer_process, migrate, wait_until
+from tests.fixtures.consumer import ConsumerFactory, cold_counts
 from tests.fixtures.edge import StoppableSim, running_edge, spool_query, spool_settled
+from tests.fixtures.services import wait_until
 
 CAR = "1HGCM82633A004352"
 CONSUMER = "revline-consumer-1"
@@ -21,11 +22,10 @@ DROPPING = f"Outgoing messages are being dropped for client {CONSUMER}"
 
 
 def test_a_full_queue_drops_for_the_absent_consumer_and_the_edge_resends_recover_all(
-    tmp_path: Path, database_url: str
+    tmp_path: Path, database_url: str, make_consumer: ConsumerFactory
 ) -> None:
     """With max_queued_bytes tiny and the consumer away, the broker drops; every sample still
     lands exactly once after the consumer is back."""
-    migrate(database_url)
     spool = str(tmp_path / "spool.db")
     sampling = threading.Event()
     with shipped_broker(
@@ -40,23 +40,20 @@ def test_a_full_queue_drops_for_the_absent_consumer_and_the_edge_resends_recover
             ack_timeout_s=1.0,
             shutdown_timeout_s=10.0,
         )
-        with consumer_process(
-            mqtt_url=broker.url(CONSUMER),
-            database_url=database_url,
-            client_id=CONSUMER,
-            args=["--group", "revline"],
-        ) as consumer:
+        consumer = make_consumer(
+            mqtt_url=broker.url(CONSUMER), client_id=CONSUMER, args=["--group", "revline"]
+        )
+        assert consumer.terminate() == 0  # away, its session kept: the broker queues for it
+        source = StoppableSim(sampling, hz=10.0, speedup=20.0)  # ~40 samples a batch, 5/s
+        with running_edge(settings, source=source):
+            wait_until(lambda: DROPPING in broker.service.logs(), what="the broker dropping")
+            sampling.set()
             consumer.start()
-            assert consumer.terminate() == 0  # away, its session kept: the broker queues for it
-            source = StoppableSim(sampling, hz=10.0, speedup=20.0)  # ~40 samples a batch, 5/s
-            with running_edge(settings, source=source):
-                wait_until(lambda: DROPPING in broker.service.logs(), what="the broker dropping")
-                sampling.set()
-                consumer.start()
-                wait_until(
-                    lambda: spool_settled(spool, lambda: cold_counts(database_url, CAR)[0]),
-                    what="every sample stored",
-                    timeout=60,
-                )
-            (total,) = spool_query(spool, "SELECT count(*) FROM samples")[0]
-            assert cold_counts(database_url, CAR) == (total, total)
+            wait_until(
+                lambda: spool_settled(spool, lambda: cold_counts(database_url, CAR)[0]),
+                what="every sample stored",
+                timeout=60,
+            )
+        (total,) = spool_query(spool, "SELECT count(*) FROM samples")[0]
+        assert cold_counts(database_url, CAR) == (total, total)
+        consumer.close()  # before its broker goes

@@ -15,8 +15,9 @@ import pytest
 
 from revline.edge.config import EdgeSettings
 from tests.fixtures.broker import OBSERVER, MqttClient, ShippedBroker, shipped_broker
-from tests.fixtures.consumer import cold_counts, consumer_process, migrate, wait_until
+from tests.fixtures.consumer import ConsumerFactory, cold_counts
 from tests.fixtures.edge import running_edge, spool_query
+from tests.fixtures.services import wait_until
 
 CAR_A = "1HGCM82633A004352"
 CAR_B = "2HGCM82633A004353"
@@ -164,10 +165,9 @@ def test_the_staged_password_file_and_acl_are_the_brokers_alone(broker: ShippedB
 
 
 def test_the_real_edge_and_consumer_work_through_the_shipped_broker_with_their_logins(
-    broker: ShippedBroker, tmp_path: Path, database_url: str
+    broker: ShippedBroker, tmp_path: Path, database_url: str, make_consumer: ConsumerFactory
 ) -> None:
     """Edge (login = VIN) -> broker -> consumer (its login, in a group) -> database -> ack."""
-    migrate(database_url)
     spool = str(tmp_path / "spool.db")
     settings = EdgeSettings(
         vin=CAR_A,
@@ -179,18 +179,12 @@ def test_the_real_edge_and_consumer_work_through_the_shipped_broker_with_their_l
         batch_max_age_s=0.3,
         shutdown_timeout_s=10.0,
     )
-    with consumer_process(
-        mqtt_url=broker.url(CONSUMER),
-        database_url=database_url,
-        client_id=CONSUMER,
-        args=["--group", "revline"],
-    ) as consumer:
-        consumer.start()
-        with running_edge(settings):
-            wait_until(lambda: cold_counts(database_url, CAR_A)[0] >= 500, what="500 rows")
-        (total,) = spool_query(spool, "SELECT count(*) FROM samples")[0]
-        wait_until(lambda: cold_counts(database_url, CAR_A)[0] >= total, what="every sample")
-        assert cold_counts(database_url, CAR_A) == (total, total)
+    make_consumer(mqtt_url=broker.url(CONSUMER), client_id=CONSUMER, args=["--group", "revline"])
+    with running_edge(settings):
+        wait_until(lambda: cold_counts(database_url, CAR_A)[0] >= 500, what="500 rows")
+    (total,) = spool_query(spool, "SELECT count(*) FROM samples")[0]
+    wait_until(lambda: cold_counts(database_url, CAR_A)[0] >= total, what="every sample")
+    assert cold_counts(database_url, CAR_A) == (total, total)
     # Stopping the edge waits for the end-to-end acks: the consumer's login could send them.
     (open_,) = spool_query(spool, "SELECT count(*) FROM batches WHERE state < 2")[0]
     assert open_ == 0

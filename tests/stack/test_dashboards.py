@@ -16,7 +16,6 @@ from revline.consumer.writer import Rejected, Writer
 from revline.contract import Batch
 from revline.edge.sim import simulate_samples
 from revline.storage.maintenance import maintain_dsn
-from tests.fixtures.consumer import migrate
 
 DASHBOARD = (
     Path(__file__).resolve().parents[2]
@@ -47,21 +46,20 @@ def _expand(sql: str, vin: str) -> str:
 
 
 def test_every_dashboard_query_runs_and_finds_the_vehicle(
-    database_url: str, unique_vin: str
+    migrated_db: str, unique_vin: str
 ) -> None:
     """Each panel's SQL executes on a migrated database holding one car's drive and a reject."""
-    migrate(database_url)
     start = int(time.time() * 1e6) - 20 * 60 * 1_000_000
     samples = list(simulate_samples(3, start, 1_200, 1.0))  # 20 minutes at 1 Hz, ending now
 
     async def run() -> dict[str, list[asyncpg.Record]]:
-        async with Writer(database_url) as writer:
+        async with Writer(migrated_db) as writer:
             await writer.write([Batch(v=1, vin=unique_vin, batch=0, samples=samples)])
             await writer.reject(
                 [Rejected(datetime.now(tz=UTC), f"telemetry/{unique_vin}", "invalid", "t", b"\0")]
             )
-        await maintain_dsn(database_url)  # refresh the rollups
-        connection = await asyncpg.connect(database_url)
+        await maintain_dsn(migrated_db)  # refresh the rollups
+        connection = await asyncpg.connect(migrated_db)
         try:
             return {
                 title: list(await connection.fetch(_expand(sql, unique_vin)))

@@ -9,7 +9,6 @@ behind: until it expires, it swallows that share, and the devices' resends too.
 from __future__ import annotations
 
 import threading
-from contextlib import AbstractContextManager
 from pathlib import Path
 
 import pytest
@@ -24,15 +23,9 @@ from revline.edge.config import EdgeSettings
 from revline.edge.publisher import resend_timeout
 from revline.settings import ConfigError
 from tests.fixtures.broker import MqttClient
-from tests.fixtures.consumer import (
-    ConsumerProcess,
-    cold_counts,
-    consumer_process,
-    migrate,
-    wait_until,
-)
+from tests.fixtures.consumer import ConsumerFactory, ConsumerProcess, cold_counts
 from tests.fixtures.edge import StoppableSim, running_edge, spool_query, spool_settled
-from tests.fixtures.services import MosquittoFactory
+from tests.fixtures.services import MosquittoFactory, wait_until
 
 SAMPLES = "revline_consumer_samples_total"
 
@@ -82,7 +75,11 @@ def _swallowed(spool: str) -> bool:
 
 
 def test_a_member_killed_and_replaced_under_a_new_id_loses_nothing_within_the_bound(
-    make_mosquitto: MosquittoFactory, database_url: str, unique_vin: str, tmp_path: Path
+    make_mosquitto: MosquittoFactory,
+    database_url: str,
+    unique_vin: str,
+    tmp_path: Path,
+    make_consumer: ConsumerFactory,
 ) -> None:
     """Members a and b, b killed -9, c started instead: every sample is stored exactly once
     within session expiry + 8 x ack timeout, and the broker has forgotten b's session."""
@@ -91,7 +88,6 @@ def test_a_member_killed_and_replaced_under_a_new_id_loses_nothing_within_the_bo
     # expired (docs/consumer.md states this bound with the production values).
     bound_s = expiry_s + resend_timeout(ack_timeout_s, attempts=99)
     broker = make_mosquitto()
-    migrate(database_url)
     group = f"g{unique_vin.lower()}"
     args = ["--group", group, "--session-expiry-s", str(expiry_s), "--batch-max-age-ms", "50"]
     spool = str(tmp_path / "spool.db")
@@ -107,24 +103,17 @@ def test_a_member_killed_and_replaced_under_a_new_id_loses_nothing_within_the_bo
     sampling = threading.Event()
     source = StoppableSim(sampling, hz=10.0, speedup=20.0)  # 200 samples/s, ~5 batches/s
 
-    def member(name: str) -> AbstractContextManager[ConsumerProcess]:
-        return consumer_process(
-            mqtt_url=broker.url, database_url=database_url, client_id=name, args=args
-        )
+    def member(name: str) -> ConsumerProcess:
+        return make_consumer(mqtt_url=broker.url, client_id=name, args=args)
 
     orphan = f"b-{unique_vin}"
-    with (
-        member(f"a-{unique_vin}") as a,
-        member(orphan) as b,
-        member(f"c-{unique_vin}") as c,
-        running_edge(settings, source=source),
-    ):
-        a.start()
-        b.start()
+    with running_edge(settings, source=source):
+        a = member(f"a-{unique_vin}")
+        b = member(orphan)
         wait_until(lambda: a.metric(SAMPLES) > 0 < b.metric(SAMPLES), what="both storing")
         b.kill()
         wait_until(lambda: _swallowed(spool), what="a batch stuck in b's session", every=0.05)
-        c.start()
+        c = member(f"c-{unique_vin}")
         wait_until(lambda: c.metric(SAMPLES) > 0, what="the replacement storing")
         sampling.set()
         wait_until(

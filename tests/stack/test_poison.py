@@ -44,21 +44,18 @@ from revline.contract import (
 )
 from revline.edge.status import read_dead_letters, read_status
 from revline.storage.migrate import MigrateSettings
-from tests.consumer.test_ingest import AckListener
-from tests.edge.test_publish import all_durable, edge_settings, spooled
 from tests.fixtures.consumer import (
     ROOT,
+    AckListener,
+    ConsumerFactory,
     ConsumerProcess,
+    PublisherFactory,
     cold_counts,
-    consumer_process,
     make_batches,
-    migrate,
-    publisher,
     query,
-    wait_until,
 )
-from tests.fixtures.edge import running_edge
-from tests.fixtures.services import MosquittoFactory
+from tests.fixtures.edge import all_durable, edge_settings, running_edge, spooled
+from tests.fixtures.services import MosquittoFactory, wait_until
 
 VIN = "1HGCM82633A004352"
 CONTRACT_REASONS = {
@@ -580,52 +577,52 @@ def _rejected_payloads(database_url: str) -> list[bytes]:
 
 
 def test_a_real_consumer_dead_letters_every_hostile_message_and_stores_every_valid_batch(
-    mqtt_url: str, database_url: str, unique_vin: str
+    database_url: str,
+    unique_vin: str,
+    make_consumer: ConsumerFactory,
+    make_publisher: PublisherFactory,
 ) -> None:
     """Hostile messages among valid batches: each in `rejected` with its bytes, each batch once."""
-    migrate(database_url)
     poison = _reported(unique_vin) + _draw(hostile(unique_vin), 40)
     valid = make_batches(unique_vin, 10 * len(poison), per_message=10)
     topic = telemetry_topic(unique_vin)
-    with (
-        consumer_process(
-            mqtt_url=mqtt_url, database_url=database_url, client_id=f"c-{unique_vin}"
-        ) as consumer,
-        publisher(mqtt_url) as pub,
-    ):
-        consumer.start()
-        infos = []
-        for batch, bad in zip(valid, poison, strict=True):
-            infos += [pub.publish(topic, encode(batch)), pub.publish(topic, bad)]
-        for info in infos:
-            info.wait_for_publish(60)
-        wait_until(
-            lambda: (
-                consumer.healthy()  # fails at once, with its log, if the consumer exited
-                and len(_rejected_payloads(database_url)) >= len(poison)
-                and cold_counts(database_url, unique_vin)[0] >= 10 * len(poison)
-            ),
-            what=f"{len(poison)} dead letters and every valid sample",
-        )
-        assert consumer.healthy()  # still running, broker and database up
-        assert sorted(_rejected_payloads(database_url)) == sorted(poison)
-        assert cold_counts(database_url, unique_vin) == (10 * len(poison), 10 * len(poison))
-        rows = query(database_url, "SELECT reason, detail FROM rejected")
-        assert {row["reason"] for row in rows} <= CONTRACT_REASONS
-        assert all(UNPRINTABLE.search(row["detail"]) is None for row in rows)
-        assert "Traceback" not in consumer.log_text()
+    consumer = make_consumer()
+    pub = make_publisher()
+    infos = []
+    for batch, bad in zip(valid, poison, strict=True):
+        infos += [pub.publish(topic, encode(batch)), pub.publish(topic, bad)]
+    for info in infos:
+        info.wait_for_publish(60)
+    wait_until(
+        lambda: (
+            consumer.healthy()  # fails at once, with its log, if the consumer exited
+            and len(_rejected_payloads(database_url)) >= len(poison)
+            and cold_counts(database_url, unique_vin)[0] >= 10 * len(poison)
+        ),
+        what=f"{len(poison)} dead letters and every valid sample",
+    )
+    assert consumer.healthy()  # still running, broker and database up
+    assert sorted(_rejected_payloads(database_url)) == sorted(poison)
+    assert cold_counts(database_url, unique_vin) == (10 * len(poison), 10 * len(poison))
+    rows = query(database_url, "SELECT reason, detail FROM rejected")
+    assert {row["reason"] for row in rows} <= CONTRACT_REASONS
+    assert all(UNPRINTABLE.search(row["detail"]) is None for row in rows)
+    assert "Traceback" not in consumer.log_text()
 
 
 def test_a_retained_poison_message_does_not_stop_new_consumers(
-    make_mosquitto: MosquittoFactory, database_url: str, unique_vin: str
+    make_mosquitto: MosquittoFactory,
+    database_url: str,
+    unique_vin: str,
+    make_consumer: ConsumerFactory,
+    make_publisher: PublisherFactory,
 ) -> None:
     """Defect 1, retained: each brand-new consumer dead-letters the poison and goes on storing."""
     broker = make_mosquitto()
-    migrate(database_url)
     poison = _reported(unique_vin)[0]
     topic = telemetry_topic(unique_vin)
-    with publisher(broker.url) as device:
-        device.client.publish(topic, poison, qos=1, retain=True).wait_for_publish(30)
+    device = make_publisher(broker.url)
+    device.client.publish(topic, poison, qos=1, retain=True).wait_for_publish(30)
 
     def stored_and_dead_lettered(consumer: ConsumerProcess, starts: int) -> bool:
         return (
@@ -635,29 +632,27 @@ def test_a_retained_poison_message_does_not_stop_new_consumers(
         )
 
     for index, batch in enumerate(make_batches(unique_vin, 200, per_message=100)):
-        with (
-            consumer_process(
-                mqtt_url=broker.url, database_url=database_url, client_id=f"new-{index}"
-            ) as consumer,
-            publisher(broker.url) as pub,
-        ):
-            consumer.start()
-            pub.publish_batches([batch])
-            wait_until(
-                functools.partial(stored_and_dead_lettered, consumer, index + 1),
-                what="the batch stored and the poison dead-lettered",
-            )
-            assert consumer.healthy()
-            assert consumer.terminate() == 0
+        consumer = make_consumer(mqtt_url=broker.url, client_id=f"new-{index}")
+        make_publisher(broker.url).publish_batches([batch])
+        wait_until(
+            functools.partial(stored_and_dead_lettered, consumer, index + 1),
+            what="the batch stored and the poison dead-lettered",
+        )
+        assert consumer.healthy()
+        assert consumer.terminate() == 0
+        consumer.close()  # and its session: the next consumer is brand-new
     assert _rejected_payloads(database_url) == [poison, poison]
     assert cold_counts(database_url, unique_vin) == (200, 200)
 
 
 def test_expired_and_repeated_samples_are_refused_with_their_own_reason_and_acked(
-    mqtt_url: str, database_url: str, unique_vin: str
+    database_url: str,
+    unique_vin: str,
+    ack_listener: AckListener,
+    make_consumer: ConsumerFactory,
+    make_publisher: PublisherFactory,
 ) -> None:
     """Defects 10 and 11: ts=0 is too_old, a repeated (ts, seq) duplicate_sample; both acked."""
-    migrate(database_url)
     good = make_batches(unique_vin, 100, per_message=50, first_batch=3)
     newest = good[-1].samples[-1]
     too_old = Batch(v=1, vin=unique_vin, batch=1, samples=[Sample(ts=0, seq=1_000, speed=1.0)])
@@ -665,43 +660,37 @@ def test_expired_and_repeated_samples_are_refused_with_their_own_reason_and_acke
     ts = newest.ts + 1_000_000
     repeated = [Sample(ts=ts, seq=2_000, speed=99.0), Sample(ts=ts, seq=2_000, speed=42.0)]
     duplicate = Batch(v=1, vin=unique_vin, batch=2, samples=repeated)
-    listener = AckListener(mqtt_url, unique_vin)
-    try:
-        with (
-            consumer_process(
-                mqtt_url=mqtt_url, database_url=database_url, client_id=f"c-{unique_vin}"
-            ) as consumer,
-            publisher(mqtt_url) as pub,
-        ):
-            consumer.start()
-            pub.publish_batches([too_old, good[0], duplicate, good[1]])
-            wait_until(
-                lambda: consumer.healthy() and sorted(listener.seen()) == [1, 2, 3, 4],
-                what="four acks",
-            )
-            assert consumer.healthy()
-        rows = query(database_url, "SELECT reason, payload FROM rejected ORDER BY id")
-        assert [(row["reason"], bytes(row["payload"])) for row in rows] == [
-            ("too_old", encode(too_old)),
-            ("duplicate_sample", encode(duplicate)),
-        ]
-        assert cold_counts(database_url, unique_vin) == (100, 100)
-        (state,) = query(
-            database_url, "SELECT seq, speed FROM vehicle_state WHERE vin = $1", unique_vin
-        )
-        assert (state["seq"], state["speed"]) == (newest.seq, newest.speed)
-    finally:
-        listener.close()
+    consumer = make_consumer()
+    make_publisher().publish_batches([too_old, good[0], duplicate, good[1]])
+    wait_until(
+        lambda: consumer.healthy() and sorted(ack_listener.seen()) == [1, 2, 3, 4],
+        what="four acks",
+    )
+    assert consumer.healthy()
+    rows = query(database_url, "SELECT reason, payload FROM rejected ORDER BY id")
+    assert [(row["reason"], bytes(row["payload"])) for row in rows] == [
+        ("too_old", encode(too_old)),
+        ("duplicate_sample", encode(duplicate)),
+    ]
+    assert cold_counts(database_url, unique_vin) == (100, 100)
+    (state,) = query(
+        database_url, "SELECT seq, speed FROM vehicle_state WHERE vin = $1", unique_vin
+    )
+    assert (state["seq"], state["speed"]) == (newest.seq, newest.speed)
 
 
 # -- against a real edge ------------------------------------------------------------------------
 
 
 def test_hostile_acks_do_not_stop_a_running_edge(
-    tmp_path: Path, mqtt_url: str, database_url: str, unique_vin: str
+    tmp_path: Path,
+    mqtt_url: str,
+    database_url: str,
+    unique_vin: str,
+    make_consumer: ConsumerFactory,
+    make_publisher: PublisherFactory,
 ) -> None:
     """Hostile acks, one retained: the edge keeps sampling and sending, and all of it is stored."""
-    migrate(database_url)
     deep_ack = msgspec.msgpack.encode({**_valid_ack(unique_vin), "x": msgspec.Raw(b"\x91" * 1_000)})
     poison = [deep_ack, *_draw(hostile(unique_vin, ack=True), 30)]
     for payload in poison:  # a forged but valid ack would lose data: that is another defect
@@ -709,45 +698,39 @@ def test_hostile_acks_do_not_stop_a_running_edge(
     settings_ = edge_settings(tmp_path, unique_vin, mqtt_url)
     path = settings_.spool_path
     topic = ack_topic(unique_vin)
-    with (
-        consumer_process(
-            mqtt_url=mqtt_url, database_url=database_url, client_id=f"c-{unique_vin}"
-        ) as consumer,
-        publisher(mqtt_url) as attacker,
-    ):
-        consumer.start()
-        try:
-            # Retained: the edge gets it as soon as it subscribes, and again on every reconnect.
-            attacker.client.publish(topic, deep_ack, qos=1, retain=True).wait_for_publish(30)
-            with running_edge(settings_) as edge:
-                wait_until(lambda: cold_counts(database_url, unique_vin)[0] >= 100, what="data")
-                for info in [attacker.publish(topic, payload) for payload in poison]:
-                    info.wait_for_publish(60)
-                before = spooled(path)
-                wait_until(
-                    lambda: (
-                        consumer.healthy()
-                        and cold_counts(database_url, unique_vin)[0] >= before + 200
-                    ),
-                    what="samples taken after the hostile acks, stored",
-                )
-                assert edge.is_alive()
-                # Every hostile ack is in the edge's own dead letters, raw bytes kept.
-                wait_until(
-                    lambda: read_status(str(path)).rejected >= len(poison) + 1,
-                    what="every hostile ack dead-lettered by the edge",
-                )
-                letters = read_dead_letters(str(path))
-                for payload in poison:
-                    assert any(
-                        letter.size == len(payload) and payload.startswith(letter.payload)
-                        for letter in letters
-                    ), payload[:40]
-        finally:
-            attacker.client.publish(topic, b"", qos=1, retain=True).wait_for_publish(30)
-        total = spooled(path)
-        wait_until(
-            lambda: cold_counts(database_url, unique_vin) == (total, total) and all_durable(path),
-            what=f"all {total} spooled samples stored and acked",
-        )
-        assert consumer.healthy()
+    consumer = make_consumer()
+    attacker = make_publisher()
+    try:
+        # Retained: the edge gets it as soon as it subscribes, and again on every reconnect.
+        attacker.client.publish(topic, deep_ack, qos=1, retain=True).wait_for_publish(30)
+        with running_edge(settings_) as edge:
+            wait_until(lambda: cold_counts(database_url, unique_vin)[0] >= 100, what="data")
+            for info in [attacker.publish(topic, payload) for payload in poison]:
+                info.wait_for_publish(60)
+            before = spooled(path)
+            wait_until(
+                lambda: (
+                    consumer.healthy() and cold_counts(database_url, unique_vin)[0] >= before + 200
+                ),
+                what="samples taken after the hostile acks, stored",
+            )
+            assert edge.is_alive()
+            # Every hostile ack is in the edge's own dead letters, raw bytes kept.
+            wait_until(
+                lambda: read_status(str(path)).rejected >= len(poison) + 1,
+                what="every hostile ack dead-lettered by the edge",
+            )
+            letters = read_dead_letters(str(path))
+            for payload in poison:
+                assert any(
+                    letter.size == len(payload) and payload.startswith(letter.payload)
+                    for letter in letters
+                ), payload[:40]
+    finally:
+        attacker.client.publish(topic, b"", qos=1, retain=True).wait_for_publish(30)
+    total = spooled(path)
+    wait_until(
+        lambda: cold_counts(database_url, unique_vin) == (total, total) and all_durable(path),
+        what=f"all {total} spooled samples stored and acked",
+    )
+    assert consumer.healthy()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import shutil
 import socket
 import ssl
@@ -14,9 +13,10 @@ from pathlib import Path
 import pytest
 
 from revline.edge.config import EdgeSettings
-from tests.fixtures.consumer import cold_counts, consumer_process, migrate
-from tests.fixtures.edge import running_edge, spool_query, wait_for
-from tests.fixtures.services import MosquittoFactory, free_port
+from revline.edge.spool import SpoolReader
+from tests.fixtures.consumer import ConsumerFactory, cold_counts
+from tests.fixtures.edge import running_edge, spool_read
+from tests.fixtures.services import MosquittoFactory, free_port, wait_until
 
 
 def _openssl(*args: str, cwd: Path) -> None:
@@ -49,6 +49,7 @@ def test_edge_and_consumer_over_tls(
     database_url: str,
     unique_vin: str,
     tmp_path: Path,
+    make_consumer: ConsumerFactory,
 ) -> None:
     """With mqtts:// and the CA file, samples cross a TLS-only broker into the cold table."""
     tls_port = free_port()
@@ -70,7 +71,6 @@ def test_edge_and_consumer_over_tls(
         pytest.raises(ssl.SSLCertVerificationError),
     ):
         context.wrap_socket(raw, server_hostname="localhost").close()
-    migrate(database_url)
     spool = str(tmp_path / "spool.db")
     settings = EdgeSettings(
         vin=unique_vin,
@@ -82,22 +82,22 @@ def test_edge_and_consumer_over_tls(
         batch_max_age_s=0.5,
         shutdown_timeout_s=10.0,
     )
-    with consumer_process(
-        mqtt_url=url,
-        database_url=database_url,
-        client_id=f"c-{unique_vin}",
-        args=["--ca-file", ca],
-    ) as consumer:
-        consumer.start()
-        with running_edge(settings):
-            wait_for(lambda: cold_counts(database_url, unique_vin)[0] >= 200, 60, "200 rows")
-        (total,) = spool_query(spool, "SELECT count(*) FROM samples")[0]
-        wait_for(lambda: cold_counts(database_url, unique_vin)[0] >= total, 60, "every sample")
-        assert cold_counts(database_url, unique_vin) == (total, total)
+    make_consumer(mqtt_url=url, args=["--ca-file", ca])
+    with running_edge(settings):
+        wait_until(
+            lambda: cold_counts(database_url, unique_vin)[0] >= 200, what="200 rows", timeout=60
+        )
+    total = spool_read(spool, SpoolReader.sample_count)
+    wait_until(
+        lambda: cold_counts(database_url, unique_vin)[0] >= total,
+        what="every sample",
+        timeout=60,
+    )
+    assert cold_counts(database_url, unique_vin) == (total, total)
 
 
 def test_tls_failures_are_logged_with_their_reason(
-    pki: Path, make_mosquitto: MosquittoFactory, database_url: str
+    pki: Path, make_mosquitto: MosquittoFactory, make_consumer: ConsumerFactory
 ) -> None:
     """mqtt:// to a TLS listener, and mqtts:// without the private CA: each logged with why."""
     tls_port = free_port()
@@ -109,20 +109,15 @@ def test_tls_failures_are_logged_with_their_reason(
             f"keyfile {pki / 'server.key'}",
         ]
     )
-    migrate(database_url)
     cases = {
         f"mqtt://localhost:{tls_port}": "closed before CONNACK",
         f"mqtts://localhost:{tls_port}": "TLS certificate of localhost:",
     }
-    with contextlib.ExitStack() as stack:
-        consumers = {}
-        for url in cases:
-            consumers[url] = stack.enter_context(
-                consumer_process(
-                    mqtt_url=url, database_url=database_url, client_id=f"c-{url[:5]}", drop=False
-                )
-            ).launch()
-        for url, reason in cases.items():
-            line = consumers[url].wait_for_log("cannot connect to broker")
-            assert reason in line, line
-            assert "Traceback" not in consumers[url].log_text()
+    # drop=False: neither gets through to the broker, so there is no session to drop.
+    consumers = {
+        url: make_consumer(mqtt_url=url, start=False, drop=False).launch() for url in cases
+    }
+    for url, reason in cases.items():
+        line = consumers[url].wait_for_log("cannot connect to broker")
+        assert reason in line, line
+        assert "Traceback" not in consumers[url].log_text()

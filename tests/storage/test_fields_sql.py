@@ -29,7 +29,7 @@ from revline.storage.migrate import (
     migrate,
 )
 from tests.fixtures.storage import PGliteSession
-from tests.storage.test_timescale import write as stage_and_write
+from tests.fixtures.storage import write as stage_and_write
 
 SETTINGS: Final = MigrateSettings()
 T0_US: Final = 1_717_243_200_000_000  # 2024-06-01T12:00:00Z

@@ -16,11 +16,14 @@ import pytest
 
 from revline.cli import main
 from revline.consumer.writer import Rejected, Writer
-from revline.storage.errors import is_data_error
+from revline.storage.errors import UnusableDatabaseError, is_data_error
 from revline.storage.maintenance import maintain
 from revline.storage.migrate import (
+    AppliedMigrations,
+    AsyncpgSession,
     MigrateSettings,
     MigrationError,
+    applied_migrations,
     default_sql_dir,
     discover,
     migrate_dsn,
@@ -40,14 +43,18 @@ def _run(coro: Any) -> Any:
     return asyncio.run(coro)
 
 
-async def _migrated(url: str) -> None:
-    await migrate_dsn(url, SETTINGS)
-
-
 async def _fetch(url: str, sql: str, *args: object) -> list[asyncpg.Record]:
     connection = await asyncpg.connect(url)
     try:
         return list(await connection.fetch(sql, *args))
+    finally:
+        await connection.close()
+
+
+async def _applied(url: str) -> AppliedMigrations:
+    connection = await asyncpg.connect(url)
+    try:
+        return await applied_migrations(AsyncpgSession(connection))
     finally:
         await connection.close()
 
@@ -86,8 +93,8 @@ def test_concurrent_migrators_apply_each_migration_once(database_url: str) -> No
         applied = [key for report in reports for key in report.applied]
         assert sorted(applied) == sorted(set(applied))
         assert len(applied) == len(discover(default_sql_dir(), "postgres"))
-        rows = await _fetch(database_url, "SELECT key FROM revline_migrations")
-        assert sorted(r["key"] for r in rows) == sorted(applied)
+        recorded = await _applied(database_url)
+        assert sorted(recorded.checksums) == sorted(applied)
 
     _run(scenario())
 
@@ -107,8 +114,7 @@ def test_failing_migration_leaves_the_database_as_it_was(database_url: str, tmp_
         with pytest.raises(MigrationError, match=r"099_broken\.sql failed"):
             await migrate_dsn(database_url, SETTINGS, tmp_path)
         assert await _schema(database_url) == before
-        keys = {r["key"] for r in await _fetch(database_url, "SELECT key FROM revline_migrations")}
-        assert "099_broken" not in keys
+        assert "099_broken" not in (await _applied(database_url)).checksums
         broken.write_text("CREATE TABLE half_done (id int);\n")
         report = await migrate_dsn(database_url, SETTINGS, tmp_path)
         assert report.applied == ["099_broken"]
@@ -177,6 +183,27 @@ def test_migrate_command_rejects_a_bad_interval(
     assert rows[0]["n"] == 0
 
 
+def test_a_database_never_migrated_reads_as_such_and_is_not_maintained(database_url: str) -> None:
+    """Without the migrations table the database has no recorded migration and no mode, and a
+    maintenance pass says it is not migrated instead of failing on a missing table."""
+
+    async def scenario() -> None:
+        recorded = await _applied(database_url)
+        assert (recorded.mode, recorded.checksums) == (None, {})
+        connection = await asyncpg.connect(database_url)
+        try:
+            with pytest.raises(UnusableDatabaseError, match="not migrated"):
+                await maintain(connection)
+        finally:
+            await connection.close()
+        await migrate_dsn(database_url, SETTINGS)
+        recorded = await _applied(database_url)
+        assert recorded.mode == "postgres"
+        assert list(recorded.checksums) == [m.key for m in discover(default_sql_dir(), "postgres")]
+
+    _run(scenario())
+
+
 def _revline(*args: str) -> subprocess.CompletedProcess[str]:
     """Run the real ``revline`` command; its output as text."""
     return subprocess.run(
@@ -215,7 +242,7 @@ def test_migrate_says_in_one_line_why_it_cannot_reach_the_database(
     assert expected in result.stderr
 
 
-def test_same_batch_twice_stores_each_sample_once(database_url: str, unique_vin: str) -> None:
+def test_same_batch_twice_stores_each_sample_once(migrated_db: str, unique_vin: str) -> None:
     """Writing a batch again (a redelivery) inserts nothing new; timestamps keep every µs and
     values read back exactly at sensor resolution."""
     ts = T0_US - 10_000_001
@@ -231,15 +258,14 @@ def test_same_batch_twice_stores_each_sample_once(database_url: str, unique_vin:
     ]
 
     async def scenario() -> None:
-        await _migrated(database_url)
-        async with Writer(database_url) as writer:
+        async with Writer(migrated_db) as writer:
             assert writer.mode == "postgres"
             first = await writer.write([batch(unique_vin, samples)])
             again = await writer.write([batch(unique_vin, samples), batch(unique_vin, samples)])
         assert (first.samples, first.inserted) == (50, 50)
         assert (again.batches, again.samples, again.inserted) == (2, 100, 0)
         rows = await _fetch(
-            database_url,
+            migrated_db,
             "SELECT (extract(epoch FROM ts) * 1000000)::bigint AS us, seq, speed, lat, extra "
             "FROM samples_decoded WHERE vin = $1 ORDER BY seq",
             unique_vin,
@@ -259,7 +285,7 @@ def _state(rows: list[asyncpg.Record]) -> dict[str, Any]:
 
 
 def test_older_sample_after_newer_leaves_hot_row_unchanged(
-    database_url: str, unique_vin: str
+    migrated_db: str, unique_vin: str
 ) -> None:
     """A backfilled sample older than the stored state changes nothing in vehicle_state."""
     ts = T0_US
@@ -267,13 +293,12 @@ def test_older_sample_after_newer_leaves_hot_row_unchanged(
     older = sample(ts - 60_000_000, 40, speed=10.0, rpm=900.0, lat=1.0, lon=2.0, extra={"A": 9.0})
 
     async def scenario() -> None:
-        await _migrated(database_url)
         query = "SELECT * FROM vehicle_state WHERE vin = $1"
-        async with Writer(database_url) as writer:
+        async with Writer(migrated_db) as writer:
             await writer.write([batch(unique_vin, [newer])])
-            before = _state(await _fetch(database_url, query, unique_vin))
+            before = _state(await _fetch(migrated_db, query, unique_vin))
             result = await writer.write([batch(unique_vin, [older], batch_id=2)])
-            after = _state(await _fetch(database_url, query, unique_vin))
+            after = _state(await _fetch(migrated_db, query, unique_vin))
         assert result.inserted == 1  # history keeps the old sample
         assert after == before
         assert (after["seq"], after["speed"], after["lat"]) == (100, 80.0, 48.1234567)
@@ -282,14 +307,13 @@ def test_older_sample_after_newer_leaves_hot_row_unchanged(
 
 
 def test_field_missing_from_newest_sample_keeps_last_value(
-    database_url: str, unique_vin: str
+    migrated_db: str, unique_vin: str
 ) -> None:
     """Hot state takes each field's newest non-null value, within one write and across writes."""
     ts = T0_US
 
     async def scenario() -> None:
-        await _migrated(database_url)
-        async with Writer(database_url) as writer:
+        async with Writer(migrated_db) as writer:
             await writer.write(
                 [
                     batch(
@@ -302,7 +326,7 @@ def test_field_missing_from_newest_sample_keeps_last_value(
                 ]
             )
             await writer.write([batch(unique_vin, [sample(ts + 2_000_000, 3, rpm=900.0)], 2)])
-        rows = await _fetch(database_url, "SELECT * FROM vehicle_state WHERE vin = $1", unique_vin)
+        rows = await _fetch(migrated_db, "SELECT * FROM vehicle_state WHERE vin = $1", unique_vin)
         state = rows[0]
         assert state["seq"] == 3
         assert (state["speed"], state["coolant"], state["rpm"]) == (20.0, 70.0, 900.0)
@@ -313,18 +337,17 @@ def test_field_missing_from_newest_sample_keeps_last_value(
     _run(scenario())
 
 
-def test_reject_stores_raw_bytes(database_url: str, unique_vin: str) -> None:
+def test_reject_stores_raw_bytes(migrated_db: str, unique_vin: str) -> None:
     """A refused message is kept with topic, reason, detail and its exact bytes."""
     payload = bytes(range(256)) + b"\x00\xff not msgpack"
     received = datetime(2031, 5, 4, 3, 2, 1, 123456, tzinfo=UTC)
 
     async def scenario() -> None:
-        await _migrated(database_url)
-        async with Writer(database_url) as writer:
+        async with Writer(migrated_db) as writer:
             await writer.reject(
                 [Rejected(received, f"telemetry/{unique_vin}", "undecodable", "bad", payload)]
             )
-        rows = await _fetch(database_url, "SELECT * FROM rejected")
+        rows = await _fetch(migrated_db, "SELECT * FROM rejected")
         assert len(rows) == 1
         row = rows[0]
         assert (row["received_at"], row["topic"], row["reason"], row["detail"]) == (
@@ -521,7 +544,7 @@ def test_only_errors_about_values_are_data_errors(database_url: str) -> None:
 
 
 def test_writer_survives_a_killed_database(
-    fresh_postgres: PostgresService, database_url: str, unique_vin: str
+    fresh_postgres: PostgresService, migrated_db: str, unique_vin: str
 ) -> None:
     """A database killed with SIGKILL makes write() raise an outage error; after a restart the
     same writer commits again, and a retried batch is stored exactly once."""
@@ -540,8 +563,7 @@ def test_writer_survives_a_killed_database(
         raise AssertionError("database did not come back")
 
     async def scenario() -> None:
-        await _migrated(database_url)
-        async with Writer(database_url, statement_timeout_s=5) as writer:
+        async with Writer(migrated_db, statement_timeout_s=5) as writer:
             await writer.write([before])
             await asyncio.to_thread(fresh_postgres.kill)
             with pytest.raises(Exception) as failed:  # noqa: PT011 - any error, judged below
@@ -552,7 +574,7 @@ def test_writer_survives_a_killed_database(
             again = await writer.write([before, during])
         assert inserted == 10
         assert again.inserted == 0
-        rows = await _fetch(database_url, "SELECT seq FROM samples WHERE vin = $1", unique_vin)
+        rows = await _fetch(migrated_db, "SELECT seq FROM samples WHERE vin = $1", unique_vin)
         assert sorted(r["seq"] for r in rows) == [*range(10), *range(100, 110)]
 
     _run(scenario())

@@ -22,7 +22,6 @@ from revline.consumer.writer import (
 )
 from revline.contract import NUMERIC_FIELDS, Batch, Sample
 from revline.fields import FIELD_BY_NAME
-from revline.storage.migrate import MigrateSettings, migrate_dsn
 from tests.fixtures.storage import batch, sample
 
 BASE_US = 1_700_000_000_000_000
@@ -230,16 +229,15 @@ async def _hot(connection: asyncpg.Connection, vins: list[str]) -> list[dict[str
     return states
 
 
-def test_writer_hot_state_equals_the_old_sql_on_random_writes(database_url: str) -> None:
+def test_writer_hot_state_equals_the_old_sql_on_random_writes(migrated_db: str) -> None:
     """Random sequences of writes (sparse fields, ts ties, unsorted batches, backfills,
     redeliveries, overlapping extra keys) leave the same vehicle_state through the writer as
     through the aggregating SQL it replaced."""
     examples = iter(range(10**6))
 
     with asyncio.Runner() as runner:
-        runner.run(migrate_dsn(database_url, MigrateSettings()))
-        writer = runner.run(Writer(database_url, pool_size=1).__aenter__())
-        reference = runner.run(_reference_connection(database_url))
+        writer = runner.run(Writer(migrated_db, pool_size=1).__aenter__())
+        reference = runner.run(_reference_connection(migrated_db))
 
         @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
         @given(_scenario())

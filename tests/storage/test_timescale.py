@@ -15,28 +15,17 @@ from typing import Any, Final
 import asyncpg
 import pytest
 
-from revline.consumer.writer import (
-    INSERT_SAMPLES_SQL,
-    STAGING_COLUMNS,
-    STAGING_DDL,
-    STAGING_TABLE,
-    STATE_COLUMNS,
-    STATE_DDL,
-    STATE_TABLE,
-    UPSERT_STATE_SQL,
-    records,
-    state_rows,
-)
 from revline.contract import Batch
 from revline.storage.migrate import (
     AsyncpgSession,
     MigrateSettings,
     MigrationError,
     Session,
+    applied_migrations,
     default_sql_dir,
     migrate,
 )
-from tests.fixtures.storage import ROLLUP_COLUMNS, PGliteSession, batch, sample
+from tests.fixtures.storage import ROLLUP_COLUMNS, PGliteSession, batch, sample, write
 
 pytestmark = pytest.mark.timescale
 
@@ -45,30 +34,6 @@ MINUTE_US = 60_000_000
 T0_US: Final = 1_717_243_200_123_457
 """2024-06-01T12:00:00.123457Z: every engine gets the very same rows. Stamped from the wall clock,
 each engine's data fell in a different second under load and the comparison failed."""
-
-
-async def stage(session: Session, table: str, columns: tuple[str, ...], rows: list[Any]) -> None:
-    """Fill a staging table from JSON (the writer binary-COPYs; PGlite has no COPY here)."""
-    await session.execute(
-        f"INSERT INTO {table} SELECT * FROM "
-        f"jsonb_populate_recordset(NULL::{table}, $1::text::jsonb)",
-        json.dumps([dict(zip(columns, row, strict=True)) for row in rows]),
-    )
-
-
-async def write(session: Session, batches: list[Batch]) -> None:
-    """What Writer.write does, through a Session, in one transaction: stage the samples, insert
-    cold, stage the per-vehicle state (the writer's own state_rows), upsert hot. The
-    statements are the writer's."""
-    rows = records(batches)
-    await session.execute(STAGING_DDL)
-    await session.execute(STATE_DDL)
-    await session.execute("BEGIN")
-    await stage(session, STAGING_TABLE, STAGING_COLUMNS, rows)
-    await session.execute(INSERT_SAMPLES_SQL)
-    await stage(session, STATE_TABLE, STATE_COLUMNS, state_rows(rows))
-    await session.execute(UPSERT_STATE_SQL)
-    await session.execute("COMMIT")
 
 
 async def snapshot(session: Session) -> dict[str, Any]:
@@ -248,7 +213,7 @@ def test_broken_timescaledb_statement_fails_and_rolls_back(tmp_path: Path) -> No
                 await migrate(db, SETTINGS, tmp_path)
             left = await db.fetch("SELECT to_regclass('samples')::text AS samples")
             assert left == [{"samples": None}]
-            applied = await db.fetch("SELECT key FROM revline_migrations ORDER BY key")
-            assert applied == [{"key": "001_settings"}]
+            applied = await applied_migrations(db)
+            assert list(applied.checksums) == ["001_settings"]
 
     asyncio.run(scenario())
