@@ -11,9 +11,10 @@ import threading
 from pathlib import Path
 
 from revline.edge.config import EdgeSettings
+from revline.edge.spool import SpoolReader
 from tests.fixtures.broker import shipped_broker
 from tests.fixtures.consumer import ConsumerFactory, cold_counts
-from tests.fixtures.edge import StoppableSim, running_edge, spool_query, spool_settled
+from tests.fixtures.edge import StoppableSim, running_edge, spool_read, spool_settled
 from tests.fixtures.services import wait_until
 
 CAR = "1HGCM82633A004352"
@@ -54,6 +55,6 @@ def test_a_full_queue_drops_for_the_absent_consumer_and_the_edge_resends_recover
                 what="every sample stored",
                 timeout=60,
             )
-        (total,) = spool_query(spool, "SELECT count(*) FROM samples")[0]
+        total = spool_read(spool, SpoolReader.sample_count)
         assert cold_counts(database_url, CAR) == (total, total)
         consumer.close()  # before its broker goes

@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 
 from revline.edge.config import EdgeSettings
+from revline.edge.spool import SpoolReader
 from tests.fixtures.broker import OBSERVER, MqttClient, ShippedBroker, shipped_broker
 from tests.fixtures.consumer import ConsumerFactory, cold_counts
-from tests.fixtures.edge import running_edge, spool_query
+from tests.fixtures.edge import running_edge, spool_read
 from tests.fixtures.services import wait_until
 
 CAR_A = "1HGCM82633A004352"
@@ -182,9 +183,9 @@ def test_the_real_edge_and_consumer_work_through_the_shipped_broker_with_their_l
     make_consumer(mqtt_url=broker.url(CONSUMER), client_id=CONSUMER, args=["--group", "revline"])
     with running_edge(settings):
         wait_until(lambda: cold_counts(database_url, CAR_A)[0] >= 500, what="500 rows")
-    (total,) = spool_query(spool, "SELECT count(*) FROM samples")[0]
+    total = spool_read(spool, SpoolReader.sample_count)
     wait_until(lambda: cold_counts(database_url, CAR_A)[0] >= total, what="every sample")
     assert cold_counts(database_url, CAR_A) == (total, total)
     # Stopping the edge waits for the end-to-end acks: the consumer's login could send them.
-    (open_,) = spool_query(spool, "SELECT count(*) FROM batches WHERE state < 2")[0]
+    open_ = spool_read(spool, SpoolReader.open_batches)
     assert open_ == 0

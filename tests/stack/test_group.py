@@ -21,10 +21,11 @@ from revline.consumer.config import (
 )
 from revline.edge.config import EdgeSettings
 from revline.edge.publisher import resend_timeout
+from revline.edge.spool import DURABLE, SpoolReader
 from revline.settings import ConfigError
 from tests.fixtures.broker import MqttClient
 from tests.fixtures.consumer import ConsumerFactory, ConsumerProcess, cold_counts
-from tests.fixtures.edge import StoppableSim, running_edge, spool_query, spool_settled
+from tests.fixtures.edge import StoppableSim, running_edge, spool_read, spool_settled
 from tests.fixtures.services import MosquittoFactory, wait_until
 
 SAMPLES = "revline_consumer_samples_total"
@@ -66,12 +67,13 @@ def test_a_member_is_warned_at_start_what_an_orphan_costs() -> None:
 def _swallowed(spool: str) -> bool:
     # A batch without its end-to-end ack while later ones have theirs: a consumer acks in arrival
     # order, so no live member holds it; it sits in the dead member's session.
-    rows = spool_query(
-        spool,
-        "SELECT count(*) FROM batches b WHERE b.state < 2 AND "
-        "(SELECT count(*) FROM batches n WHERE n.id > b.id AND n.state = 2) >= 3",
+    states = spool_read(spool, SpoolReader.batch_states)
+    ids = sorted(states)
+    return any(
+        states[batch] < DURABLE
+        and sum(1 for later in ids if later > batch and states[later] == DURABLE) >= 3
+        for batch in ids
     )
-    return bool(rows[0][0])
 
 
 def test_a_member_killed_and_replaced_under_a_new_id_loses_nothing_within_the_bound(
@@ -121,7 +123,7 @@ def test_a_member_killed_and_replaced_under_a_new_id_loses_nothing_within_the_bo
             what=f"every sample stored within {bound_s} s (+ 20 s for a loaded machine)",
             timeout=bound_s + 20,
         )
-        (total,) = spool_query(spool, "SELECT count(*) FROM samples")[0]
+        total = spool_read(spool, SpoolReader.sample_count)
         assert cold_counts(database_url, unique_vin) == (total, total)
         probe = MqttClient(broker.port, None, None, client_id=orphan, clean_start=False)
         probe.close()
