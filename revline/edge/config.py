@@ -62,6 +62,7 @@ class EdgeSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
             "INTAKE_TEMP",
             "FUEL_LEVEL",
             "CONTROL_MODULE_VOLTAGE",
+            "ODOMETER",
         ]
     )
     obd_extra_pids: list[str] = msgspec.field(default_factory=list)

@@ -4,6 +4,9 @@ python-OBD does the ELM327 dialogue and the PID decoding; this module decides wh
 when (``edge.pids``), keeps the connection alive and turns answers into readings.
 
 - Only PIDs the car reports as supported are queried; the others are logged once per connection.
+- PIDs python-OBD does not know (:data:`PROBED_COMMANDS`: the odometer, 01 A6) are defined here;
+  python-OBD reads only the support bitmaps up to PID 0x5F, so these are probed once per
+  connection instead (one forced query): kept if the car answers, dropped and logged if not.
 - python-OBD is blocking, so every call runs on one dedicated worker thread: the event loop never
   blocks, and the serial port is never touched by two threads at once (closing included).
 - The adapter or the ignition dropping shows as python-OBD losing its connection status, or as
@@ -20,7 +23,7 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -34,7 +37,9 @@ from revline.edge.pids import PidSchedule, convert, split_supported
 from revline.edge.reading import Reading
 from revline.logs import kv
 
-__all__ = ["AdapterLostError", "ObdSource", "unknown_pids"]
+__all__ = ["ODOMETER", "PROBED_COMMANDS", "AdapterLostError", "ObdSource", "command",
+           "decode_odometer",
+           "unknown_pids"]
 
 log = logging.getLogger("revline.edge.obd")
 
@@ -44,13 +49,47 @@ STATUS_PID: Final = "STATUS"
 DTC_PID: Final = "GET_DTC"
 
 
+_ODOMETER_PID: Final = 0xA6
+
+
+def decode_odometer(messages: list[Any]) -> Any:
+    """SAE J1979 PID A6, total distance: 4 bytes A..D, 0.1 km per bit, as a pint Quantity (km).
+
+    The command does not let python-OBD pad or trim the answer (``_bytes=0``), so a short answer,
+    or one for another PID, decodes to None (a null response) instead of a made-up distance.
+    """
+    data = bytes(messages[0].data)  # mode, PID, A, B, C, D
+    if len(data) < 6 or data[1] != _ODOMETER_PID:
+        return None
+    return obd.Unit.km * int.from_bytes(data[2:6], "big") / 10
+
+
+ODOMETER: Final = obd.OBDCommand(
+    "ODOMETER", "Total distance traveled", b"01A6", 0, decode_odometer, obd.ECU.ALL, True
+)
+"""Mode 01 PID A6. Any ECU may answer: on hybrids it is not the engine ECU (the emulated car
+answers from 7EA, the hybrid control module), and python-OBD's ``ECU.ENGINE`` would drop it."""
+
+PROBED_COMMANDS: Final[Mapping[str, Any]] = {ODOMETER.name: ODOMETER}
+"""Commands python-OBD lacks, by name; their support is probed at each connection."""
+
+
 class AdapterLostError(Exception):
     """The adapter, the link to it or the car's ECU does not answer (transient: reconnect)."""
 
 
+def command(name: str) -> Any:
+    """The python-OBD command for a configured PID name (see :func:`unknown_pids`)."""
+    probed = PROBED_COMMANDS.get(name)
+    return probed if probed is not None else obd.commands[name]
+
+
 def unknown_pids(names: Iterable[str]) -> list[str]:
-    """The names python-OBD does not know, to reject a configuration at start."""
-    return [name for name in names if not obd.commands.has_name(name)]
+    """The names neither python-OBD nor :data:`PROBED_COMMANDS` knows, to reject a config."""
+    return [
+        name for name in names
+        if name not in PROBED_COMMANDS and not obd.commands.has_name(name)
+    ]
 
 
 @dataclass
@@ -76,7 +115,7 @@ class ObdSource:
         baudrate: int | None = None,
         fast_pids: Sequence[str] = ("RPM", "SPEED", "THROTTLE_POS", "ENGINE_LOAD", "MAF"),
         slow_pids: Sequence[str] = ("COOLANT_TEMP", "INTAKE_TEMP", "FUEL_LEVEL",
-                                    "CONTROL_MODULE_VOLTAGE"),
+                                    "CONTROL_MODULE_VOLTAGE", "ODOMETER"),
         extra_pids: Sequence[str] = (),
         fast_hz: float = 5.0,
         slow_every_s: float = 5.0,
@@ -115,6 +154,8 @@ class ObdSource:
         self._executor: ThreadPoolExecutor | None = None
         self._conn: Any = None
         self._status_key: tuple[bool, int] | None = None
+        self._forced: set[str] = set()
+        """Probed PIDs that answered on this connection: queried with ``force=True``."""
 
     async def __aenter__(self) -> Self:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{self.name}-io")
@@ -188,8 +229,15 @@ class ObdSource:
             raise AdapterLostError(f"{self.port}: {status}")
         supported = {cmd.name for cmd in conn.supported_commands}
         wanted = [*self.fast_pids, *self.slow_pids]
-        kept, dropped = split_supported(wanted, supported)
+        # Support for these cannot be read from the bitmaps python-OBD asks for: ask the PID.
+        forced = {
+            name for name in dict.fromkeys(wanted)
+            if name in PROBED_COMMANDS and name not in supported
+            and not conn.query(PROBED_COMMANDS[name], force=True).is_null()
+        }
+        kept, dropped = split_supported(wanted, supported | forced)
         self.supported = kept
+        self._forced = forced
         log.info(
             "car connected",
             extra=kv(source=self.name, port=self.port, protocol=conn.protocol_name(),
@@ -242,7 +290,7 @@ class ObdSource:
         conn = self._conn
         tick = _Tick(failed=failed)
         for pid in names:
-            response = conn.query(obd.commands[pid])
+            response = conn.query(command(pid), force=pid in self._forced)
             if conn.status() == OBDStatus.NOT_CONNECTED:
                 tick.lost = True
                 return tick

@@ -84,15 +84,18 @@ def test_obd_samples_from_an_emulated_car_reach_the_broker_and_the_cold_table(
                         )
                     rows = query(
                         database_url,
-                        "SELECT count(*) AS n, count(coolant) AS c FROM samples_decoded "
-                        "WHERE vin = $1",
+                        "SELECT count(*) AS n, count(coolant_e1) AS c, count(odometer_e1) AS o "
+                        "FROM samples WHERE vin = $1",
                         unique_vin,
                     )[0]
-                    return bool(rows["n"] >= 30 and rows["c"] >= 1 and watcher.snapshot())
+                    return bool(
+                        rows["n"] >= 30 and rows["c"] >= 1 and rows["o"] >= 1
+                        and watcher.snapshot()
+                    )
 
                 wait_until(
                     progressed,
-                    what="30 OBD samples with a coolant reading in the database",
+                    what="30 OBD samples with a coolant and an odometer reading in the database",
                     timeout=45,
                 )
                 edge.send_signal(signal.SIGTERM)
@@ -111,9 +114,18 @@ def test_obd_samples_from_an_emulated_car_reach_the_broker_and_the_cold_table(
             )
             rows = query(
                 database_url,
-                "SELECT ts, seq, rpm, speed, coolant, throttle FROM samples_decoded "
+                "SELECT ts, seq, rpm, speed, coolant, throttle, odometer FROM samples_decoded "
                 "WHERE vin = $1 ORDER BY seq",
                 unique_vin,
+            )
+            odometer_e1 = query(
+                database_url,
+                "SELECT DISTINCT odometer_e1 FROM samples WHERE vin = $1 AND odometer_e1 "
+                "IS NOT NULL",
+                unique_vin,
+            )
+            state = query(
+                database_url, "SELECT odometer FROM vehicle_state WHERE vin = $1", unique_vin
             )
 
     open_ = spool_read(spool, SpoolReader.open_batches)
@@ -138,6 +150,11 @@ def test_obd_samples_from_an_emulated_car_reach_the_broker_and_the_cold_table(
     coolants = [row["coolant"] for row in rows if row["coolant"] is not None]
     assert coolants
     assert all(-40 <= c <= 215 for c in coolants)
+    # The odometer (01A6, which python-OBD cannot discover) is in the default slow PIDs: the
+    # emulated car answers 00 00 EA 5C (now and then EA 5D), 0.1 km per bit, kept exactly.
+    assert {row["odometer_e1"] for row in odometer_e1} <= {59996, 59997}
+    assert any(row["odometer"] == 5999.6 for row in rows)
+    assert state[0]["odometer"] in (5999.6, 5999.7)
 
     # What crossed the broker decodes with the contract and is what the spool holds.
     seen = [s for batch in watcher.snapshot() for s in batch.samples]

@@ -7,10 +7,14 @@ import logging
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import obd
 import pytest
 
-from revline.edge.obd_source import ObdSource
+from revline.edge.obd_source import ODOMETER, ObdSource, unknown_pids
+from revline.edge.pids import convert
 from revline.edge.reading import Reading
+from revline.edge.sampler import clean_values
+from revline.fields import FIELDS
 from tests.fixtures.edge_sources import Elm327Emulator, emulator_in
 
 
@@ -150,3 +154,82 @@ def test_obd_source_reconnects_when_the_adapter_or_ignition_drops(
 
 def _n(seen: list[tuple[int, Reading]], connection: int) -> int:
     return sum(1 for c, _ in seen if c == connection)
+
+
+def test_the_odometer_command_decodes_raw_answers_of_pid_a6() -> None:
+    """Raw CAN lines through python-OBD's own parser and our decoder: 4 bytes, 0.1 km per bit;
+    a short answer, another PID's or a refusal is null; a value past the contract is dropped."""
+    can = obd.protocols.ISO_15765_4_11bit_500k(["7E8 06 41 00 BE 3F A8 13"])
+
+    def km(line: str) -> object:
+        return ODOMETER(can([line])).value
+
+    assert km("7E8 06 41 A6 00 00 EA 5C") == 5999.6 * obd.Unit.km
+    assert km("7EA 06 41 A6 00 0F 42 3F") == 99999.9 * obd.Unit.km  # a hybrid's HV ECU answers
+    assert convert("ODOMETER", km("7E8 06 41 A6 00 00 00 07")) == ("odometer", 0.7, False)
+    assert km("7E8 04 41 A6 00 0F") is None  # python-OBD would pad it to 0x000F0000
+    assert km("7E8 06 41 A5 00 00 EA 5C") is None
+    assert km("7E8 03 7F 01 12") is None
+    top = convert("ODOMETER", km("7E8 06 41 A6 FF FF FF FF"))
+    assert top == ("odometer", 429496729.5, False)
+    assert clean_values({"odometer": top[1]}, {})[2] == ["odometer"]
+
+
+def test_every_obd_field_is_a_command_the_edge_knows() -> None:
+    """A field's PID in revline/fields.py is never refused at start as an unknown name."""
+    assert unknown_pids(f.obd for f in FIELDS if f.obd is not None) == []
+    assert unknown_pids(["ODOMETR"]) == ["ODOMETR"]
+
+
+def test_obd_source_probes_and_reads_the_odometer_python_obd_cannot_discover(
+    elm_emulator: Elm327Emulator, caplog: pytest.LogCaptureFixture
+) -> None:
+    """01A6 is above the bitmaps python-OBD reads: probed at connect, then read as a slow PID."""
+    elm_emulator.start()
+    caplog.set_level(logging.INFO, logger="revline.edge.obd")
+    source = _source(elm_emulator, fast_pids=["RPM"], slow_pids=["ODOMETER"])
+
+    async def run() -> list[Reading]:
+        async with source:
+            readings = source.readings()
+            try:
+                return await asyncio.wait_for(_take(readings, 12), timeout=60)
+            finally:
+                await readings.aclose()  # type: ignore[attr-defined]
+
+    readings = asyncio.run(run())
+    odometer = [r.values["odometer"] for r in readings if "odometer" in r.values]
+    # The emulated car answers 00 00 EA 5C, and now and then EA 5D.
+    assert odometer
+    assert all(value in (5999.6, 5999.7) for value in odometer)
+    assert 5999.6 in odometer
+    assert len(odometer) < len(readings)  # slow: not on every tick
+    assert "ODOMETER" in source.supported
+    assert not any("ODOMETER" in getattr(r, "fields", {}).get("unsupported", "")
+                   for r in caplog.records)
+
+
+def test_obd_source_drops_the_odometer_when_the_probe_gets_no_answer(
+    elm_emulator: Elm327Emulator, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A car without 01A6 answers the probe with nothing: dropped, logged once, never queried."""
+    elm_emulator.start()
+    elm_emulator.command("import elm.obd_message as m; m.ObdMessage['car'].pop('ODOMETER')")
+    elm_emulator.command("scenario car")
+    caplog.set_level(logging.INFO, logger="revline.edge.obd")
+    source = _source(elm_emulator, fast_pids=["RPM"], slow_pids=["ODOMETER", "COOLANT_TEMP"])
+
+    async def run() -> list[Reading]:
+        async with source:
+            readings = source.readings()
+            try:
+                return await asyncio.wait_for(_take(readings, 12), timeout=60)
+            finally:
+                await readings.aclose()  # type: ignore[attr-defined]
+
+    readings = asyncio.run(run())
+    assert not any("odometer" in r.values for r in readings)
+    assert any("coolant" in r.values for r in readings)
+    assert "ODOMETER" not in source.supported
+    connected = [r for r in caplog.records if r.getMessage() == "car connected"]
+    assert [getattr(r, "fields", {}).get("unsupported") for r in connected] == ["ODOMETER"]
