@@ -37,9 +37,15 @@ from revline.edge.pids import PidSchedule, convert, split_supported
 from revline.edge.reading import Reading
 from revline.logs import kv
 
-__all__ = ["ODOMETER", "PROBED_COMMANDS", "AdapterLostError", "ObdSource", "command",
-           "decode_odometer",
-           "unknown_pids"]
+__all__ = [
+    "ODOMETER",
+    "PROBED_COMMANDS",
+    "AdapterLostError",
+    "ObdSource",
+    "command",
+    "decode_odometer",
+    "unknown_pids",
+]
 
 log = logging.getLogger("revline.edge.obd")
 
