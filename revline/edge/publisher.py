@@ -127,12 +127,11 @@ class ThrottledLog:
         now = self.clock()
         if not force and self._last is not None and now - self._last < self.every_s:
             return
-        self.logger.log(
-            self.level,
-            self.message,
-            exc_info=self._exc_info,
-            extra=kv(count=self._count, **self._fields),
-        )
+        # A forced line (at stop) reports events that may be long over: say so, or a count of
+        # old connection failures reads like a failure happening now.
+        message = f"{self.message} (earlier, not reported yet)" if force else self.message
+        fields = kv(count=self._count, **self._fields)
+        self.logger.log(self.level, message, exc_info=self._exc_info, extra=fields)
         self._last = now
         self._count = 0
         self._exc_info = None

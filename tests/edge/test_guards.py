@@ -194,6 +194,11 @@ def test_a_recurring_event_is_logged_once_per_interval_with_its_count(
     assert [r.fields["count"] for r in caplog.records] == [1, 99]  # type: ignore[attr-defined]
     assert caplog.records[1].fields["error"] == "e99"  # type: ignore[attr-defined]
     assert throttled.total == 100
+    throttled(error="late")
+    throttled(error="later")
+    throttled.tick(force=True)  # at stop: the count is said, as something already past
+    assert caplog.records[-1].getMessage() == "bad thing (earlier, not reported yet)"
+    assert caplog.records[-1].fields == {"count": 2, "error": "later"}  # type: ignore[attr-defined]
 
 
 def test_a_guarded_callback_reports_its_exception_instead_of_raising() -> None:
