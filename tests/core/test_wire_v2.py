@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import zlib
+from pathlib import Path
 
 import msgspec
 import pytest
@@ -215,3 +216,16 @@ def test_an_empty_field_subset_still_round_trips() -> None:
     columns = Columns(ts=[T0, T0 + 7], seq=[1, 2], values={}, flags=[0, 1], extra=[None, None])
     decoded = decode_v2(encode_v2(VIN, 0, columns))
     assert [(s.ts, s.seq, s.flags) for s in decoded.samples] == [(T0, 1, 0), (T0 + 7, 2, 1)]
+
+
+def test_the_worked_v2_example_in_docs_decodes_to_the_v1_example() -> None:
+    """docs/wire.md's v2 hex is the v1 example's batch at the database's resolution."""
+    text = (Path(__file__).parents[2] / "docs" / "wire.md").read_text()
+    v1_hex = text.split("<!-- example-msgpack -->")[1].split("```")[1]
+    v2_hex = text.split("<!-- example-v2 -->")[1].split("```")[1]
+    v1 = decode_any(bytes.fromhex("".join(v1_hex.split())))
+    v2 = decode_any(bytes.fromhex("".join(v2_hex.split())))
+    assert _stored(v2) == _stored(v1)
+    assert encode_v2(VIN, 42, columns_from_batch(v1), compress=False).hex() == "".join(
+        v2_hex.split()
+    )
