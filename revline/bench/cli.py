@@ -25,6 +25,9 @@ def register(commands: Commands) -> None:
     bench.add_argument("--mqtt-url", default="mqtt://127.0.0.1:1883", help="broker to drain into")
     bench.add_argument("--samples", type=int, default=200_000, help="samples to append and drain")
     bench.add_argument("--dir", type=Path, default=None, help="where to put the bench spool")
+    bench.add_argument(
+        "--wire-only", action="store_true", help="only wire bytes/sample, v1 vs v2 (no broker)"
+    )
 
     bench = commands.add(
         group,
@@ -66,7 +69,9 @@ def register(commands: Commands) -> None:
 def _edge(args: argparse.Namespace) -> int:
     from revline.bench.edge import run_bench  # noqa: PLC0415 - needs the edge extra
 
-    return run_bench(mqtt_url=args.mqtt_url, samples=args.samples, directory=args.dir)
+    return run_bench(
+        mqtt_url=args.mqtt_url, samples=args.samples, directory=args.dir, wire_only=args.wire_only
+    )
 
 
 def run_bench(args: argparse.Namespace) -> int:

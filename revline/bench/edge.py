@@ -7,7 +7,9 @@ Each figure is printed next to a baseline measured in the same run on the same m
 * bytes/sample: the spool file vs a plain table with one REAL column per field;
 * drain: the publisher emptying a backlog to the broker, with every batch acked end to end by an
   acker process (subscribe, decode, publish ``Ack``), vs raw paho QoS 1 publishes of the same
-  payloads with the same window and no acks at all.
+  payloads with the same window and no acks at all;
+* wire bytes/sample: contract v1 vs v2 (columns, raw and DEFLATEd) of the same simulator drives,
+  MQTT 5 PUBLISH header and topic included, and the encode cost per sample of each (no broker).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,11 +31,20 @@ import paho.mqtt.client as paho
 from revline.contract import NUMERIC_FIELDS, Ack, ack_topic, decode_batch, encode, telemetry_topic
 from revline.edge.config import EdgeSettings
 from revline.edge.publisher import Publisher
-from revline.edge.sim import simulate_readings
-from revline.edge.spool import DURABLE, Spool, SpoolBatch, encode_batch, pack_values
+from revline.edge.sim import simulate_readings, simulate_samples
+from revline.edge.spool import (
+    DURABLE,
+    Spool,
+    SpoolBatch,
+    batch_columns,
+    encode_batch,
+    pack_values,
+)
+from revline.fields import FIELDS
 from revline.mqtt import make_client, parse_mqtt_url
+from revline.wire_v2 import encode_v2
 
-__all__ = ["run_bench"]
+__all__ = ["run_bench", "wire_table"]
 
 _VIN = "1RVBENCH0EDGE0001"
 _T0 = 1_750_000_000_000_000
@@ -185,8 +197,61 @@ def _bench_drain(directory: Path, url: str, n: int) -> tuple[float, float, int]:
     return ours, raw, wire
 
 
-def run_bench(*, mqtt_url: str, samples: int, directory: Path | None) -> int:
-    """Print the figures; 0 when every goal is met, 1 otherwise."""
+def _publish_overhead(topic: str, payload_len: int) -> int:
+    """Bytes of an MQTT 5 QoS 1 PUBLISH around its payload: fixed header, remaining length,
+    topic, packet id and an empty properties block."""
+    rest = 2 + len(topic.encode()) + 2 + 1 + payload_len
+    length_bytes = 1 if rest < 128 else 2 if rest < 16_384 else 3 if rest < 2_097_152 else 4
+    return 1 + length_bytes + rest - payload_len
+
+
+def _drive_batches(drives: int, seconds: int, per_batch: int) -> list[SpoolBatch]:
+    batches = []
+    for seed in range(drives):
+        rows: list[tuple[int, int, bytes, int | None]] = []
+        for s in simulate_samples(seed, _T0, seconds * 10, 10.0):
+            values = {f.name: v for f in FIELDS if (v := getattr(s, f.name)) is not None}
+            rows.append((s.seq, s.ts, pack_values(values, s.extra), None))
+        batches += [
+            SpoolBatch(id=k, rows=rows[k : k + per_batch]) for k in range(0, len(rows), per_batch)
+        ]
+    return batches
+
+
+def wire_table(*, drives: int = 3, seconds: int = 600) -> list[tuple[str, float, float]]:
+    """Print and return (label, bytes per sample on the air, encode µs per sample) for v1, v2
+    raw and v2 DEFLATEd, in 1-s and 5-s batches at 10 Hz, on simulator drives."""
+    topic = telemetry_topic(_VIN)
+    encoders: dict[str, Callable[[SpoolBatch], bytes]] = {
+        "v1 msgpack": lambda b: encode_batch(_VIN, b, 1),
+        "v2 columns": lambda b: encode_v2(_VIN, b.id, batch_columns(b), compress=False),
+        "v2 + deflate": lambda b: encode_batch(_VIN, b, 2),
+    }
+    out = []
+    print(f"wire bytes/sample at 10 Hz, {drives} simulator drives of {seconds} s (every field the")
+    print("simulator makes, GPS included), MQTT 5 PUBLISH header + topic included:")
+    for per_batch in (10, 50):
+        batches = _drive_batches(drives, seconds, per_batch)
+        n = sum(len(b.rows) for b in batches)
+        for name, encoder in encoders.items():
+            start = time.perf_counter()
+            payloads = [encoder(b) for b in batches]
+            micros = (time.perf_counter() - start) * 1e6 / n
+            wire = sum(len(p) + _publish_overhead(topic, len(p)) for p in payloads) / n
+            label = f"{per_batch // 10} s batch, {name}"
+            print(f"  {label:<28} {wire:>7.1f} B/sample   encode {micros:>6.1f} µs/sample")
+            out.append((label, wire, micros))
+    return out
+
+
+def run_bench(
+    *, mqtt_url: str, samples: int, directory: Path | None, wire_only: bool = False
+) -> int:
+    """Print the figures; 0 when every goal is met, 1 otherwise. ``wire_only``: only the wire
+    table, which needs no broker."""
+    wire_table()
+    if wire_only:
+        return 0
     samples -= samples % 500
     with tempfile.TemporaryDirectory(dir=directory) as tmp:
         where = Path(tmp)

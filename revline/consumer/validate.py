@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 
-from revline.contract import Batch, ContractError, decode_batch
+from revline.contract import Batch, ContractError
+from revline.wire_v2 import decode_any
 
 __all__ = ["CONSUMER_REASONS", "Invalid", "check"]
 
@@ -41,7 +42,7 @@ def check(
     vanish uncounted).
     """
     try:
-        batch = decode_batch(payload, topic)
+        batch = decode_any(payload, topic)  # v1 MessagePack, v1 JSON or v2 columns
     except ContractError as exc:
         return Invalid(exc.reason, exc.detail)
     # Samples are not required to be sorted, so look at all of them; these are the only

@@ -97,6 +97,9 @@ class EdgeSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     batch_max_samples: Annotated[int, msgspec.Meta(ge=1, le=5000)] = 500
     batch_max_age_s: Annotated[float, msgspec.Meta(gt=0, le=600)] = 1.0
     """The live batch closes after this long even if small; at most 10 minutes."""
+    wire_version: Literal[1, 2] = 1
+    """Contract version of the batches sent: 1 (MessagePack samples, ~230 B each) or 2 (columns
+    at the database's resolution, ~10-25 B each; docs/wire.md). Consumers must accept v2 first."""
     inflight_max: Annotated[int, msgspec.Meta(ge=1, le=65_535)] = 20
     """Messages published but not yet PUBACKed, at most; fed from the spool."""
     unacked_max: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 100

@@ -506,7 +506,8 @@ class Publisher:
 
     def _send(self, batch: SpoolBatch, now: float) -> None:
         assert self._client is not None
-        info = self._client.publish(self.topic, encode_batch(self.vin, batch), qos=1)
+        payload = encode_batch(self.vin, batch, self.settings.wire_version)
+        info = self._client.publish(self.topic, payload, qos=1)
         if self.window.sent(batch.id, batch.lo, len(batch.rows), info.mid, now):
             self.stats.resent += 1
         self.stats.batches += 1

@@ -44,6 +44,7 @@ from revline.contract import FLAG_CLOCK_UNSYNCED, SCHEMA_VERSION, Batch, Sample
 from revline.edge.index import SpoolIndex
 from revline.fields import FIELDS
 from revline.logs import kv
+from revline.wire_v2 import WIRE_VERSION, Columns, encode_v2
 
 __all__ = [
     "CREATED",
@@ -57,6 +58,7 @@ __all__ = [
     "SpoolBatch",
     "SpoolReader",
     "SpoolRow",
+    "batch_columns",
     "encode_batch",
     "pack_values",
     "row_to_sample",
@@ -85,6 +87,8 @@ def _field_bit(position: int) -> int:
 
 
 _FIELD_BITS: Final = tuple(_field_bit(i) for i in range(len(FIELD_SCALES)))
+_DB_FACTORS: Final = tuple(10**field.db_digits // field.device_scale for field in FIELDS)
+"""Spool integer to cold-table integer, per field (exact: revline.fields holds the rule)."""
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder()
 
@@ -183,8 +187,39 @@ class SpoolBatch:
         return self.rows[-1][0]
 
 
-def encode_batch(vin: str, batch: SpoolBatch) -> bytes:
-    """The exact wire bytes of a stored batch (the same every time it is called)."""
+def batch_columns(batch: SpoolBatch) -> Columns:
+    """The v2 columns of a stored batch: the spool's integers brought to the database's
+    resolution exactly (``10 ** db_digits`` is a multiple of ``device_scale``), no float."""
+    n = len(batch.rows)
+    values: dict[int, list[int | None]] = {}
+    flags = [0] * n
+    extras: list[dict[str, float] | None] = [None] * n
+    for i, (_, _, data, boot) in enumerate(batch.rows):
+        items = _decoder.decode(data)
+        mask: int = items[0]
+        j = 1
+        for position, (bit, factor) in enumerate(zip(_FIELD_BITS, _DB_FACTORS, strict=True)):
+            if mask & bit:
+                values.setdefault(position, [None] * n)[i] = items[j] * factor
+                j += 1
+        if mask & _EXTRA_BIT:
+            extras[i] = items[j]
+        if boot is not None:
+            flags[i] = FLAG_CLOCK_UNSYNCED
+    return Columns(
+        ts=[row[1] for row in batch.rows],
+        seq=[row[0] for row in batch.rows],
+        values=values,
+        flags=flags,
+        extra=extras,
+    )
+
+
+def encode_batch(vin: str, batch: SpoolBatch, wire_version: int = 1) -> bytes:
+    """The exact wire bytes of a stored batch (the same every time it is called), in contract
+    v1 (MessagePack samples) or v2 (columns, :mod:`revline.wire_v2`)."""
+    if wire_version == WIRE_VERSION:
+        return encode_v2(vin, batch.id, batch_columns(batch))
     samples = [
         row_to_sample(seq, ts, data, flagged=boot is not None) for seq, ts, data, boot in batch.rows
     ]

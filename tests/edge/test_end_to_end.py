@@ -49,3 +49,32 @@ def test_simulated_drive_reaches_the_cold_table_exactly_once(
     # Stopping waits for the end-to-end acks, so the spool knows all of it is in the database.
     assert open_ == 0
     assert durable == total
+
+
+def test_an_edge_speaking_v2_lands_every_sample_once(
+    tmp_path: Path,
+    mqtt_url: str,
+    database_url: str,
+    unique_vin: str,
+    make_consumer: ConsumerFactory,
+) -> None:
+    """With wire_version = 2 the same path holds: spool -> v2 columns -> consumer -> acked."""
+    path = str(tmp_path / "spool.db")
+    settings = EdgeSettings(
+        vin=unique_vin,
+        mqtt_url=mqtt_url,
+        spool_path=path,
+        clock="trusted",
+        sim_hz=10.0,
+        sim_speedup=20.0,
+        batch_max_age_s=0.5,
+        shutdown_timeout_s=10.0,
+        wire_version=2,
+    )
+    make_consumer()
+    with running_edge(settings):
+        wait_until(lambda: cold_counts(database_url, unique_vin)[0] >= 300, what="300 rows")
+    total = spool_read(path, SpoolReader.sample_count)
+    wait_until(lambda: cold_counts(database_url, unique_vin)[0] >= total, what="every sample")
+    assert cold_counts(database_url, unique_vin) == (total, total)
+    assert spool_read(path, SpoolReader.samples_by_state).get(DURABLE, 0) == total
