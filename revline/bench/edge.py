@@ -28,7 +28,7 @@ from typing import Any
 
 import paho.mqtt.client as paho
 
-from revline.contract import NUMERIC_FIELDS, Ack, ack_topic, decode_batch, encode, telemetry_topic
+from revline.contract import NUMERIC_FIELDS, Ack, ack_topic, encode, telemetry_topic
 from revline.edge.config import EdgeSettings
 from revline.edge.publisher import Publisher
 from revline.edge.sim import simulate_readings, simulate_samples
@@ -42,7 +42,7 @@ from revline.edge.spool import (
 )
 from revline.fields import FIELDS
 from revline.mqtt import make_client, parse_mqtt_url
-from revline.wire_v2 import encode_v2
+from revline.wire_v2 import decode_any, encode_v2
 
 __all__ = ["run_bench", "wire_table"]
 
@@ -63,7 +63,7 @@ def _acker(url: str, vin: str, ready: multiprocessing.synchronize.Event) -> None
         ready.set()
 
     def on_message(c: paho.Client, _u: Any, msg: paho.MQTTMessage) -> None:
-        batch = decode_batch(bytes(msg.payload), msg.topic)
+        batch = decode_any(bytes(msg.payload), msg.topic)
         c.publish(ack_topic(vin), encode(Ack(v=1, vin=vin, batches=[batch.batch])), qos=1)
 
     client.on_connect = on_connect

@@ -9,8 +9,9 @@ import uuid
 
 import paho.mqtt.client as paho
 
-from revline.contract import ContractError, decode_ack, decode_batch
+from revline.contract import ContractError, decode_ack
 from revline.mqtt import make_client, parse_mqtt_url
+from revline.wire_v2 import decode_any
 
 __all__ = ["format_message", "run"]
 
@@ -26,7 +27,7 @@ def format_message(topic: str, payload: bytes, *, samples: bool = False) -> str:
         if topic.startswith("ack/"):
             ack = decode_ack(payload)
             return f"{topic}  ack batches={ack.batches}"
-        batch = decode_batch(payload, topic)
+        batch = decode_any(payload, topic)  # v1 (MessagePack or JSON) or v2
     except ContractError as exc:
         return f"{topic}  REJECTED {exc}  ({len(payload)} bytes: {payload[:48]!r})"
     first, last = batch.samples[0], batch.samples[-1]

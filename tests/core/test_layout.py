@@ -19,7 +19,7 @@ PACKAGE = ROOT / "revline"
 
 CORE = frozenset(
     {"revline", "revline.fields", "revline.contract", "revline.settings", "revline.mqtt"}
-    | {"revline.logs", "revline.cli", "revline.backoff"}
+    | {"revline.logs", "revline.cli", "revline.backoff", "revline.wire_v2", "revline._peek"}
 )
 PARTS = ("edge", "consumer", "storage", "tools", "bench")
 
@@ -162,3 +162,9 @@ def test_test_modules_share_helpers_only_through_the_fixtures() -> None:
     reported = "from tests.consumer.test_ingest import AckListener"
     assert cross_test_imports(reported, "tests.stack.test_poison", "x")
     assert cross_test_imports("from tests.fixtures.edge import spooled", "tests.a", "x") == []
+
+
+def test_every_top_level_module_of_the_package_is_core() -> None:
+    """A new module directly in revline/ is core, and is listed so the rules above apply to it."""
+    modules = {module_name(path) for path in PACKAGE.glob("*.py")}
+    assert modules == CORE
