@@ -4,7 +4,7 @@ One TaskGroup of named tasks:
 
 * ``collect`` takes messages from the subscriber, validates them and closes batches by size and
   age; a full batch goes to a queue of one, so at most one batch waits while another is written.
-* ``write`` commits each batch in one transaction (retrying outages with stamina's capped,
+* ``write`` commits each batch in one transaction (retrying outages with the project's capped,
   jittered exponential backoff, forever), then PUBACKs its messages in arrival order, then
   publishes ``ack/<vin>``. While it waits, ``collect`` stops taking batches, the broker stops
   sending once ``receive_maximum`` messages are unacked, and memory stays flat.
@@ -33,9 +33,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-import stamina
-import stamina.instrumentation
-
+from revline.backoff import backoff_delay
 from revline.consumer.batcher import Batcher, Pending
 from revline.consumer.config import ConsumerSettings
 from revline.consumer.metrics import Metrics, MetricsServer
@@ -151,10 +149,6 @@ class Consumer:
     async def run(self, stop: asyncio.Event) -> None:
         """Run until ``stop`` is set, then shut down within ``shutdown_timeout_s``."""
         s = self.settings
-        # stamina's own hooks would log a line at every retry, past our rate limit, and count
-        # retries in a Prometheus series per retry number, a new one at each retry of a long
-        # outage. We report our retries ourselves (_database_failed).
-        stamina.instrumentation.set_on_retry_hooks(())
         if s.ca_file or s.cert_file or s.key_file:
             # A TLS file that cannot be read or used stops us now with one line naming its key,
             # not at the first connect, which comes only once the database is up.
@@ -485,44 +479,38 @@ class Consumer:
         *,
         on: Callable[[BaseException], bool] = _outage,
     ) -> _T:
-        """Run ``op`` until it succeeds, forever, waiting between attempts with stamina's capped,
-        jittered exponential backoff (``retry_initial_s`` doubling up to ``retry_max_s``).
+        """Run ``op`` until it succeeds, forever, waiting between attempts with the project's one
+        backoff (:func:`revline.backoff.backoff_delay`: ``retry_initial_s`` doubling up to
+        ``retry_max_s``, fully jittered, so consumers that lost the same database drift apart
+        instead of retrying in step, at the cap too).
 
         Every error ``on`` accepts is an outage (:meth:`_write` has already turned data errors
         into dead letters): the same batch is retried however long it takes, nothing is acked
         meanwhile, ``/healthz`` is red and one line per ``_OUTAGE_LOG_EVERY_S`` says ``what``.
-        An error ``on`` refuses propagates at once.
+        An error ``on`` refuses propagates at once; cancellation (shutdown) ends the wait.
         """
         s = self.settings
         failed = 0
         try:
-            async for attempt in stamina.retry_context(
-                on=on,
-                attempts=None,
-                timeout=None,
-                wait_initial=s.retry_initial_s,
-                wait_max=s.retry_max_s,
-                # Up to this much is added to each wait below the cap (stamina adds none at the
-                # cap): consumers that lost the same database drift apart, not in step.
-                wait_jitter=s.retry_initial_s,
-            ):
-                with attempt:
-                    try:
-                        value = await op()
-                    except BaseException as exc:
-                        if on(exc):
-                            failed = attempt.num
-                            if failed == 1:
-                                self._failing += 1
-                            # next_wait: the wait before the next attempt, less its jitter.
-                            self._database_failed(exc, what, failed, attempt.next_wait)
-                            # A failed write leaves reference cycles (exception, traceback,
-                            # frames) that hold the batch's staging rows; in a long outage they
-                            # pile up faster than the cyclic GC's full passes come, and RSS
-                            # climbs. Collecting here keeps memory flat, and costs nothing that
-                            # matters while the database is failing anyway.
-                            gc.collect()
+            while True:
+                try:
+                    value = await op()
+                except BaseException as exc:
+                    if not on(exc):
                         raise
+                    failed += 1
+                    if failed == 1:
+                        self._failing += 1
+                    delay = backoff_delay(failed, initial=s.retry_initial_s, maximum=s.retry_max_s)
+                    self._database_failed(exc, what, failed, delay)
+                else:
+                    break
+                # A failed write leaves reference cycles (exception, traceback, frames) that
+                # hold the batch's staging rows; in a long outage they pile up faster than the
+                # cyclic GC's full passes come, and RSS climbs. Collecting here keeps memory
+                # flat, and costs nothing that matters while the database is failing anyway.
+                gc.collect()
+                await asyncio.sleep(delay)
         finally:
             if failed:  # recovered, or cancelled while failing (shutdown): no longer retrying
                 self._failing -= 1
