@@ -12,10 +12,8 @@ import contextlib
 import logging
 import signal
 import sqlite3
-import ssl
 import threading
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 
 from revline.edge.clock import ClockModel, ClockSource, SystemClock, read_boot_id
 from revline.edge.config import EdgeSettings
@@ -24,7 +22,7 @@ from revline.edge.reading import Source
 from revline.edge.sampler import Sampler
 from revline.edge.spool import Spool
 from revline.logs import kv
-from revline.mqtt import parse_mqtt_url
+from revline.mqtt import parse_mqtt_url, tls_context
 from revline.settings import ConfigError
 
 __all__ = ["StartError", "check_tls", "open_spool", "run_edge"]
@@ -48,28 +46,14 @@ class StartError(Exception):
 
 
 def check_tls(settings: EdgeSettings) -> None:
-    """Refuse unreadable or malformed TLS files at start, naming the key, not at every connect."""
-    address = parse_mqtt_url(settings.mqtt_url)
-    if not address.tls:
-        return
-    for key in ("ca_file", "cert_file", "key_file"):
-        name: str = getattr(settings, key)
-        if not name:
-            continue
-        try:
-            Path(name).read_bytes()
-        except OSError as exc:
-            raise ConfigError(key, "", f"cannot read {name}: {exc.strerror or exc}") from exc
-    try:
-        context = ssl.create_default_context(cafile=settings.ca_file or None)
-    except ssl.SSLError as exc:
-        raise ConfigError("ca_file", "", f"not a usable CA bundle: {exc}") from exc
-    if settings.cert_file:
-        try:
-            context.load_cert_chain(settings.cert_file, settings.key_file or None)
-        except ssl.SSLError as exc:
-            expected = f"certificate (or key_file) not usable: {exc}"
-            raise ConfigError("cert_file", "", expected) from exc
+    """Refuse unreadable or malformed TLS files at start, naming the key, not at every connect
+    (the same check the client makes when it connects: :func:`revline.mqtt.tls_context`)."""
+    if parse_mqtt_url(settings.mqtt_url).tls:
+        tls_context(
+            ca_file=settings.ca_file or None,
+            cert_file=settings.cert_file or None,
+            key_file=settings.key_file or None,
+        )
 
 
 @contextlib.contextmanager
