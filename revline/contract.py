@@ -173,13 +173,12 @@ class Ack(msgspec.Struct, forbid_unknown_fields=True):
 
 # C0 controls (NUL included), DEL, C1 controls and lone surrogates: PostgreSQL text refuses NUL
 # (SQLSTATE 22021) and UTF-8 cannot carry a surrogate; the others break log lines.
-_UNPRINTABLE: Final = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
-
-
 def printable(text: str, limit: int = MAX_DETAIL_CHARS) -> str:
-    """``text`` with control characters and surrogates escaped (``\\x00``), cut to ``limit``."""
-    text = _UNPRINTABLE.sub(lambda match: ascii(match.group())[1:-1], text)
-    return text if len(text) <= limit else text[: limit - 1] + "…"
+    """``text`` safe for a log line and a text column, cut to ``limit``: every character Python
+    does not print (controls, NUL, surrogates, line and paragraph separators) is escaped
+    (``\\x00``). Only the head of a long text is looked at."""
+    head = "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text[: limit + 1])
+    return head if len(head) <= limit else head[: limit - 1] + "…"
 
 
 class ContractError(ValueError):

@@ -44,6 +44,7 @@ from revline.contract import (
     ContractError,
     ack_topic,
     decode_ack,
+    printable,
     telemetry_topic,
 )
 from revline.edge.config import EdgeSettings
@@ -80,7 +81,6 @@ making a Pi allocate them. Anything bigger than the contract allows is refused a
 
 _DEAD_LETTER_FLUSH_S: Final = 1.0
 _DEAD_LETTER_QUEUE_MAX: Final = 100
-_DETAIL_MAX: Final = 500
 
 _P = ParamSpec("_P")
 
@@ -153,12 +153,6 @@ def guarded(
         return call
 
     return wrap
-
-
-def _printable(text: str, limit: int = _DETAIL_MAX) -> str:
-    """``text`` with control characters escaped and cut to ``limit``: safe for logs and SQL."""
-    out = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text[: limit + 1])
-    return out if len(out) <= limit else out[: limit - 3] + "..."
 
 
 @dataclass
@@ -238,7 +232,7 @@ class Publisher:
         # puts every batch waiting for a PUBACK back in the queue (resent, deduplicated).
         self.stats.callback_errors += 1
         self._lost = True
-        self._log_callback(exc, callback=name, error=_printable(f"{type(exc).__name__}: {exc}"))
+        self._log_callback(exc, callback=name, error=printable(f"{type(exc).__name__}: {exc}"))
 
     def _on_connect(
         self, client: paho.Client, _u: Any, flags: Any, reason: Any, _p: Any = None
@@ -308,12 +302,12 @@ class Publisher:
     def _ignore(self, reason: str, batch_ids: list[int]) -> None:
         self.stats.acks_ignored += len(batch_ids)
         self._ignored[reason] = self._ignored.get(reason, 0) + len(batch_ids)
-        self._log_ignored(reason=reason, batches=_printable(str(batch_ids[:10]), 100))
+        self._log_ignored(reason=reason, batches=printable(str(batch_ids[:10]), 100))
 
     def _reject(self, topic: str, reason: str, detail: str, payload: bytes) -> None:
-        detail = _printable(detail)
+        detail = printable(detail)
         self.stats.dead_letters += 1
-        self._log_bad_ack(topic=_printable(topic, 100), reason=reason, detail=detail[:200])
+        self._log_bad_ack(topic=printable(topic, 100), reason=reason, detail=detail[:200])
         kept = payload[: self.spool.dead_letter_budget()]
         if (
             len(self._letters) >= _DEAD_LETTER_QUEUE_MAX
@@ -327,7 +321,7 @@ class Publisher:
         self._letters.append(
             DeadLetter(
                 received_at=time.time(),
-                topic=_printable(topic, 300),
+                topic=printable(topic, 300),
                 reason=reason,
                 detail=detail,
                 payload=kept,
@@ -428,7 +422,7 @@ class Publisher:
         try:
             rc = self._client.loop(timeout=0.02 if self.window.inflight else 0.1)
         except Exception as exc:  # noqa: BLE001 - paho itself failing: reconnect, never stop
-            self._log_loop(exc, error=_printable(f"{type(exc).__name__}: {exc}"))
+            self._log_loop(exc, error=printable(f"{type(exc).__name__}: {exc}"))
             rc = paho.MQTT_ERR_UNKNOWN
         for throttled in self._throttled:
             throttled.tick()
