@@ -17,6 +17,7 @@ same statements against TimescaleDB compiled to WASM.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Sequence
@@ -29,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Final, Self
 import asyncpg
 import msgspec
 
+from revline.consumer.derive import Derivation
 from revline.contract import NUMERIC_FIELDS, Batch, Sample
 from revline.fields import FIELD_BY_NAME, FIELDS
 from revline.logs import kv
@@ -266,7 +268,9 @@ def _decode_jsonb(data: bytes) -> Any:
     return msgspec.json.decode(data[1:])
 
 
-async def _setup_connection(connection: Any) -> None:
+async def _setup_connection(
+    connection: Any, derivations: Sequence[Derivation] = ()
+) -> None:
     await connection.set_type_codec(
         "jsonb",
         schema="pg_catalog",
@@ -276,16 +280,24 @@ async def _setup_connection(connection: Any) -> None:
     )
     await connection.execute(STAGING_DDL)
     await connection.execute(STATE_DDL)
+    for derivation in derivations:
+        await derivation.prepare(connection)
 
 
 async def _write_rows(
-    connection: Any, rows: list[tuple[Any, ...]], state: list[tuple[Any, ...]]
+    connection: Any,
+    rows: list[tuple[Any, ...]],
+    state: list[tuple[Any, ...]],
+    derivations: Sequence[Derivation] = (),
 ) -> int:
-    """Stage, insert cold, upsert hot, inside the caller's transaction; the new cold rows."""
+    """Stage, insert cold, upsert hot, run the derivations, inside the caller's transaction;
+    the new cold rows."""
     await connection.copy_records_to_table(STAGING_TABLE, records=rows, columns=STAGING_COLUMNS)
     status = await connection.execute(INSERT_SAMPLES_SQL)
     await connection.copy_records_to_table(STATE_TABLE, records=state, columns=STATE_COLUMNS)
     await connection.execute(UPSERT_STATE_SQL)
+    for derivation in derivations:
+        await derivation.apply(connection, rows)
     return int(status.split()[-1])
 
 
@@ -318,8 +330,17 @@ class Writer:
     migrations must have run); leaving closes the pool.
     """
 
-    def __init__(self, dsn: str, *, pool_size: int = 4, statement_timeout_s: float = 30.0) -> None:
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        pool_size: int = 4,
+        statement_timeout_s: float = 30.0,
+        derivations: Sequence[Derivation] = (),
+    ) -> None:
         self._dsn = dsn
+        self.derivations = tuple(derivations)
+        """Kept up to date inside every write's transaction (:mod:`revline.consumer.derive`)."""
         self._pool_size = pool_size
         self._statement_timeout_s = statement_timeout_s
         self._pool: Any = None
@@ -334,7 +355,7 @@ class Writer:
             self._dsn,
             min_size=0,
             max_size=self._pool_size,
-            init=_setup_connection,
+            init=functools.partial(_setup_connection, derivations=self.derivations),
             command_timeout=self._statement_timeout_s + 5,
             server_settings={
                 "statement_timeout": str(int(self._statement_timeout_s * 1000)),
@@ -404,7 +425,7 @@ class Writer:
             return WriteResult(batches=len(batches), samples=0, inserted=0)
         state = state_rows(rows)  # before the transaction: Python time holds no locks
         async with self._require_pool().acquire() as connection, connection.transaction():
-            inserted = await _write_rows(connection, rows, state)
+            inserted = await _write_rows(connection, rows, state, self.derivations)
         return WriteResult(batches=len(batches), samples=len(rows), inserted=inserted)
 
     async def probe(self) -> None:
@@ -421,7 +442,7 @@ class Writer:
             transaction = connection.transaction()
             await transaction.start()
             try:
-                await _write_rows(connection, rows, state)
+                await _write_rows(connection, rows, state, self.derivations)
             finally:
                 await transaction.rollback()
 
