@@ -15,9 +15,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-__all__ = ["Derivation", "Span", "spans"]
+if TYPE_CHECKING:
+    from revline.consumer.config import ConsumerSettings
+    from revline.consumer.writer import Writer
+
+__all__ = ["Background", "Derivation", "Span", "derivations", "spans"]
 
 
 class Derivation(Protocol):
@@ -37,6 +41,23 @@ class Derivation(Protocol):
     async def apply(self, connection: Any, rows: Sequence[tuple[Any, ...]]) -> None:
         """Inside the write's transaction, after the samples are stored. An exception rolls the
         whole write back and is handled like the write's own (outage or data error)."""
+
+
+@runtime_checkable
+class Background(Protocol):
+    """A derivation with work to do after commits (recomputing what dirty spans name)."""
+
+    name: str
+
+    async def run(self, writer: Writer) -> None:
+        """Loop until cancelled; a failure is logged and retried, never raised (an outage)."""
+
+
+def derivations(settings: ConsumerSettings) -> list[Derivation]:
+    """The derivations the consumer keeps, in the order they run in each write, from its
+    settings. Each part that derives something registers it here."""
+    del settings
+    return []
 
 
 @dataclass(frozen=True, slots=True)

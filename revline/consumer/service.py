@@ -36,6 +36,7 @@ from typing import TypeVar
 from revline.backoff import backoff_delay
 from revline.consumer.batcher import Batcher, Pending
 from revline.consumer.config import ConsumerSettings
+from revline.consumer.derive import Background, derivations
 from revline.consumer.metrics import Metrics, MetricsServer
 from revline.consumer.pipeline import (
     Fault,
@@ -208,7 +209,10 @@ class Consumer:
 
         async def enter() -> Writer:
             writer = Writer(
-                s.database_url, pool_size=s.pool_size, statement_timeout_s=s.statement_timeout_s
+                s.database_url,
+                pool_size=s.pool_size,
+                statement_timeout_s=s.statement_timeout_s,
+                derivations=derivations(s),
             )
             await stack.enter_async_context(writer)
             return writer
@@ -240,6 +244,11 @@ class Consumer:
             ]
             if s.maintenance_every_s > 0:
                 background.append(tg.create_task(self._maintain(writer), name="maintenance"))
+            background.extend(
+                tg.create_task(d.run(writer), name=d.name)
+                for d in writer.derivations
+                if isinstance(d, Background)
+            )
             await stop.wait()
             log.info(
                 "stopping: committing what was received", extra=kv(limit_s=s.shutdown_timeout_s)
