@@ -36,7 +36,7 @@ from typing import TypeVar
 from revline.backoff import backoff_delay
 from revline.consumer.batcher import Batcher, Pending
 from revline.consumer.config import ConsumerSettings
-from revline.consumer.derive import Background, derivations
+from revline.consumer.derive import derivations
 from revline.consumer.metrics import Metrics, MetricsServer
 from revline.consumer.pipeline import (
     Fault,
@@ -54,6 +54,7 @@ from revline.consumer.writer import Rejected, Writer, WriteResult
 from revline.contract import Batch, ack_topic, encode
 from revline.logs import kv
 from revline.mqtt import parse_mqtt_url, tls_context
+from revline.storage.derive import Background
 from revline.storage.errors import UnusableDatabaseError, describe, sqlstate
 
 __all__ = ["Consumer", "Item", "serve"]
@@ -245,7 +246,7 @@ class Consumer:
             if s.maintenance_every_s > 0:
                 background.append(tg.create_task(self._maintain(writer), name="maintenance"))
             background.extend(
-                tg.create_task(d.run(writer), name=d.name)
+                tg.create_task(d.run(writer.pool), name=d.name)
                 for d in writer.derivations
                 if isinstance(d, Background)
             )

@@ -30,10 +30,10 @@ from typing import TYPE_CHECKING, Any, Final, Self
 import asyncpg
 import msgspec
 
-from revline.consumer.derive import Derivation
 from revline.contract import NUMERIC_FIELDS, Batch, Sample
 from revline.fields import FIELD_BY_NAME, FIELDS
 from revline.logs import kv
+from revline.storage.derive import Derivation
 from revline.storage.errors import UnusableDatabaseError, unusable_database
 
 if TYPE_CHECKING:
@@ -412,6 +412,11 @@ class Writer:
                 await asyncio.wait_for(pool.close(), timeout=self._statement_timeout_s)
             except TimeoutError:
                 pool.terminate()
+
+    @property
+    def pool(self) -> Any:
+        """The asyncpg pool (for derivations' background work); only inside ``async with``."""
+        return self._require_pool()
 
     def _require_pool(self) -> Any:
         if self._pool is None:

@@ -21,16 +21,21 @@ CORE = frozenset(
     {"revline", "revline.fields", "revline.contract", "revline.settings", "revline.mqtt"}
     | {"revline.logs", "revline.cli", "revline.backoff", "revline.wire_v2", "revline._peek"}
 )
-PARTS = ("edge", "consumer", "storage", "tools", "bench")
+PARTS = ("edge", "consumer", "storage", "insight", "audit", "api", "tools", "bench")
 
 # part -> the parts it may import (besides the core, which every part may import).
 ALLOWED: dict[str, frozenset[str]] = {
     "core": frozenset(),
     "edge": frozenset(),
-    "consumer": frozenset({"storage"}),
+    "consumer": frozenset({"storage", "insight", "audit"}),
     "storage": frozenset(),
-    "tools": frozenset({"edge", "consumer", "storage"}),
-    "bench": frozenset({"edge", "consumer", "storage", "tools"}),
+    # What is derived from committed samples (trips, health / sequence accounting): plugged into
+    # the consumer's writes through revline.storage.derive, read by the API.
+    "insight": frozenset({"storage"}),
+    "audit": frozenset({"storage"}),
+    "api": frozenset({"consumer", "storage", "insight", "audit"}),
+    "tools": frozenset({"edge", "consumer", "storage", "insight", "audit", "api"}),
+    "bench": frozenset({"edge", "consumer", "storage", "insight", "audit", "api", "tools"}),
 }
 
 

@@ -9,8 +9,8 @@ from typing import Any, Final
 import asyncpg
 import pytest
 
-from revline.consumer.derive import Span, spans
 from revline.consumer.writer import Writer, records
+from revline.storage.derive import Span, spans
 from tests.fixtures.storage import batch, sample
 
 T0_US: Final = 1_717_243_200_000_000
