@@ -42,13 +42,18 @@ def register(commands: Commands) -> None:
     )
     bench.add_argument(
         "--database-url",
-        default="postgresql://postgres@127.0.0.1:5432/postgres",
-        help="server where a scratch database revline_bench_<pid> is created and dropped",
+        help="PostgreSQL server for the scratch databases (revline_bench_<pid>_*, dropped after); "
+        "default: a private cluster started for the run (never a shared server's data)",
     )
-    bench.add_argument("--samples", type=int, default=1_000_000, help="samples to publish")
-    bench.add_argument("--per-message", type=int, default=500, help="samples per MQTT message")
-    bench.add_argument("--vehicles", type=int, default=100, help="distinct VINs")
+    bench.add_argument(
+        "--samples", type=int, default=0, help="samples per run (default: 50,000 messages, <= 1M)"
+    )
+    bench.add_argument(
+        "--per-message", default="500", help="samples per MQTT message, e.g. 1,10,500 (500)"
+    )
+    bench.add_argument("--vehicles", type=int, default=1000, help="distinct VINs (1000)")
     bench.add_argument("--publishers", type=int, default=1, help="publisher processes")
+    bench.add_argument("--workers", default="1", help="consumer worker counts, e.g. 1,2,4 (1)")
     bench.add_argument("--batch-max-samples", type=int, default=20_000)
     bench.add_argument("--write-concurrency", type=int, default=2)
     bench.add_argument(

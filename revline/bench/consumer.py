@@ -1,15 +1,19 @@
 """``revline bench consumer``: end-to-end ingest rate and latency against a plain staged COPY.
 
-1. Creates two scratch databases ``revline_bench_<pid>_{e2e,copy}`` on the server of
-   ``--database-url`` and migrates both (dropped again at the end).
-2. Starts ``revline consumer`` as a subprocess on the first one, with its own client id.
+1. Starts its own Mosquitto and its own PostgreSQL (initdb in a temporary directory), never a
+   shared server, and creates scratch databases there, migrated, one per run (dropped after).
+2. Starts ``revline consumer`` (``--workers N``, one shared group) as a subprocess.
 3. Publisher processes pre-encode every message (outside the timing), then publish them QoS 1
    as fast as the broker takes them, noting each message's publish time.
 4. The bench listens on ``ack/+``: a message is done when its end-to-end ack arrives (the consumer
    publishes it after commit). Rate = samples / (last ack - first publish); latency per message =
    ack receipt - publish.
 5. Ceiling: the same rows, COPYed into the staging table and inserted into ``samples`` in
-   transactions of the same size on the second database (no MQTT, no decoding, no hot upsert).
+   transactions of the same size on a database of its own (no MQTT, no decoding, no hot upsert).
+
+Several message sizes (``--per-message 1,10,500``) and worker counts (``--workers 1,2,4``) run
+in one invocation, each size beside its own ceiling, so every figure has its baseline from the
+same run on the same servers.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import contextlib
 import multiprocessing as mp
 import os
 import signal
-import statistics
+import socket
 import subprocess
 import sys
 import tempfile
@@ -32,7 +36,6 @@ from dataclasses import dataclass
 from multiprocessing.synchronize import Event as MpEvent
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import asyncpg
 import paho.mqtt.client as paho
@@ -40,7 +43,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from revline.contract import Batch, Sample, decode_ack, encode, telemetry_topic
 from revline.mqtt import drop_session, parse_mqtt_url
-from revline.tools.localservices import MosquittoService, free_port
+from revline.tools.localservices import MosquittoService, PostgresService, free_port
 
 __all__ = ["main"]
 
@@ -102,39 +105,125 @@ class _PublisherJob:
     """Samples/s this process publishes at (0: as fast as the broker takes them)."""
 
 
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        n, digit = divmod(n, 128)
+        out.append(digit | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _string(text: str) -> bytes:
+    data = text.encode()
+    return len(data).to_bytes(2, "big") + data
+
+
+def _publish_packet(topic: str, mid: int, payload: bytes) -> bytes:
+    body = _string(topic) + mid.to_bytes(2, "big") + payload
+    return b"\x32" + _varint(len(body)) + body  # PUBLISH, QoS 1
+
+
+_WINDOW = 2_000
+"""PUBLISHes the load generator keeps unacknowledged by the broker, at most."""
+_CHUNK = 200
+"""PUBLISHes written with one sendall."""
+
+
+class _RawPublisher:
+    """A minimal MQTT 3.1.1 QoS 1 publisher on a plain socket: pre-built packets written many
+    at a time, PUBACKs counted by a reader thread. The load generator must cost far less than
+    the consumer it feeds on the same 2 cores: paho spends ~50 µs of Python per publish, this
+    ~1 µs, so that small-message figures measure the consumer, not the publisher."""
+
+    def __init__(self, mqtt_url: str) -> None:
+        address = parse_mqtt_url(mqtt_url)
+        self.sock = socket.create_connection((address.host, address.port), timeout=30)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        client_id = f"revline-bench-pub-{os.getpid()}"
+        # Protocol level 4 (3.1.1), clean session, keepalive 0 (none: the run is short).
+        variable = _string("MQTT") + bytes([4, 0x02]) + (0).to_bytes(2, "big")
+        body = variable + _string(client_id)
+        self.sock.sendall(b"\x10" + _varint(len(body)) + body)
+        connack = self._read(4)
+        if connack[0] != 0x20 or connack[3] != 0:
+            raise RuntimeError(f"broker refused the bench publisher: {connack!r}")
+        self.acked = 0
+        self.done = threading.Condition()
+        self.reader = threading.Thread(target=self._read_acks, daemon=True)
+        self.reader.start()
+
+    def _read(self, n: int) -> bytes:
+        data = b""
+        while len(data) < n:
+            more = self.sock.recv(n - len(data))
+            if not more:
+                raise RuntimeError("broker closed the bench publisher's connection")
+            data += more
+        return data
+
+    def _read_acks(self) -> None:
+        rest = b""
+        while True:
+            try:
+                data = self.sock.recv(65536)
+            except OSError:
+                return
+            if not data:
+                return
+            rest += data
+            whole = len(rest) // 4 * 4  # every packet a pure publisher gets is a 4-byte PUBACK
+            count, rest = whole // 4, rest[whole:]
+            with self.done:
+                self.acked += count
+                self.done.notify_all()
+
+    def publish(self, packets: list[bytes], sent: int) -> None:
+        """Write ``packets`` once no more than the window is unacknowledged."""
+        with self.done:
+            while sent + len(packets) - self.acked > _WINDOW:
+                self.done.wait(1)
+        self.sock.sendall(b"".join(packets))
+
+    def finish(self, total: int, timeout: float = 600) -> None:
+        """Wait for every PUBACK, then disconnect."""
+        deadline = time.monotonic() + timeout
+        with self.done:
+            while self.acked < total and time.monotonic() < deadline:
+                self.done.wait(1)
+        self.sock.sendall(b"\xe0\x00")
+        self.sock.close()
+
+
 def _publisher(job: _PublisherJob) -> None:
     """Pre-encode, wait for the go, publish everything QoS 1, report publish times."""
-    payloads = [
-        (telemetry_topic(vin), encode(_batch(vin, b, first, n, job.t0)), vin, b)
-        for vin, b, first, n in job.work
+    packets = [
+        _publish_packet(
+            telemetry_topic(vin), i % 65535 + 1, encode(_batch(vin, b, first, n, job.t0))
+        )
+        for i, (vin, b, first, n) in enumerate(job.work)
     ]
-    address = parse_mqtt_url(job.mqtt_url)
-    client = paho.Client(
-        callback_api_version=CallbackAPIVersion.VERSION2,
-        client_id=f"revline-bench-pub-{os.getpid()}",
-        protocol=paho.MQTTv5,
-    )
-    client.max_inflight_messages_set(1000)
-    client.connect(address.host, address.port)
-    client.loop_start()
+    client = _RawPublisher(job.mqtt_url)
     job.ready.set()
     job.go.wait()
     times: list[tuple[str, int, float]] = []
-    infos = []
     began = time.monotonic()
-    sent = 0
-    for (topic, payload, vin, b), (*_, count) in zip(payloads, job.work, strict=True):
+    sent = samples = 0
+    while sent < len(packets):
+        size = _CHUNK
         if job.rate:
-            # Paced: latency then measures the pipeline, not the queue of a burst.
-            time.sleep(max(0.0, began + sent / job.rate - time.monotonic()))
-        times.append((vin, b, time.time()))
-        infos.append(client.publish(topic, payload, qos=1))
-        sent += count
-    for info in infos:
-        info.wait_for_publish(600)
+            # Paced, 10 ms worth at a time: latency then measures the pipeline, not the queue
+            # of a burst.
+            time.sleep(max(0.0, began + samples / job.rate - time.monotonic()))
+            size = max(1, min(_CHUNK, int(job.rate * 0.01) // max(1, job.work[sent][3])))
+        chunk = job.work[sent : sent + size]
+        now = time.time()
+        times.extend((vin, b, now) for vin, b, _, _ in chunk)
+        client.publish(packets[sent : sent + len(chunk)], sent)
+        sent += len(chunk)
+        samples += sum(n for *_, n in chunk)
+    client.finish(len(packets))
     job.out.put(times)
-    client.disconnect()
-    client.loop_stop()
 
 
 class _AckListener:
@@ -172,27 +261,18 @@ class _AckListener:
         self.client.loop_stop()
 
 
-async def _admin(url: str, sql: str) -> None:
-    connection = await asyncpg.connect(url)
-    try:
-        await connection.execute(sql)
-    finally:
-        await connection.close()
-
-
 @contextlib.contextmanager
-def _scratch_database(server_url: str, name: str) -> Iterator[str]:
+def _scratch_database(server: PostgresService, name: str) -> Iterator[str]:
     from revline.storage.migrate import MigrateSettings, migrate_dsn  # noqa: PLC0415
 
-    asyncio.run(_admin(server_url, f'DROP DATABASE IF EXISTS "{name}"'))
-    asyncio.run(_admin(server_url, f'CREATE DATABASE "{name}"'))
-    url = urlsplit(server_url)._replace(path=f"/{name}").geturl()
+    server.drop_database(name)
+    url = server.create_database(name)
     try:
         report = asyncio.run(migrate_dsn(url, MigrateSettings(database_url=url)))
         print(f"# scratch database {name}: mode {report.mode}", file=sys.stderr)
         yield url
     finally:
-        asyncio.run(_admin(server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        server.drop_database(name)
 
 
 # Mosquitto's default of 1000 silently drops QoS 1 messages queued beyond it: a burst of many
@@ -270,18 +350,22 @@ def _ceiling(
     return sum(len(r) for r in rows) / seconds
 
 
-def _start_consumer(args: argparse.Namespace, url: str, client_id: str) -> tuple[Any, Path]:
+def _start_consumer(
+    args: argparse.Namespace, mqtt_url: str, url: str, client_id: str, workers: int
+) -> tuple[Any, Path]:
     port = free_port()
     log_file = Path(tempfile.gettempdir()) / f"{client_id}.log"
     command = [sys.executable]
-    if args.profile:
+    if args.profile and workers == 1:
         command += ["-m", "cProfile", "-o", str(args.profile)]
     command += [
-        *("-m", "revline.cli", "consumer", "--mqtt-url", args.mqtt_url, "--database-url", url),
+        *("-m", "revline.cli", "consumer", "--mqtt-url", mqtt_url, "--database-url", url),
         *("--client-id", client_id, "--metrics-host", "127.0.0.1", "--metrics-port", str(port)),
         *("--batch-max-samples", str(args.batch_max_samples), "--session-expiry-s", "60"),
         *("--write-concurrency", str(args.write_concurrency)),
     ]
+    if workers > 1:
+        command += ["--workers", str(workers), "--group", "revline-bench"]
     with log_file.open("wb") as log:
         consumer = subprocess.Popen(command, stdout=log, stderr=log)
     deadline = time.monotonic() + 60
@@ -294,14 +378,14 @@ def _start_consumer(args: argparse.Namespace, url: str, client_id: str) -> tuple
 
 
 def _publish(
-    args: argparse.Namespace, plan: list[tuple[str, int, int, int]], t0: int
+    args: argparse.Namespace, mqtt_url: str, plan: list[tuple[str, int, int, int]], t0: int
 ) -> dict[tuple[str, int], float]:
     """Publish the plan from publisher processes; the publish time of every message."""
     ctx = mp.get_context("spawn")
     go, out = ctx.Event(), ctx.Queue()
     jobs = [
         _PublisherJob(
-            args.mqtt_url,
+            mqtt_url,
             plan[i :: args.publishers],
             t0,
             ctx.Event(),
@@ -327,15 +411,55 @@ def _publish(
     return published
 
 
+@dataclass(frozen=True)
+class _Run:
+    """One end-to-end run: rate, per-message latencies (publish to end-to-end ack), stored."""
+
+    rate: float
+    latencies: list[float]
+    stored: int
+    cpu_s: float
+    """CPU seconds the consumer's processes used (all workers and the supervisor)."""
+
+    def percentile(self, q: float) -> float:
+        """The ``q`` quantile of the latencies, in ms."""
+        index = min(len(self.latencies) - 1, int(len(self.latencies) * q))
+        return self.latencies[index] * 1e3
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU of ``pid`` and its children that are still running or were waited
+    for (from /proc), so a run's CPU is the consumer's whole process tree."""
+    total = 0.0
+    ticks = os.sysconf("SC_CLK_TCK")
+    pids = [pid]
+    # Children are listed per thread (the supervisor starts workers from a thread).
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        with contextlib.suppress(OSError):
+            pids.extend(int(child) for child in (task / "children").read_text().split())
+    for p in pids:
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{p}/stat").read_text().rpartition(")")[2].split()
+            total += sum(int(x) for x in fields[11:15]) / ticks  # utime stime cutime cstime
+    return total
+
+
 def _end_to_end(
-    args: argparse.Namespace, url: str, plan: list[tuple[str, int, int, int]], t0: int
-) -> tuple[float, list[float], int]:
-    """(samples/s, sorted per-message latencies, samples stored) through the real consumer."""
+    args: argparse.Namespace,
+    mqtt_url: str,
+    url: str,
+    plan: list[tuple[str, int, int, int]],
+    t0: int,
+    workers: int,
+) -> _Run:
+    """One run through the real consumer (``workers`` processes in one group)."""
     client_id = f"revline-bench-consumer-{os.getpid()}"
-    acks = _AckListener(args.mqtt_url)
-    consumer, log_file = _start_consumer(args, url, client_id)
+    acks = _AckListener(mqtt_url)
+    consumer, log_file = _start_consumer(args, mqtt_url, url, client_id, workers)
+    cpu_before = _cpu_seconds(consumer.pid)
+    cpu = 0.0
     try:
-        published = _publish(args, plan, t0)
+        published = _publish(args, mqtt_url, plan, t0)
         seen, progress = 0, time.monotonic()
         while (count := acks.count()) < len(plan):
             if count > seen:
@@ -347,55 +471,83 @@ def _end_to_end(
                     f"consumer log: {log_file}"
                 )
             time.sleep(0.05)
+        cpu = _cpu_seconds(consumer.pid) - cpu_before
     finally:
         consumer.send_signal(signal.SIGTERM)
         consumer.wait(60)
         acks.close()
-        with contextlib.suppress(OSError):
-            drop_session(parse_mqtt_url(args.mqtt_url), client_id)
+        ids = [client_id] if workers == 1 else [f"{client_id}-w{i}" for i in range(1, workers + 1)]
+        for member in ids:
+            with contextlib.suppress(OSError):
+                drop_session(parse_mqtt_url(mqtt_url), member)
     with acks.lock:
         done = dict(acks.acked)
     total = sum(n for *_, n in plan)
     rate = total / (max(done.values()) - min(published.values()))
     latencies = sorted(done[key] - published[key] for key in published)
-    return rate, latencies, asyncio.run(_count(url))
+    return _Run(rate, latencies, asyncio.run(_count(url)), cpu)
+
+
+def _ints(text: str) -> list[int]:
+    return [int(part) for part in text.split(",") if part.strip()]
 
 
 def main(args: argparse.Namespace) -> int:
-    """Run the benchmark and print one table of figures."""
-    per_vehicle = -(-args.samples // args.vehicles)
-    plan = [
-        (vin, b, first, min(args.per_message, per_vehicle - first))
-        for vin, b, first in _plan(args.samples, args.per_message, args.vehicles)
-    ]
-    total = sum(n for *_, n in plan)
+    """Run the benchmark matrix and print one table of figures."""
+    sizes, worker_counts = _ints(str(args.per_message)), _ints(str(args.workers))
     t0 = int((time.time() - 3600) * 1e6)  # an hour ago: inside today's partition, not future
     stem = f"revline_bench_{os.getpid()}"
-    print(
-        f"# {total:,} samples in {len(plan):,} messages of {args.per_message}, "
-        f"{args.vehicles} vehicles, {args.publishers} publisher process(es), "
-        f"write batches of {args.batch_max_samples:,}, {args.write_concurrency} at once",
-        file=sys.stderr,
-    )
+    mode = f"paced at {args.rate:,.0f} samples/s" if args.rate else "burst"
+    ok = True
+    rows: list[str] = []
     with contextlib.ExitStack() as stack:
         if args.mqtt_url is None:
-            args.mqtt_url = stack.enter_context(_private_broker())
-        print(f"# broker {args.mqtt_url}", file=sys.stderr)
-        url = stack.enter_context(_scratch_database(args.database_url, f"{stem}_e2e"))
-        rate, latencies, stored = _end_to_end(args, url, plan, t0)
-    with _scratch_database(args.database_url, f"{stem}_copy") as url:
-        ceiling = _ceiling(url, plan, t0, args.batch_max_samples, args.write_concurrency)
-    mode = f"paced at {args.rate:,.0f}/s" if args.rate else "burst"
-    p50 = statistics.median(latencies) * 1e3
-    p99 = latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))] * 1e3
-    print(f"{'':34} {'samples/s':>10} {'p50 ms':>7} {'p99 ms':>7}")
-    print(f"{'end to end, ' + mode:34} {rate:>10,.0f} {p50:>7.0f} {p99:>7.0f}")
-    print(f"{'plain staged COPY (ceiling)':34} {ceiling:>10,.0f}")
-    print(f"(ceiling: same rows, same transaction size, {args.write_concurrency} connection(s))")
-    print(f"end to end / ceiling = {rate / ceiling:.0%}; stored {stored:,} of {total:,} samples")
+            mqtt_url = stack.enter_context(_private_broker())
+        else:
+            mqtt_url = args.mqtt_url
+        server = stack.enter_context(PostgresService(url=args.database_url, use_docker=False))
+        print(f"# broker {mqtt_url}, database server {server.url}", file=sys.stderr)
+        for size in sizes:
+            samples = args.samples or min(1_000_000, size * 50_000)
+            per_vehicle = -(-samples // args.vehicles)
+            plan = [
+                (vin, b, first, min(size, per_vehicle - first))
+                for vin, b, first in _plan(samples, size, args.vehicles)
+            ]
+            total = sum(n for *_, n in plan)
+            print(
+                f"# {total:,} samples in {len(plan):,} messages of {size}, {args.vehicles} "
+                f"vehicles, {mode}, write batches of {args.batch_max_samples:,}, "
+                f"{args.write_concurrency} at once per worker",
+                file=sys.stderr,
+            )
+            with _scratch_database(server, f"{stem}_copy") as url:
+                ceiling = _ceiling(url, plan, t0, args.batch_max_samples, args.write_concurrency)
+            rows.append(
+                f"{size:>4} {'COPY':>7} {ceiling:>10,.0f} {'':>6} {'':>7} {'':>7} {'':>8}"
+            )
+            for workers in worker_counts:
+                with _scratch_database(server, f"{stem}_e2e") as url:
+                    run = _end_to_end(args, mqtt_url, url, plan, t0, workers)
+                ok = ok and run.stored == total
+                rows.append(
+                    f"{size:>4} {workers:>7} {run.rate:>10,.0f} {run.rate / ceiling:>6.0%} "
+                    f"{run.percentile(0.5):>7.0f} {run.percentile(0.99):>7.0f} "
+                    f"{run.cpu_s * 1e6 / total:>8.1f}"
+                    + ("" if run.stored == total else f"  STORED {run.stored:,} OF {total:,}")
+                )
+                print(rows[-1], file=sys.stderr)
+    print(f"end to end ({mode}), {args.vehicles} vehicles, vs a plain staged COPY of the same rows")
+    print(f"{'per':>4} {'workers':>7} {'samples/s':>10} {'/COPY':>6} {'p50 ms':>7} {'p99 ms':>7} "
+          f"{'cpu µs/s':>8}")
+    print("\n".join(rows))
+    print(
+        f"(COPY: same rows, same transaction size, {args.write_concurrency} connection(s); "
+        "latency: publish to end-to-end ack; cpu: consumer CPU per sample, all its processes)"
+    )
     if args.profile:
         print(f"consumer profile written to {args.profile}", file=sys.stderr)
-    return 0 if stored == total else 1
+    return 0 if ok else 1
 
 
 async def _count(url: str) -> int:

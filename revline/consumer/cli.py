@@ -47,6 +47,7 @@ _FLAGS: tuple[tuple[str, type, str], ...] = (
     ),
     ("metrics_host", str, "address of /metrics and /healthz (0.0.0.0)"),
     ("metrics_port", int, "port of /metrics and /healthz; 0 disables (9108)"),
+    ("workers", int, "consumer processes in --group, one endpoint for all (1)"),
 )
 
 
@@ -70,6 +71,10 @@ def run(args: argparse.Namespace) -> int:
     settings = load_settings(config=args.config, flags=flags)
     for warning in startup_warnings(settings):
         logging.getLogger("revline.consumer").warning(warning)
+    if settings.workers > 1:
+        from revline.consumer.workers import supervise  # noqa: PLC0415 - not for --help
+
+        return supervise(settings, log_level=args.log_level, log_json=args.log_json)
     from revline.consumer.service import serve  # noqa: PLC0415 - asyncpg, prometheus: not for --help
 
     return serve(settings)

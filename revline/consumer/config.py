@@ -7,6 +7,7 @@ import socket
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Final
+from urllib.parse import quote, urlsplit, urlunsplit
 
 import msgspec
 
@@ -19,6 +20,7 @@ __all__ = [
     "ConsumerSettings",
     "load_settings",
     "startup_warnings",
+    "worker_settings",
 ]
 
 LONE_SESSION_EXPIRY_S: Final = 86_400
@@ -80,6 +82,10 @@ class ConsumerSettings(msgspec.Struct, frozen=True, kw_only=True):
     metrics_host: str = "0.0.0.0"  # noqa: S104 - Prometheus scrapes from another host
     metrics_port: Annotated[int, msgspec.Meta(ge=0, le=65_535)] = 9108
     """Port of ``/metrics`` and ``/healthz``; 0 disables the endpoint."""
+    workers: Annotated[int, msgspec.Meta(ge=1, le=64)] = 1
+    """Consumer processes run by this one command, members of ``group`` each with its own client
+    id ``<client_id>-w<i>`` (and login ``<login>-w<i>`` when the URL has one): one core each,
+    one metrics endpoint for all, restarted when one dies (:mod:`revline.consumer.workers`)."""
 
     def __post_init__(self) -> None:
         # Built directly or loaded, the same checks: every constraint above, then what involves
@@ -99,6 +105,13 @@ class ConsumerSettings(msgspec.Struct, frozen=True, kw_only=True):
                 "",
                 "a group member needs a stable client id: set client_id (e.g. revline-consumer-1) "
                 "or log in with a user name, which is then the id",
+            )
+        if self.workers > 1 and not self.group:
+            raise ConfigError(
+                "workers",
+                "",
+                f"{self.workers} workers need a shared-subscription group (set group, e.g. "
+                "revline): without one every worker would get every message",
             )
         if self.key_file and not self.cert_file:
             raise ConfigError("key_file", "", "set without cert_file")
@@ -125,6 +138,29 @@ class ConsumerSettings(msgspec.Struct, frozen=True, kw_only=True):
         if self.session_expiry_s is not None:
             return self.session_expiry_s
         return GROUP_SESSION_EXPIRY_S if self.group else LONE_SESSION_EXPIRY_S
+
+
+def worker_settings(settings: ConsumerSettings, index: int) -> ConsumerSettings:
+    """The settings of worker ``index`` (1-based) of ``settings.workers``: its own client id
+    ``<client_id>-w<index>`` and, when the broker URL has a login, its own login
+    ``<login>-w<index>`` with the same password (a broker that makes the login the client id,
+    like the shipped Mosquitto, would otherwise let the workers take each other over); no
+    endpoint of its own (the supervisor serves one for all) and one worker."""
+    address = parse_mqtt_url(settings.mqtt_url)
+    url = settings.mqtt_url
+    if address.username:
+        parts = urlsplit(url)
+        login = quote(f"{address.username}-w{index}", safe="")
+        secret = f":{quote(address.password, safe='')}" if address.password else ""
+        host = parts.netloc.rpartition("@")[2]
+        url = urlunsplit(parts._replace(netloc=f"{login}{secret}@{host}"))
+    return msgspec.structs.replace(
+        settings,
+        mqtt_url=url,
+        client_id=f"{settings.effective_client_id}-w{index}",
+        metrics_port=0,
+        workers=1,
+    )
 
 
 def load_settings(

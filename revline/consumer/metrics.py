@@ -1,4 +1,11 @@
-"""Prometheus metrics and the ``/metrics`` + ``/healthz`` HTTP endpoint of the consumer."""
+"""Prometheus metrics and the ``/metrics`` + ``/healthz`` HTTP endpoint of the consumer.
+
+With ``--workers N`` every worker process writes its metrics into prometheus_client's
+multiprocess directory (``PROMETHEUS_MULTIPROC_DIR``, set by the supervisor before the worker
+starts); the supervisor's one endpoint sums the counters and histograms of all workers, dead
+ones included (a total never goes back when a worker is restarted), and shows the gauges of the
+live ones (:class:`WorkerMetrics`). Each gauge says how it combines (``multiprocess_mode``);
+alone, in one process, that is ignored."""
 
 from __future__ import annotations
 
@@ -7,8 +14,9 @@ import contextlib
 import json
 import logging
 import os
+from collections.abc import Callable
 from types import TracebackType
-from typing import Self
+from typing import Protocol, Self
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -18,11 +26,12 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from revline.logs import kv
 from revline.settings import ConfigError
 
-__all__ = ["Metrics", "MetricsServer"]
+__all__ = ["Exposed", "Metrics", "MetricsServer", "WorkerMetrics"]
 
 log = logging.getLogger("revline.consumer.metrics")
 
@@ -57,6 +66,7 @@ class Metrics:
             "revline_consumer_db_outage_seconds",
             "How long database calls have been failing without a success; 0 when they work",
             registry=r,
+            multiprocess_mode="livemax",
         )
         self.commit_seconds = Histogram(
             "revline_consumer_commit_seconds",
@@ -68,10 +78,20 @@ class Metrics:
             "revline_consumer_lag_seconds",
             "Commit time minus the newest sample's timestamp in the last batch",
             registry=r,
+            multiprocess_mode="livemax",
         )
-        self.broker_up = Gauge("revline_consumer_broker_up", "Connected to the broker", registry=r)
+        # Per live worker (a pid label) under --workers: /healthz needs each one's.
+        self.broker_up = Gauge(
+            "revline_consumer_broker_up",
+            "Connected to the broker",
+            registry=r,
+            multiprocess_mode="liveall",
+        )
         self.database_up = Gauge(
-            "revline_consumer_database_up", "Last database call succeeded", registry=r
+            "revline_consumer_database_up",
+            "Last database call succeeded",
+            registry=r,
+            multiprocess_mode="liveall",
         )
 
         self._up = {"broker": False, "database": False}
@@ -87,6 +107,53 @@ class Metrics:
         return dict(self._up)
 
 
+class Exposed(Protocol):
+    """What the endpoint serves: a registry to scrape and which dependency is up."""
+
+    @property
+    def registry(self) -> CollectorRegistry: ...
+
+    @property
+    def healthy(self) -> dict[str, bool]: ...
+
+
+class WorkerMetrics:
+    """The supervisor's view of its workers' metrics (prometheus_client multiprocess mode).
+
+    Healthy when every one of ``expected`` workers is running and each says both its broker
+    and its database are up; a worker that is starting, restarting or dead makes it 503.
+    """
+
+    def __init__(self, directory: str, expected: int, running: Callable[[], set[int]]) -> None:
+        self.directory = directory
+        self.expected = expected
+        self._running = running
+        self._registry = CollectorRegistry()
+        MultiProcessCollector(self._registry, path=directory)  # type: ignore[no-untyped-call]
+
+    @property
+    def registry(self) -> CollectorRegistry:
+        """Sums of all workers' counters and histograms, live workers' gauges."""
+        return self._registry
+
+    @property
+    def healthy(self) -> dict[str, bool]:
+        """``broker`` / ``database``: up in every running worker, all of them running."""
+        running = self._running()
+        up: dict[str, set[int]] = {"broker": set(), "database": set()}
+        for family in self._registry.collect():
+            what = {"revline_consumer_broker_up": "broker"}.get(family.name)
+            what = what or {"revline_consumer_database_up": "database"}.get(family.name)
+            if what is None:
+                continue
+            for sample in family.samples:
+                pid = int(sample.labels.get("pid", "0"))
+                if sample.value == 1 and pid in running:
+                    up[what].add(pid)
+        complete = len(running) == self.expected
+        return {what: complete and pids >= running for what, pids in up.items()}
+
+
 class MetricsServer:
     """A tiny HTTP server on the event loop: ``GET /metrics`` and ``GET /healthz``.
 
@@ -94,7 +161,7 @@ class MetricsServer:
     body says which is not.
     """
 
-    def __init__(self, metrics: Metrics, *, host: str, port: int) -> None:
+    def __init__(self, metrics: Exposed, *, host: str, port: int) -> None:
         self.metrics = metrics
         self.host = host
         self.port = port
