@@ -290,12 +290,21 @@ class Consumer:
                     await self._ready.put(batcher.take())
                 await subscriber.room()
             deadline = batcher.deadline()
-            try:
-                async with asyncio.timeout_at(deadline):
-                    got = await inbound.get()
-            except TimeoutError:
-                await self._ready.put(batcher.take())
-                continue
+            if not inbound.empty():
+                # Messages are waiting: take one without arming a timer. A timeout per message
+                # (a TimerHandle scheduled and cancelled) was ~13 % of the consumer's CPU with
+                # 1-sample messages. The batch's age is checked against the clock instead.
+                if deadline is not None and loop.time() >= deadline:
+                    await self._ready.put(batcher.take())
+                    continue
+                got = inbound.get_nowait()
+            else:
+                try:
+                    async with asyncio.timeout_at(deadline):
+                        got = await inbound.get()
+                except TimeoutError:
+                    await self._ready.put(batcher.take())
+                    continue
             if got is None:
                 break
             await self._hand_over(self._add(batcher, subscriber, got, max_future_us, loop.time()))
