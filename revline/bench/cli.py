@@ -56,6 +56,10 @@ def register(commands: Commands) -> None:
     bench.add_argument("--workers", default="1", help="consumer worker counts, e.g. 1,2,4 (1)")
     bench.add_argument("--batch-max-samples", type=int, default=20_000)
     bench.add_argument("--write-concurrency", type=int, default=2)
+    bench.add_argument("--ack-qos", type=int, default=1, help="consumer --ack-qos (1)")
+    bench.add_argument(
+        "--receive-maximum", type=int, default=0, help="consumer --receive-maximum (its default)"
+    )
     bench.add_argument(
         "--rate", type=float, default=0, help="publish at this many samples/s (0: a burst)"
     )

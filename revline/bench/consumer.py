@@ -362,8 +362,10 @@ def _start_consumer(
         *("-m", "revline.cli", "consumer", "--mqtt-url", mqtt_url, "--database-url", url),
         *("--client-id", client_id, "--metrics-host", "127.0.0.1", "--metrics-port", str(port)),
         *("--batch-max-samples", str(args.batch_max_samples), "--session-expiry-s", "60"),
-        *("--write-concurrency", str(args.write_concurrency)),
+        *("--write-concurrency", str(args.write_concurrency), "--ack-qos", str(args.ack_qos)),
     ]
+    if args.receive_maximum:
+        command += ["--receive-maximum", str(args.receive_maximum)]
     if workers > 1:
         command += ["--workers", str(workers), "--group", "revline-bench"]
     with log_file.open("wb") as log:

@@ -47,6 +47,7 @@ _FLAGS: tuple[tuple[str, type, str], ...] = (
     ),
     ("metrics_host", str, "address of /metrics and /healthz (0.0.0.0)"),
     ("metrics_port", int, "port of /metrics and /healthz; 0 disables (9108)"),
+    ("ack_qos", int, "QoS of the end-to-end acks: 1 kept for offline cars, 0 cheaper (1)"),
     ("workers", int, "consumer processes in --group, one endpoint for all (1)"),
 )
 

@@ -398,8 +398,9 @@ class Consumer:
         now = time.time()
         # Only now, with the transaction committed, may the broker forget these messages.
         subscriber.ack(item.inbound for item in pending.items)
+        qos = self.settings.ack_qos
         for ack in acks(pending.items):
-            subscriber.publish(ack_topic(ack.vin), encode(ack))
+            subscriber.publish(ack_topic(ack.vin), encode(ack), qos)
 
         t = self.totals
         t.samples += result.samples

@@ -440,7 +440,7 @@ class Subscriber:
             budget.high_water(reset=True)
             return_memory()
 
-    def publish(self, topic: str, payload: bytes) -> None:
-        """Publish QoS 1 (used for the end-to-end acks); queued by paho while disconnected."""
+    def publish(self, topic: str, payload: bytes, qos: int = 1) -> None:
+        """Publish (the end-to-end acks); at QoS 1 queued by paho while disconnected."""
         if self._client is not None:
-            self._client.publish(topic, payload, qos=1)
+            self._client.publish(topic, payload, qos=qos)
