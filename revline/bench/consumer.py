@@ -359,7 +359,8 @@ def _start_consumer(
     if args.profile and workers == 1:
         command += ["-m", "cProfile", "-o", str(args.profile)]
     command += [
-        *("-m", "revline.cli", "consumer", "--mqtt-url", mqtt_url, "--database-url", url),
+        *("-m", "revline.cli", "--log-level", "debug", "consumer"),
+        *("--mqtt-url", mqtt_url, "--database-url", url),
         *("--client-id", client_id, "--metrics-host", "127.0.0.1", "--metrics-port", str(port)),
         *("--batch-max-samples", str(args.batch_max_samples), "--session-expiry-s", "60"),
         *("--write-concurrency", str(args.write_concurrency), "--ack-qos", str(args.ack_qos)),

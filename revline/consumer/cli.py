@@ -23,7 +23,7 @@ _FLAGS: tuple[tuple[str, type, str], ...] = (
     ("client_id", str, "fixed MQTT client id (default: the login, else revline-consumer-<host>)"),
     ("group", str, "shared-subscription group: consumers in one group split the load"),
     ("session_expiry_s", int, "broker keeps our session this long while away (86400; group 60)"),
-    ("receive_maximum", int, "unacked messages the broker may send us at once (1000)"),
+    ("receive_maximum", int, "unacked messages the broker may send us at once (20000)"),
     ("keepalive_s", int, "MQTT keepalive (30)"),
     ("max_inflight_mb", int, "memory bound: MiB held for received, unacked messages (64)"),
     ("ca_file", str, "CA bundle for mqtts://"),

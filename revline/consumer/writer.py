@@ -151,6 +151,10 @@ UPSERT_STATE_SQL: Final = (
     f"SELECT vin, {_at('ts')}, seq, flags, now(), "
     + ", ".join(f"{n}, {_at(n + '_ts')}" for n in NUMERIC_FIELDS)
     + f", extra, {_at('extra_ts')} FROM {STATE_TABLE} "
+    # Rows are locked in this order: concurrent writes (write_concurrency, --workers, other
+    # consumers) touching the same vehicles then wait for each other instead of deadlocking
+    # (40P01 after deadlock_timeout, 1 s, seen with 1,000 cars in small messages).
+    "ORDER BY vin "
     "ON CONFLICT (vin) DO UPDATE SET "
     "seq = CASE WHEN (excluded.ts, excluded.seq) > (v.ts, v.seq) THEN excluded.seq ELSE v.seq END, "
     "flags = CASE WHEN (excluded.ts, excluded.seq) > (v.ts, v.seq) "

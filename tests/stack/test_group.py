@@ -129,3 +129,58 @@ def test_a_member_killed_and_replaced_under_a_new_id_loses_nothing_within_the_bo
         probe.close()
         assert not probe.session_present  # expired: nothing is routed to b any more
         assert "group member" in a.log_text()
+
+
+def test_three_members_on_separate_processes_lose_nothing_when_one_is_killed_for_good(
+    make_mosquitto: MosquittoFactory,
+    database_url: str,
+    unique_vin: str,
+    tmp_path: Path,
+    make_consumer: ConsumerFactory,
+) -> None:
+    """Three separate `revline consumer` processes in one group (as on three hosts), one killed
+    -9 and never replaced, a real edge publishing and resending: every sample is stored exactly
+    once within the orphan's session expiry + 8 x ack timeout, by the two that remain."""
+    expiry_s, ack_timeout_s = 4, 2.0
+    bound_s = expiry_s + resend_timeout(ack_timeout_s, attempts=99)
+    broker = make_mosquitto()
+    group = f"g{unique_vin.lower()}"
+    args = ["--group", group, "--session-expiry-s", str(expiry_s), "--batch-max-age-ms", "50"]
+    spool = str(tmp_path / "spool.db")
+    settings = EdgeSettings(
+        vin=unique_vin,
+        mqtt_url=broker.url,
+        spool_path=spool,
+        clock="trusted",
+        batch_max_age_s=0.2,
+        ack_timeout_s=ack_timeout_s,
+        shutdown_timeout_s=10.0,
+    )
+    sampling = threading.Event()
+    source = StoppableSim(sampling, hz=10.0, speedup=20.0)
+
+    def member(name: str) -> ConsumerProcess:
+        return make_consumer(mqtt_url=broker.url, client_id=name, args=args)
+
+    with running_edge(settings, source=source):
+        members = [member(f"{m}-{unique_vin}") for m in "abc"]
+        wait_until(
+            lambda: all(m.metric(SAMPLES) > 0 for m in members), what="all three storing"
+        )
+        members[1].kill()
+        stored_at_kill = cold_counts(database_url, unique_vin)[0]
+        wait_until(
+            lambda: cold_counts(database_url, unique_vin)[0] > stored_at_kill + 200,
+            what="the two others storing on",
+        )
+        sampling.set()
+        wait_until(
+            lambda: spool_settled(spool, lambda: cold_counts(database_url, unique_vin)[0]),
+            what=f"every sample stored within {bound_s} s (+ 20 s for a loaded machine)",
+            timeout=bound_s + 20,
+        )
+        total = spool_read(spool, SpoolReader.sample_count)
+        assert total > stored_at_kill
+        assert cold_counts(database_url, unique_vin) == (total, total)
+        alive = members[0].metric(SAMPLES) + members[2].metric(SAMPLES)
+        assert alive >= total - stored_at_kill  # the survivors carried the rest
