@@ -63,6 +63,11 @@ def register(commands: Commands) -> None:
     bench.add_argument(
         "--rate", type=float, default=0, help="publish at this many samples/s (0: a burst)"
     )
+    bench.add_argument(
+        "--compare-tree",
+        type=Path,
+        help="also run the consumer of this checkout (e.g. /path/to/main), 1 worker, its defaults",
+    )
     bench.add_argument("--profile", type=Path, help="write a cProfile of the consumer here")
 
     bench = commands.add(

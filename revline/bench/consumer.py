@@ -351,7 +351,12 @@ def _ceiling(
 
 
 def _start_consumer(
-    args: argparse.Namespace, mqtt_url: str, url: str, client_id: str, workers: int
+    args: argparse.Namespace,
+    mqtt_url: str,
+    url: str,
+    client_id: str,
+    workers: int,
+    tree: Path | None = None,
 ) -> tuple[Any, Path]:
     port = free_port()
     log_file = Path(tempfile.gettempdir()) / f"{client_id}.log"
@@ -363,14 +368,21 @@ def _start_consumer(
         *("--mqtt-url", mqtt_url, "--database-url", url),
         *("--client-id", client_id, "--metrics-host", "127.0.0.1", "--metrics-port", str(port)),
         *("--batch-max-samples", str(args.batch_max_samples), "--session-expiry-s", "60"),
-        *("--write-concurrency", str(args.write_concurrency), "--ack-qos", str(args.ack_qos)),
+        *("--write-concurrency", str(args.write_concurrency)),
     ]
-    if args.receive_maximum:
+    env = None
+    if tree is not None:
+        # The consumer of another checkout (e.g. main), with its own defaults, for a before/after
+        # in the same run on the same servers.
+        env = {**os.environ, "PYTHONPATH": str(tree)}
+    else:
+        command += ["--ack-qos", str(args.ack_qos)]
+    if args.receive_maximum and tree is None:
         command += ["--receive-maximum", str(args.receive_maximum)]
     if workers > 1:
         command += ["--workers", str(workers), "--group", "revline-bench"]
     with log_file.open("wb") as log:
-        consumer = subprocess.Popen(command, stdout=log, stderr=log)
+        consumer = subprocess.Popen(command, stdout=log, stderr=log, env=env, cwd=tree)
     deadline = time.monotonic() + 60
     while not _healthy(port):
         if consumer.poll() is not None or time.monotonic() > deadline:
@@ -454,11 +466,12 @@ def _end_to_end(
     plan: list[tuple[str, int, int, int]],
     t0: int,
     workers: int,
+    tree: Path | None = None,
 ) -> _Run:
     """One run through the real consumer (``workers`` processes in one group)."""
     client_id = f"revline-bench-consumer-{os.getpid()}"
     acks = _AckListener(mqtt_url)
-    consumer, log_file = _start_consumer(args, mqtt_url, url, client_id, workers)
+    consumer, log_file = _start_consumer(args, mqtt_url, url, client_id, workers, tree)
     cpu_before = _cpu_seconds(consumer.pid)
     cpu = 0.0
     try:
@@ -529,12 +542,15 @@ def main(args: argparse.Namespace) -> int:
             rows.append(
                 f"{size:>4} {'COPY':>7} {ceiling:>10,.0f} {'':>6} {'':>7} {'':>7} {'':>8}"
             )
-            for workers in worker_counts:
+            runs: list[tuple[str, int, Path | None]] = [(str(w), w, None) for w in worker_counts]
+            if args.compare_tree is not None:
+                runs.insert(0, ("before", 1, args.compare_tree))
+            for label, workers, tree in runs:
                 with _scratch_database(server, f"{stem}_e2e") as url:
-                    run = _end_to_end(args, mqtt_url, url, plan, t0, workers)
+                    run = _end_to_end(args, mqtt_url, url, plan, t0, workers, tree)
                 ok = ok and run.stored == total
                 rows.append(
-                    f"{size:>4} {workers:>7} {run.rate:>10,.0f} {run.rate / ceiling:>6.0%} "
+                    f"{size:>4} {label:>7} {run.rate:>10,.0f} {run.rate / ceiling:>6.0%} "
                     f"{run.percentile(0.5):>7.0f} {run.percentile(0.99):>7.0f} "
                     f"{run.cpu_s * 1e6 / total:>8.1f}"
                     + ("" if run.stored == total else f"  STORED {run.stored:,} OF {total:,}")
