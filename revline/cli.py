@@ -29,6 +29,7 @@ COMMAND_MODULES = (
     "revline.tools.cli",
     "revline.tools.devices",
     "revline.tools.init",
+    "revline.tools.brokerstats",
     "revline.consumer.cli",
     "revline.storage.cli",
     "revline.edge.cli",

@@ -7,7 +7,8 @@ refuses to start without, and never overwrites what exists:
 - a private CA (``ca/ca.key``, ``ca/ca.crt``: the key stays on the host, no container mounts it)
   and the broker's TLS certificate for your host names (``broker/secrets/tls/``: ``server.key``,
   ``server.crt``, ``ca.crt``), made with ``openssl``;
-- the login of compose's consumer (``revline-consumer-1``) in ``broker/secrets/passwd``;
+- the broker logins of compose's consumer (``revline-consumer-1``) and of ``broker-stats``
+  (``revline-monitor``) in ``broker/secrets/passwd``;
 - ``.env`` with a generated secret for every empty one in ``.env.example`` (database, Grafana,
   consumer login), keeping any value already there.
 
@@ -36,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
+from revline.tools.brokerstats import MONITOR_LOGIN, MONITOR_PASSWORD_VARIABLE
 from revline.tools.devices import (
     COMPOSE_CONSUMER_LOGIN,
     COMPOSE_PASSWORD_VARIABLE,
@@ -68,6 +70,11 @@ CA_DAYS: Final = 3650
 SERVER_DAYS: Final = 825
 """The most a publicly trusted server certificate may have; clients that check it accept it."""
 
+SERVICE_LOGINS: Final = {
+    COMPOSE_CONSUMER_LOGIN: COMPOSE_PASSWORD_VARIABLE,
+    MONITOR_LOGIN: MONITOR_PASSWORD_VARIABLE,
+}
+"""The broker logins of compose's services (broker/acl grants each) and their .env variables."""
 ROLE_PASSWORD_VARIABLES: Final = {
     "revline_grafana": "REVLINE_GRAFANA_DB_PASSWORD",
     "revline_api": "REVLINE_API_DB_PASSWORD",
@@ -318,22 +325,27 @@ def initialise(
     else:
         report.kept.append(f"{tls_dir}/server.crt")
 
-    # The consumer's login and its .env line must agree: take whichever exists.
+    # The service logins (compose's consumer, the broker-stats monitor) and their .env lines
+    # must agree: take whichever exists.
     env_now = read_env(env_file) if env_file.exists() else {}
-    password = env_now.get(COMPOSE_PASSWORD_VARIABLE) or secrets.token_urlsafe(24)
-    if COMPOSE_CONSUMER_LOGIN in logins(passwd):
-        report.kept.append(f"{passwd}: {COMPOSE_CONSUMER_LOGIN}")
-        if COMPOSE_PASSWORD_VARIABLE not in env_now:
-            raise InitError(
-                f"{passwd} has {COMPOSE_CONSUMER_LOGIN} but {env_file} has no "
-                f"{COMPOSE_PASSWORD_VARIABLE}: run `revline device rotate "
-                f"{COMPOSE_CONSUMER_LOGIN}` and put the line it prints into {env_file}"
-            )
-    else:
-        add_account(passwd, COMPOSE_CONSUMER_LOGIN, password)
-        grant_consumer(acl, COMPOSE_CONSUMER_LOGIN)
-        report.made.append(f"{passwd}: login {COMPOSE_CONSUMER_LOGIN}")
-    added = write_env(env_file, example, {COMPOSE_PASSWORD_VARIABLE: password})
+    known = logins(passwd)
+    given: dict[str, str] = {}
+    for login, variable in SERVICE_LOGINS.items():
+        password = env_now.get(variable) or secrets.token_urlsafe(24)
+        given[variable] = password
+        if login in known:
+            report.kept.append(f"{passwd}: {login}")
+            if variable not in env_now:
+                raise InitError(
+                    f"{passwd} has {login} but {env_file} has no {variable}: run "
+                    f"`revline device rotate {login}` and put its password into {env_file}"
+                )
+            continue
+        add_account(passwd, login, password)
+        if login == COMPOSE_CONSUMER_LOGIN:
+            grant_consumer(acl, login)
+        report.made.append(f"{passwd}: login {login}")
+    added = write_env(env_file, example, given)
     if added:
         report.made.append(f"{env_file}: {', '.join(added)}")
     else:
