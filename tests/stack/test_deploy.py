@@ -131,6 +131,19 @@ def test_example_edge_config_loads() -> None:
     assert settings.vin == "1HGCM82633A004352"
 
 
+def test_example_edge_config_logs_in_as_the_acl_expects_over_tls() -> None:
+    """The example's login is its VIN (the ACL's %u), on the published TLS port, with the CA
+    file `revline init` makes."""
+    settings = load_edge_settings(ROOT / "edge" / "edge.toml.example", environ={})
+    url = urlsplit(settings.mqtt_url)
+    assert url.username == settings.vin
+    assert (url.scheme, url.port) == ("mqtts", 8883)
+    assert settings.ca_file.endswith("/ca.crt")
+    acl = (ROOT / "broker" / "acl").read_text().splitlines()
+    assert "pattern write telemetry/%u" in acl
+    assert "pattern read ack/%u" in acl
+
+
 def test_server_image_leaves_out_the_edge_and_its_cli_still_works() -> None:
     """The image deletes revline/edge before installing, and `revline` runs without that part."""
     dockerfile = (ROOT / "consumer" / "Dockerfile").read_text()
