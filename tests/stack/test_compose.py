@@ -19,7 +19,7 @@ from packaging.utils import canonicalize_name
 from revline.tools.init import write_env
 from tests.fixtures.broker import ShippedBroker, shipped_broker
 from tests.fixtures.services import MosquittoFactory, free_port
-from tests.stack.compose_file import COMPOSE, ROOT, example_env, interpolate, load_compose
+from tests.fixtures.compose import COMPOSE, ROOT, example_env, interpolate, load_compose
 
 PINNED = re.compile(r"^[a-z0-9./_-]+:v?\d+\.\d+\.\d+(-[a-z0-9.]+)?$")
 """``name:1.2.3`` or ``name:v1.2.3-variant``: an exact version, never ``latest`` or a major."""

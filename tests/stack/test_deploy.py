@@ -15,7 +15,7 @@ from revline.cli import build_parser
 from revline.edge.config import load_edge_settings
 from revline.tools.devices import COMPOSE_CONSUMER_LOGIN, COMPOSE_PASSWORD_VARIABLE
 from tests.fixtures.broker import stage
-from tests.stack.compose_file import example_env, load_compose
+from tests.fixtures.compose import example_env, load_compose
 
 ROOT = Path(__file__).resolve().parents[2]
 
