@@ -14,7 +14,8 @@ import contextlib
 import json
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from pathlib import Path
 from types import TracebackType
 from typing import Protocol, Self
 
@@ -26,6 +27,7 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from prometheus_client.metrics_core import Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from revline.logs import kv
@@ -117,6 +119,30 @@ class Exposed(Protocol):
     def healthy(self) -> dict[str, bool]: ...
 
 
+class _WorkerFiles:
+    """prometheus_client's multiprocess merge over the workers' files, skipping a file a worker
+    is creating at that very moment (size 0 until it is sized: reading it raised struct.error
+    and cost a scrape, and with it /healthz)."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+
+    def collect(self) -> Iterable[Metric]:
+        """The merged metrics of every worker file that is ready."""
+        files = [
+            str(path)
+            for path in Path(self.directory).glob("*.db")
+            if path.is_file() and path.stat().st_size >= 8
+        ]
+        try:
+            merged: Iterable[Metric] = MultiProcessCollector.merge(  # type: ignore[no-untyped-call]
+                files, accumulate=True
+            )
+        except FileNotFoundError:  # a dead worker's live gauges removed meanwhile: next scrape
+            return []
+        return merged
+
+
 class WorkerMetrics:
     """The supervisor's view of its workers' metrics (prometheus_client multiprocess mode).
 
@@ -129,7 +155,7 @@ class WorkerMetrics:
         self.expected = expected
         self._running = running
         self._registry = CollectorRegistry()
-        MultiProcessCollector(self._registry, path=directory)  # type: ignore[no-untyped-call]
+        self._registry.register(_WorkerFiles(directory))
 
     @property
     def registry(self) -> CollectorRegistry:
