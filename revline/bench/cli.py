@@ -68,6 +68,10 @@ def register(commands: Commands) -> None:
         type=Path,
         help="also run the consumer of this checkout (e.g. /path/to/main), 1 worker, its defaults",
     )
+    bench.add_argument(
+        "--copy-connections",
+        help="only the plain staged COPY on these connection counts, e.g. 1,2,4,8 (no MQTT)",
+    )
     bench.add_argument("--profile", type=Path, help="write a cProfile of the consumer here")
 
     bench = commands.add(

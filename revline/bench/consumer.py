@@ -508,8 +508,30 @@ def _ints(text: str) -> list[int]:
     return [int(part) for part in text.split(",") if part.strip()]
 
 
+def _copy_connections(args: argparse.Namespace, counts: list[int]) -> int:
+    """Only the plain staged COPY, on 1, 2, 4... connections at once: what the database takes."""
+    size = _ints(str(args.per_message))[0]
+    samples = args.samples or 300_000
+    per_vehicle = -(-samples // args.vehicles)
+    plan = [
+        (vin, b, first, min(size, per_vehicle - first))
+        for vin, b, first in _plan(samples, size, args.vehicles)
+    ]
+    t0 = int((time.time() - 3600) * 1e6)
+    with PostgresService(url=args.database_url, use_docker=False) as server:
+        per_tx = args.batch_max_samples
+        print(f"plain staged COPY + insert of {samples:,} rows, {per_tx:,} a commit")
+        for n in counts:
+            with _scratch_database(server, f"revline_bench_{os.getpid()}_copy") as url:
+                rate = _ceiling(url, plan, t0, args.batch_max_samples, n)
+            print(f"{n:>3} connection(s) {rate:>10,.0f} rows/s", flush=True)
+    return 0
+
+
 def main(args: argparse.Namespace) -> int:
     """Run the benchmark matrix and print one table of figures."""
+    if args.copy_connections:
+        return _copy_connections(args, _ints(args.copy_connections))
     sizes, worker_counts = _ints(str(args.per_message)), _ints(str(args.workers))
     t0 = int((time.time() - 3600) * 1e6)  # an hour ago: inside today's partition, not future
     stem = f"revline_bench_{os.getpid()}"
