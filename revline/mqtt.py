@@ -124,6 +124,7 @@ def make_client(
     key_file: str | None = None,
     protocol: MQTTProtocolVersion = MQTTProtocolVersion.MQTTv5,
     manual_ack: bool = False,
+    client_class: type[Client] = Client,
 ) -> Client:
     """A paho client configured with credentials and TLS; not yet connected.
 
@@ -133,14 +134,14 @@ def make_client(
     A TLS file that cannot be used raises ConfigError naming its key.
     """
     if protocol == MQTTProtocolVersion.MQTTv5:
-        client = Client(
+        client = client_class(
             callback_api_version=CallbackAPIVersion.VERSION2,
             client_id=client_id,
             protocol=protocol,
             manual_ack=manual_ack,
         )
     else:
-        client = Client(
+        client = client_class(
             callback_api_version=CallbackAPIVersion.VERSION2,
             client_id=client_id,
             protocol=protocol,

@@ -90,6 +90,33 @@ def puback(client: paho.Client, mids: Sequence[int]) -> int:
     return len(mids) if rc == MQTTErrorCode.MQTT_ERR_SUCCESS else 0
 
 
+_READS_PER_WAKEUP = 256
+
+
+class _BulkReadingClient(Client):
+    """paho's client reading every packet already received on each wake-up of its network loop.
+
+    paho's ``loop_read`` reads at most ``len(in-flight outgoing)`` packets (usually 1) per
+    ``select``: a subscriber receiving thousands of small PUBLISHes a second then pays a
+    ``select`` and a loop iteration (keepalive checks, a write attempt) per message. This reads
+    until the socket has nothing more (paho's own ``_packet_read`` says so with
+    ``MQTT_ERR_AGAIN``; a partial packet is kept by paho for the next read), at most
+    ``_READS_PER_WAKEUP`` packets, so that writes (our PUBACKs) still go out between bursts.
+    """
+
+    def loop_read(self, max_packets: int = 1) -> MQTTErrorCode:
+        """Read every complete packet waiting on the socket (up to a bound)."""
+        for _ in range(_READS_PER_WAKEUP):
+            if self._sock is None:
+                return MQTTErrorCode.MQTT_ERR_NO_CONN
+            rc = self._packet_read()
+            if rc > 0:
+                return self._loop_rc_handle(rc)
+            if rc == MQTTErrorCode.MQTT_ERR_AGAIN:
+                break
+        return MQTTErrorCode.MQTT_ERR_SUCCESS
+
+
 @dataclass(slots=True)
 class Inbound:
     """One PUBLISH as received: enough to decode it, dead-letter it and ack it later.
@@ -240,6 +267,7 @@ class Subscriber:
             key_file=key_file,
             protocol=protocol,
             manual_ack=True,  # PUBACK only after commit: see Subscriber.ack
+            client_class=_BulkReadingClient,
         )
 
     # -- paho callbacks (paho's thread) --------------------------------------------------------
