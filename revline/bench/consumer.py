@@ -357,7 +357,7 @@ def _start_consumer(
     client_id: str,
     workers: int,
     tree: Path | None = None,
-) -> tuple[Any, Path]:
+) -> tuple[Any, Path, int]:
     port = free_port()
     log_file = Path(tempfile.gettempdir()) / f"{client_id}.log"
     command = [sys.executable]
@@ -389,7 +389,7 @@ def _start_consumer(
             consumer.kill()
             raise RuntimeError(f"consumer did not start; see {log_file}")
         time.sleep(0.1)
-    return consumer, log_file
+    return consumer, log_file, port
 
 
 def _publish(
@@ -435,6 +435,9 @@ class _Run:
     stored: int
     cpu_s: float
     """CPU seconds the consumer's processes used (all workers and the supervisor)."""
+    commit_p99_s: float
+    """The consumer's own p99 commit latency (receipt of a batch's first message to its commit),
+    as the upper bound of its histogram bucket; NaN if not read."""
 
     def percentile(self, q: float) -> float:
         """The ``q`` quantile of the latencies, in ms."""
@@ -471,9 +474,10 @@ def _end_to_end(
     """One run through the real consumer (``workers`` processes in one group)."""
     client_id = f"revline-bench-consumer-{os.getpid()}"
     acks = _AckListener(mqtt_url)
-    consumer, log_file = _start_consumer(args, mqtt_url, url, client_id, workers, tree)
+    consumer, log_file, port = _start_consumer(args, mqtt_url, url, client_id, workers, tree)
     cpu_before = _cpu_seconds(consumer.pid)
     cpu = 0.0
+    commit_p99 = float("nan")
     try:
         published = _publish(args, mqtt_url, plan, t0)
         seen, progress = 0, time.monotonic()
@@ -488,6 +492,7 @@ def _end_to_end(
                 )
             time.sleep(0.05)
         cpu = _cpu_seconds(consumer.pid) - cpu_before
+        commit_p99 = _commit_p99(port)
     finally:
         consumer.send_signal(signal.SIGTERM)
         consumer.wait(60)
@@ -501,7 +506,29 @@ def _end_to_end(
     total = sum(n for *_, n in plan)
     rate = total / (max(done.values()) - min(published.values()))
     latencies = sorted(done[key] - published[key] for key in published)
-    return _Run(rate, latencies, asyncio.run(_count(url)), cpu)
+    return _Run(rate, latencies, asyncio.run(_count(url)), cpu, commit_p99)
+
+
+def _commit_p99(port: int) -> float:
+    """The bucket bound under which 99 % of the consumer's commits fell
+    (``revline_consumer_commit_seconds``, summed over workers by its endpoint)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+            text = r.read().decode()
+    except OSError:
+        return float("nan")
+    buckets: list[tuple[float, float]] = []
+    count = 0.0
+    for line in text.splitlines():
+        if line.startswith("revline_consumer_commit_seconds_bucket{"):
+            bound = line.split('le="', 1)[1].split('"', 1)[0]
+            buckets.append((float(bound), float(line.rsplit(" ", 1)[1])))
+        elif line.startswith("revline_consumer_commit_seconds_count"):
+            count = float(line.rsplit(" ", 1)[1])
+    for bound, cumulative in sorted(buckets):
+        if count and cumulative >= 0.99 * count:
+            return bound
+    return float("nan")
 
 
 def _ints(text: str) -> list[int]:
@@ -574,17 +601,18 @@ def main(args: argparse.Namespace) -> int:
                 rows.append(
                     f"{size:>4} {label:>7} {run.rate:>10,.0f} {run.rate / ceiling:>6.0%} "
                     f"{run.percentile(0.5):>7.0f} {run.percentile(0.99):>7.0f} "
-                    f"{run.cpu_s * 1e6 / total:>8.1f}"
+                    f"{run.cpu_s * 1e6 / total:>8.1f} {run.commit_p99_s * 1e3:>9.0f}"
                     + ("" if run.stored == total else f"  STORED {run.stored:,} OF {total:,}")
                 )
                 print(rows[-1], file=sys.stderr)
     print(f"end to end ({mode}), {args.vehicles} vehicles, vs a plain staged COPY of the same rows")
     print(f"{'per':>4} {'workers':>7} {'samples/s':>10} {'/COPY':>6} {'p50 ms':>7} {'p99 ms':>7} "
-          f"{'cpu µs/s':>8}")
+          f"{'cpu µs/s':>8} {'commit<=':>9}")
     print("\n".join(rows))
     print(
         f"(COPY: same rows, same transaction size, {args.write_concurrency} connection(s); "
-        "latency: publish to end-to-end ack; cpu: consumer CPU per sample, all its processes)"
+        "latency: publish to end-to-end ack; cpu: consumer CPU per sample, all its processes; "
+        "commit<=: the consumer's p99 receipt-to-commit, as its histogram's bucket bound, ms)"
     )
     if args.profile:
         print(f"consumer profile written to {args.profile}", file=sys.stderr)
