@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 
 from revline.consumer.config import load_settings, worker_settings
+from revline.consumer.metrics import WorkerMetrics
+from revline.consumer.subscriber import puback_packets
 from revline.consumer.workers import restart_delay
 from revline.settings import ConfigError
 from tests.fixtures.consumer import (
@@ -141,3 +143,20 @@ def test_a_worker_that_cannot_use_the_database_stops_all_with_exit_code_1(
         assert "worker stopped for good" in consumer.log_text()
     finally:
         postgres.drop_database(name)
+
+
+def test_a_commits_pubacks_are_the_packets_paho_would_send_in_order() -> None:
+    """One write of PUBACKs is, byte for byte, paho's ``ack(mid, 1)`` packets one after another."""
+    mids = [1, 258, 65535, 7]
+    expected = b"".join(bytes([0x40, 0x02, mid >> 8, mid & 0xFF]) for mid in mids)
+    assert puback_packets(mids) == expected
+    assert puback_packets([]) == b""
+
+
+def test_the_endpoint_skips_a_worker_file_being_created(tmp_path: Path) -> None:
+    """A worker's metrics file of size 0 (being created) neither fails a scrape nor /healthz."""
+    (tmp_path / "gauge_liveall_4242.db").write_bytes(b"")
+    (tmp_path / "counter_4242.db").write_bytes(b"")
+    metrics = WorkerMetrics(str(tmp_path), expected=1, running=lambda: {4242})
+    assert list(metrics.registry.collect()) == []
+    assert metrics.healthy == {"broker": False, "database": False}
