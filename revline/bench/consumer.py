@@ -359,7 +359,8 @@ def _start_consumer(
     tree: Path | None = None,
 ) -> tuple[Any, Path, int]:
     port = free_port()
-    log_file = Path(tempfile.gettempdir()) / f"{client_id}.log"
+    label = "before" if tree is not None else f"w{workers}"
+    log_file = Path(tempfile.gettempdir()) / f"{client_id}-{label}-{port}.log"
     command = [sys.executable]
     if args.profile and workers == 1:
         command += ["-m", "cProfile", "-o", str(args.profile)]
