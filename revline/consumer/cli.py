@@ -47,6 +47,9 @@ _FLAGS: tuple[tuple[str, type, str], ...] = (
     ),
     ("metrics_host", str, "address of /metrics and /healthz (0.0.0.0)"),
     ("metrics_port", int, "port of /metrics and /healthz; 0 disables (9108)"),
+    ("audit_mqtt_url", str, "the audit's own broker login: status/, $SYS, cmd/ (docs/audit.md)"),
+    ("audit_every_s", float, "audit pass: check, follow gaps, ask for repairs (30)"),
+    ("repair_after_s", float, "ask a device for a gap open this long (120)"),
 )
 
 

@@ -44,7 +44,13 @@ COMPOSE_CONSUMER_LOGIN: Final = "revline-consumer-1"
 COMPOSE_PASSWORD_VARIABLE: Final = "REVLINE_CONSUMER_MQTT_PASSWORD"  # noqa: S105 - its name
 
 _SERVICE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
-_CONSUMER_RULES: Final = ("topic read telemetry/+", "topic write ack/+")
+_CONSUMER_RULES: Final = (
+    "topic read telemetry/+",
+    "topic write ack/+",
+    "topic read status/+",  # the audit (docs/audit.md): device statuses, repair requests, $SYS
+    "topic write cmd/+",
+    "topic read $SYS/#",
+)
 
 
 def register(commands: Commands) -> None:
@@ -154,7 +160,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"added {'consumer' if args.service else 'vehicle'} {name} to {passwd_file}")
     print(f"password: {password}")
     if args.service:
-        rights = "read telemetry/+, write ack/+"
+        rights = "read telemetry/+ status/+ $SYS/#, write ack/+ cmd/+"
         print(f"{acl_file}: {'granted' if granted else 'already lists'} {name} ({rights})")
         print(f"consumer: revline consumer --mqtt-url '{url}' --group revline")
         if name == COMPOSE_CONSUMER_LOGIN:
