@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -42,7 +44,7 @@ def test_merging_writes_in_any_order_stores_their_union_and_counts_each_duplicat
         assert overlap == len(write & seen)
         seen |= write
     assert _seqs(stored) == seen
-    for a, b in zip(stored, stored[1:], strict=False):
+    for a, b in pairwise(stored):
         assert a.hi + 1 < b.lo
     assert all(r.ts_min == 1000 + r.lo and r.ts_max == 1000 + r.hi for r in stored)
 
@@ -91,26 +93,30 @@ def test_requests_wait_for_the_settle_time_stay_below_the_durable_floor_and_skip
     """Only gaps old enough, below what the device acked, and not declared lost are asked for."""
     gaps = [Gap(VIN, 10, 19, opened_at=0.0), Gap(VIN, 100, 109, opened_at=0.0)]
     holes_now = {VIN: [(10, 19), (100, 109)]}
-    common = {
-        "settle_s": 60.0,
-        "retry_s": 60.0,
-        "max_requests": 3,
-        "max_vehicles": 10,
-    }
-    assert requests_due(gaps, holes_now, now=30.0, durable_below={}, declared={}, **common) == {}
-    asked = requests_due(
-        gaps,
-        holes_now,
-        now=61.0,
-        durable_below={VIN: 105},
-        declared={VIN: [(15, 16, "x")]},
-        **common,
-    )
+
+    def due(
+        gaps: list[Gap],
+        now: float,
+        floor: dict[str, int | None] | None = None,
+        declared: dict[str, list[tuple[int, int, str]]] | None = None,
+    ) -> dict[str, list[tuple[int, int]]]:
+        return requests_due(
+            gaps,
+            holes_now,
+            now=now,
+            settle_s=60.0,
+            retry_s=60.0,
+            max_requests=3,
+            max_vehicles=10,
+            durable_below=floor or {},
+            declared=declared or {},
+        )
+
+    assert due(gaps, 30.0) == {}
+    asked = due(gaps, 61.0, {VIN: 105}, {VIN: [(15, 16, "x")]})
     assert asked == {VIN: [(10, 14), (17, 19), (100, 104)]}
-    again = [Gap(VIN, 10, 19, requests=1, opened_at=0.0, requested_at=61.0)]
-    assert requests_due(again, holes_now, now=90.0, durable_below={}, declared={}, **common) == {}
-    spent = [Gap(VIN, 10, 19, requests=3, opened_at=0.0, requested_at=0.0)]
-    assert requests_due(spent, holes_now, now=999.0, durable_below={}, declared={}, **common) == {}
+    assert due([Gap(VIN, 10, 19, requests=1, opened_at=0.0, requested_at=61.0)], 90.0) == {}
+    assert due([Gap(VIN, 10, 19, requests=3, opened_at=0.0, requested_at=0.0)], 999.0) == {}
 
 
 @given(st.integers(min_value=1, max_value=200))
