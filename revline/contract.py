@@ -190,7 +190,7 @@ MAX_STATUS_BYTES: Final = 64 * 1024
 """A status or command payload is refused beyond this, before parsing."""
 
 Count = Annotated[int, msgspec.Meta(ge=0, le=_I64_MAX)]
-_SHORT_TEXT: Final = "^[A-Za-z0-9 ._+:-]{0,40}$"
+_SHORT_TEXT: Final = "^[A-Za-z0-9 ._+:()-]{0,60}$"
 ShortText = Annotated[str, msgspec.Meta(pattern=_SHORT_TEXT)]
 
 

@@ -89,6 +89,11 @@ def _crashes(spool: Spool) -> list[Crash]:
         return []
 
 
+def _short(text: str) -> str:
+    """``text`` as a status's short text field takes it (see revline.contract.ShortText)."""
+    return "".join(c for c in text if c.isascii() and (c.isalnum() or c in " ._+:()-"))[:60]
+
+
 def _subtract(lo: int, hi: int, held: list[tuple[int, int]]) -> list[tuple[int, int]]:
     out = []
     start = lo
@@ -157,7 +162,7 @@ class Reporter:
             not_held=list(self._not_held),
             crashes=crashes,
             crash_lost_total=int(meta.get("crash_lost", 0) or 0),
-            clock=str(meta.get("clock", ""))[:40],
+            clock=_short(str(meta.get("clock", ""))),
             version=__version__,
         )
         return encode(status)
