@@ -49,7 +49,7 @@ def test_live_first_backlogs_and_redelivery_end_as_one_run_with_duplicates_count
         async with Writer(migrated_db, pool_size=2, derivations=[Audit()]) as writer:
             await writer.write([_batch(vin, range(900, 1000), 9)])  # live
             seen = [await _figures(migrated_db, vin)]
-            await writer.write([_batch(vin, range(500, 900), 5), _batch(vin, range(0, 200), 1)])
+            await writer.write([_batch(vin, range(500, 900), 5), _batch(vin, range(200), 1)])
             seen.append(await _figures(migrated_db, vin))
             # Two writes at once, both holding the vehicle: they merge one after the other.
             await asyncio.gather(
@@ -74,7 +74,7 @@ def test_a_batch_deleted_from_the_cold_table_becomes_a_hole_when_checked(
 
     async def scenario() -> tuple[Any, Any, tuple[int, int]]:
         async with Writer(migrated_db, pool_size=1, derivations=[Audit()]) as writer:
-            await writer.write([_batch(vin, range(0, 300), 0)])
+            await writer.write([_batch(vin, range(300), 0)])
         connection = await asyncpg.connect(migrated_db)
         try:
             await connection.execute(
