@@ -54,6 +54,12 @@ def status_stored(database_url: str, vin: str) -> bool:
     return bool(query(database_url, "SELECT 1 FROM audit_status WHERE vin = $1", vin))
 
 
+def gap_states(database_url: str, vin: str) -> list[str]:
+    """The state of each gap of the vehicle, in sequence order."""
+    rows = query(database_url, "SELECT state FROM audit_gaps WHERE vin = $1 ORDER BY lo", vin)
+    return [str(row[0]) for row in rows]
+
+
 def test_nothing_lost_says_so_and_exits_0(
     tmp_path: Path, mqtt_url: str, migrated_db: str, make_consumer: ConsumerFactory, unique_vin: str
 ) -> None:
@@ -207,17 +213,7 @@ def test_a_batch_deleted_from_the_cold_table_is_requested_and_repaired(
             unique_vin,
         )
         wait_until(
-            lambda: (
-                query(
-                    migrated_db,
-                    "SELECT state, missing, requests FROM audit_gaps WHERE vin = $1",
-                    unique_vin,
-                )
-                and query(migrated_db, "SELECT state FROM audit_gaps WHERE vin = $1", unique_vin)[
-                    0
-                ][0]
-                == "repaired"
-            ),
+            lambda: gap_states(migrated_db, unique_vin) == ["repaired"],
             what="the gap repaired",
             timeout=60,
         )
