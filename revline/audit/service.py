@@ -87,7 +87,7 @@ class AuditConfig:
     """Vehicles whose runs are checked against the cold table per pass."""
     verify_window_s: float = 2 * 86_400.0
     """Only runs with samples this recent are checked (older ones may be under retention)."""
-    grace_s: float = 600.0
+    grace_s: float = 900.0
     """An undeclared gap open longer than this counts in ``revline_audit_gaps_overdue``."""
 
 

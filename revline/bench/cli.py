@@ -17,7 +17,7 @@ __all__ = ["register"]
 
 
 def register(commands: Commands) -> None:
-    """Add ``revline bench edge``, ``revline bench consumer`` and ``revline bench storage``."""
+    """Add ``revline bench edge``, ``consumer``, ``storage`` and ``audit``."""
     group = commands.group("bench", "benchmarks that print figures against a baseline")
     bench = commands.add(
         group, "edge", "spool appends/s, backlog drain to a broker, bytes per sample", _edge
@@ -65,6 +65,18 @@ def register(commands: Commands) -> None:
     bench.add_argument("--database-url", help="postgresql://... (env DATABASE_URL)")
     bench.add_argument("--samples", type=int, default=200_000, help="samples to write (200000)")
 
+    bench = commands.add(
+        group, "audit", "writer samples/s with sequence accounting on vs off, same run", _audit
+    )
+    bench.add_argument(
+        "--database-url",
+        default="postgresql://postgres@127.0.0.1:5432/postgres",
+        help="server where a scratch database revline_bench_audit_<pid> is created and dropped",
+    )
+    bench.add_argument("--samples", type=int, default=400_000, help="samples per mode (400000)")
+    bench.add_argument("--per-write", type=int, default=20_000, help="samples per transaction")
+    bench.add_argument("--vehicles", type=int, default=500, help="vehicles in each write")
+
 
 def _edge(args: argparse.Namespace) -> int:
     from revline.bench.edge import run_bench  # noqa: PLC0415 - needs the edge extra
@@ -79,6 +91,12 @@ def run_bench(args: argparse.Namespace) -> int:
     from revline.bench.consumer import main  # noqa: PLC0415 - needs the consumer extra
 
     return main(args)
+
+
+def _audit(args: argparse.Namespace) -> int:
+    from revline.bench.audit import run  # noqa: PLC0415 - needs asyncpg
+
+    return run(args.database_url, args.samples, args.per_write, args.vehicles)
 
 
 def _storage(args: argparse.Namespace) -> int:
