@@ -5,8 +5,8 @@
 -- transaction (revline.audit.accounting, per committed write, never per sample in SQL); the
 -- rest by its audit task (revline.audit.service) after commits.
 
--- One row per vehicle: taken FOR UPDATE (by its upsert) first in every write that holds the
--- vehicle, so that two writes of the same vehicle merge their ranges one after the other.
+-- One row per vehicle, upserted by every write that holds it (after a per-vehicle advisory lock
+-- that makes two writes of the same vehicle merge their ranges one after the other).
 CREATE TABLE audit_vehicles (
     vin text PRIMARY KEY,
     samples bigint NOT NULL DEFAULT 0,

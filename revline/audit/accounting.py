@@ -9,8 +9,9 @@ per sample. Redelivery is idempotent (a sequence number already stored counts as
 nothing else changes); late and out-of-order backlogs merge wherever they fall.
 
 Two writes holding the same vehicle (``write_concurrency``, or several consumers) merge one after
-the other: each first upserts the vehicle's ``audit_vehicles`` row, which locks it until commit,
-in VIN order so that two writes never wait for each other in a circle.
+the other: each first takes a transaction advisory lock per vehicle (no row is written for it),
+in VIN order so that two writes never wait for each other in a circle; :func:`verify_vehicle`
+takes the same lock.
 
 :func:`verify` checks stored runs against the cold table (a batch deleted by hand, a disk that lost
 a page) and turns what is no longer there back into holes.
@@ -20,22 +21,37 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import groupby
+from operator import itemgetter
 from typing import Any, Final
 
-from revline.audit.policy import Run, merge, runs
+from revline.audit.policy import Run, merge, runs, runs_of
 
 __all__ = ["Accounting", "VerifyResult", "verify", "verify_vehicle"]
 
-_LOCK_SQL: Final = """
-INSERT INTO audit_vehicles AS v (vin, seq_min, seq_max, last_seen, last_write)
-SELECT q.vin, q.lo, q.hi, timestamptz 'epoch' + q.ts * interval '1 microsecond', now()
-FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bigint[]) AS q(vin, lo, hi, ts)
-ORDER BY q.vin
+_VIN: Final = itemgetter(0)
+_TS: Final = itemgetter(1)
+_SEQ: Final = itemgetter(2)
+_LOCK_KEY: Final = 0x7265  # advisory locks (this key, hashtext(vin)): one vehicle's runs
+
+_LOCK_SQL: Final = f"""
+SELECT count(pg_advisory_xact_lock({_LOCK_KEY}, hashtext(v)))
+FROM (SELECT v FROM unnest($1::text[]) AS v ORDER BY v) AS q
+"""
+
+_VEHICLES_SQL: Final = """
+INSERT INTO audit_vehicles AS v (vin, seq_min, seq_max, last_seen, last_write, samples, duplicates)
+SELECT q.vin, q.lo, q.hi, timestamptz 'epoch' + q.ts * interval '1 microsecond', now(), q.new,
+       q.dup
+FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bigint[], $5::bigint[], $6::bigint[])
+     AS q(vin, lo, hi, ts, new, dup)
 ON CONFLICT (vin) DO UPDATE SET
     seq_min = least(v.seq_min, excluded.seq_min),
     seq_max = greatest(v.seq_max, excluded.seq_max),
     last_seen = greatest(v.last_seen, excluded.last_seen),
-    last_write = excluded.last_write
+    last_write = excluded.last_write,
+    samples = v.samples + excluded.samples,
+    duplicates = v.duplicates + excluded.duplicates
 """
 
 _TOUCHED_SQL: Final = """
@@ -59,12 +75,6 @@ ON CONFLICT (vin, lo) DO UPDATE SET hi = excluded.hi, ts_min = excluded.ts_min,
     ts_max = excluded.ts_max
 """
 
-_COUNT_SQL: Final = """
-UPDATE audit_vehicles v SET samples = v.samples + d.new, duplicates = v.duplicates + d.dup
-FROM unnest($1::text[], $2::bigint[], $3::bigint[]) AS d(vin, new, dup)
-WHERE v.vin = d.vin
-"""
-
 
 class Accounting:
     """Per-vehicle coverage kept inside every write's transaction (the derivation seam)."""
@@ -76,21 +86,25 @@ class Accounting:
 
     async def apply(self, connection: Any, rows: Sequence[tuple[Any, ...]]) -> None:
         """Merge the write's runs into ``audit_ranges`` and count new and duplicate samples."""
-        pairs: dict[str, list[tuple[int, int]]] = {}
-        for row in rows:
-            vin = row[0]
-            found = pairs.get(vin)
-            if found is None:
-                pairs[vin] = found = []
-            found.append((row[2], row[1]))
-        if not pairs:
+        seqs: dict[str, list[int]] = {}
+        stamps: dict[str, list[int]] = {}
+        # Rows come batch by batch, so a vehicle's rows are mostly together: one list extend per
+        # group, the values picked by C-level itemgetters.
+        for vin, group in groupby(rows, _VIN):
+            chunk = list(group)
+            if vin not in seqs:
+                seqs[vin] = []
+                stamps[vin] = []
+            seqs[vin].extend(map(_SEQ, chunk))
+            stamps[vin].extend(map(_TS, chunk))
+        if not seqs:
             return
-        vins = sorted(pairs)
-        new_runs: dict[str, tuple[list[Run], int]] = {vin: runs(pairs[vin]) for vin in vins}
+        vins = sorted(seqs)
+        new_runs = {vin: runs_of(seqs[vin], stamps[vin]) for vin in vins}
         firsts = [new_runs[v][0][0].lo for v in vins]
         lasts = [new_runs[v][0][-1].hi for v in vins]
         newest = [max(r.ts_max for r in new_runs[v][0]) for v in vins]
-        await connection.execute(_LOCK_SQL, vins, firsts, lasts, newest)
+        await connection.fetchval(_LOCK_SQL, vins)
         touched: dict[str, list[Run]] = {}
         for record in await connection.fetch(_TOUCHED_SQL, vins, firsts, lasts):
             touched.setdefault(record[0], []).append(Run(*record[1:]))
@@ -116,7 +130,7 @@ class Accounting:
             await connection.execute(_DELETE_SQL, gone_vins, gone_los)
         if put:
             await connection.execute(_UPSERT_SQL, *map(list, zip(*put, strict=True)))
-        await connection.execute(_COUNT_SQL, vins, new_counts, dup_counts)
+        await connection.execute(_VEHICLES_SQL, vins, firsts, lasts, newest, new_counts, dup_counts)
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,7 +1,8 @@
 """``revline bench audit``: what sequence accounting costs the writer, on and off in the same run.
 
 A scratch database of its own (``revline_bench_audit_<pid>``, created, migrated and dropped on
-the server given), two writers on it: one without derivations, one with the audit's accounting
+the server given, by default a private PostgreSQL started for the run), two writers on it: one
+without derivations, one with the audit's accounting
 (:class:`revline.audit.accounting.Accounting`). They take turns, write for write, with the same
 shape of data for different vehicles (each write: ``vehicles`` cars, consecutive sequence numbers
 continuing the previous write's, as a live fleet sends them), so that drift of the machine
@@ -12,6 +13,7 @@ duplicates) for each.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
 from collections.abc import Sequence
@@ -118,7 +120,16 @@ async def _run(url: str, samples: int, per_write: int, vehicles: int) -> dict[st
     return result
 
 
-def run(server_url: str, samples: int, per_write: int, vehicles: int) -> int:
-    """``revline bench audit``."""
-    asyncio.run(bench_audit(server_url, samples=samples, per_write=per_write, vehicles=vehicles))
+def run(server_url: str | None, samples: int, per_write: int, vehicles: int) -> int:
+    """``revline bench audit``: on ``server_url``, or a private PostgreSQL started for the run."""
+    from revline.tools.localservices import PostgresService  # noqa: PLC0415
+
+    with contextlib.ExitStack() as stack:
+        if server_url is None:
+            service = stack.enter_context(PostgresService(use_docker=False))
+            server_url = service.url
+            print(f"a private PostgreSQL for the run: {server_url}")
+        asyncio.run(
+            bench_audit(server_url, samples=samples, per_write=per_write, vehicles=vehicles)
+        )
     return 0

@@ -70,8 +70,8 @@ def register(commands: Commands) -> None:
     )
     bench.add_argument(
         "--database-url",
-        default="postgresql://postgres@127.0.0.1:5432/postgres",
-        help="server where a scratch database revline_bench_audit_<pid> is created and dropped",
+        help="server where a scratch database revline_bench_audit_<pid> is created and dropped; "
+        "default: a private PostgreSQL started for the run",
     )
     bench.add_argument("--samples", type=int, default=400_000, help="samples per mode (400000)")
     bench.add_argument("--per-write", type=int, default=20_000, help="samples per transaction")
