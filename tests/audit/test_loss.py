@@ -122,8 +122,9 @@ def test_a_spool_that_evicts_is_named_with_its_count(
 def test_a_device_killed_between_flushes_is_named_with_its_estimate(
     tmp_path: Path, mqtt_url: str, migrated_db: str, make_consumer: ConsumerFactory, unique_vin: str
 ) -> None:
-    """kill -9 of the edge with samples in memory: on its next start it reports the crash, and
-    the audit names the samples lost to it (an estimate: the last flush's size)."""
+    """kill -9 of the edge with samples in memory: its last will says it is offline; on its next
+    start it reports the crash, and the audit names the samples lost to it (an estimate: the
+    last flush's size)."""
     make_consumer(args=FAST_AUDIT)
     spool = str(tmp_path / "spool.db")
     process = subprocess.Popen(
@@ -139,6 +140,13 @@ def test_a_device_killed_between_flushes_is_named_with_its_estimate(
     finally:
         process.send_signal(signal.SIGKILL)
         process.wait(30)
+    wait_until(  # its last will: the broker saw the connection die
+        lambda: (
+            query(migrated_db, "SELECT online FROM audit_status WHERE vin = $1", unique_vin)
+            == [(False,)]
+        ),
+        what="the device's last will",
+    )
     settings = edge_settings(tmp_path, unique_vin, mqtt_url, status_every_s=0.5)
     with running_edge(settings, source=StoppableSim(threading.Event(), hz=1.0, speedup=1.0)):
         wait_until(lambda: settled(spool, migrated_db, unique_vin), what="stored", timeout=60)
