@@ -54,6 +54,12 @@ def status_stored(database_url: str, vin: str) -> bool:
     return bool(query(database_url, "SELECT 1 FROM audit_status WHERE vin = $1", vin))
 
 
+def online(database_url: str, vin: str) -> bool | None:
+    """Whether the device's latest status says online; None before any status."""
+    rows = query(database_url, "SELECT online FROM audit_status WHERE vin = $1", vin)
+    return None if not rows else bool(rows[0][0])
+
+
 def gap_states(database_url: str, vin: str) -> list[str]:
     """The state of each gap of the vehicle, in sequence order."""
     rows = query(database_url, "SELECT state FROM audit_gaps WHERE vin = $1 ORDER BY lo", vin)
@@ -141,10 +147,7 @@ def test_a_device_killed_between_flushes_is_named_with_its_estimate(
         process.send_signal(signal.SIGKILL)
         process.wait(30)
     wait_until(  # its last will: the broker saw the connection die
-        lambda: (
-            query(migrated_db, "SELECT online FROM audit_status WHERE vin = $1", unique_vin)
-            == [(False,)]
-        ),
+        lambda: online(migrated_db, unique_vin) is False,
         what="the device's last will",
     )
     settings = edge_settings(tmp_path, unique_vin, mqtt_url, status_every_s=0.5)
