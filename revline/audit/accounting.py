@@ -148,8 +148,8 @@ SELECT lo, hi, ts_min, ts_max FROM audit_ranges
 WHERE vin = $1 AND ts_max >= $2 ORDER BY lo
 """
 
-_COLD_COUNT_SQL: Final = """
-SELECT count(*) FROM samples
+_COLD_SLICE_SQL: Final = """
+SELECT count(*), min(seq), max(seq) FROM samples
 WHERE vin = $1 AND seq BETWEEN $2 AND $3
   AND ts BETWEEN timestamptz 'epoch' + $4 * interval '1 microsecond'
              AND timestamptz 'epoch' + $5 * interval '1 microsecond'
@@ -164,20 +164,34 @@ WHERE vin = $1 AND seq BETWEEN $2 AND $3
 
 
 async def verify_vehicle(connection: Any, vin: str, since_us: int) -> tuple[int, int]:
-    """Check the vehicle's runs with samples newer than ``since_us`` against the cold table, in
-    the caller's transaction; a run with samples gone is replaced by what is left of it. Returns
-    ``(runs checked, sequence numbers found missing)``."""
-    # The vehicle's row first: no write merges into its runs while they are rewritten.
+    """Check the vehicle's runs against the cold table's samples newer than ``since_us`` (an
+    index range of the cold table per run), in the caller's transaction; what is gone becomes a
+    hole. Returns ``(runs checked, sequence numbers found missing)``.
+
+    A run older than ``since_us`` in part is checked between the first and the last sequence
+    number found in the window (samples are not read beyond it: retention may have taken them).
+    """
+    # The vehicle's lock first: no write merges into its runs while they are rewritten.
+    await connection.fetchval(_LOCK_SQL, [vin])
     await connection.execute("UPDATE audit_vehicles SET verified_at = now() WHERE vin = $1", vin)
     checked = missing = 0
     for lo, hi, ts_min, ts_max in await connection.fetch(_RANGES_TO_CHECK_SQL, vin, since_us):
         checked += 1
-        count = await connection.fetchval(_COLD_COUNT_SQL, vin, lo, hi, ts_min, ts_max)
-        if count >= hi - lo + 1:
+        start = max(ts_min, since_us)
+        count, first, last = await connection.fetchrow(_COLD_SLICE_SQL, vin, lo, hi, start, ts_max)
+        whole = ts_min >= since_us
+        if not whole and not count:
+            continue  # its recent samples are gone or it has none: which seqs, cannot tell
+        a, b = (lo, hi) if whole else (first, last)
+        if count >= b - a + 1:
             continue
-        seqs = await connection.fetch(_COLD_SEQS_SQL, vin, lo, hi, ts_min, ts_max)
-        left, _ = runs((int(r[0]), int(r[1])) for r in seqs)
-        missing += (hi - lo + 1) - sum(r.hi - r.lo + 1 for r in left)
+        rows = await connection.fetch(_COLD_SEQS_SQL, vin, a, b, start, ts_max)
+        left, _ = runs((int(r[0]), int(r[1])) for r in rows)
+        kept = [Run(lo, a - 1, ts_min, ts_max)] if a > lo else []
+        if b < hi:
+            kept.append(Run(b + 1, hi, ts_min, ts_max))
+        left, _ = merge(kept, left)  # the parts not checked join what is left of the rest
+        missing += (b - a + 1) - count
         await connection.execute("DELETE FROM audit_ranges WHERE vin = $1 AND lo = $2", vin, lo)
         if left:
             await connection.execute(

@@ -89,3 +89,29 @@ def test_a_batch_deleted_from_the_cold_table_becomes_a_hole_when_checked(
     figures, _, result = asyncio.run(scenario())
     assert result == (1, 50)
     assert figures == ([(0, 99), (150, 299)], 250, 0)
+
+
+def test_a_check_reads_only_the_recent_window_of_a_run(migrated_db: str, unique_vin: str) -> None:
+    """Only samples newer than the window are checked: a hole inside it is found, one in the
+    older part of the same run is not read at all (retention may own it)."""
+    vin = unique_vin
+
+    async def scenario() -> tuple[Any, tuple[int, int]]:
+        async with Writer(migrated_db, pool_size=1, derivations=[Audit()]) as writer:
+            await writer.write([_batch(vin, range(300), 0)])
+        connection = await asyncpg.connect(migrated_db)
+        try:
+            await connection.execute(
+                "DELETE FROM samples WHERE vin = $1 AND (seq BETWEEN 100 AND 109 "
+                "OR seq BETWEEN 200 AND 209)",
+                vin,
+            )
+            async with connection.transaction():
+                result = await verify_vehicle(connection, vin, T0_US + 150 * 1000)
+        finally:
+            await connection.close()
+        return await _figures(migrated_db, vin), result
+
+    figures, result = asyncio.run(scenario())
+    assert result == (1, 10)
+    assert figures == ([(0, 199), (210, 299)], 290, 0)
