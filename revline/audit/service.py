@@ -42,6 +42,7 @@ from revline.contract import (
     STATUS_PREFIX,
     Command,
     ContractError,
+    Status,
     cmd_topic,
     decode_status,
     encode,
@@ -62,7 +63,9 @@ SYS_TOPICS: Final = {
 """Mosquitto's counters read: QoS 1/2 messages dropped past a queue limit (since the broker
 started), messages held (queued, retained, in flight), clients connected."""
 
-_INBOUND_MAX: Final = 1000
+_INBOUND_MAX: Final = 10_000
+_STATUS_BATCH: Final = 500
+"""Statuses stored in one transaction at most (100k devices every minute: ~1,700 a second)."""
 _LOG_EVERY_S: Final = 60.0
 
 
@@ -256,37 +259,53 @@ class Audit:
 
     async def _consume(self, pool: Any, inbound: asyncio.Queue[tuple[str, bytes]]) -> None:
         while True:
-            topic, payload = await inbound.get()
+            got = [await inbound.get()]
+            while len(got) < _STATUS_BATCH and not inbound.empty():
+                got.append(inbound.get_nowait())
             try:
-                if topic in SYS_TOPICS:
-                    await self._sys_counter(pool, SYS_TOPICS[topic], payload)
-                else:
-                    await self._status(pool, topic, payload)
+                for topic, payload in got:
+                    if topic in SYS_TOPICS:
+                        await self._sys_counter(pool, SYS_TOPICS[topic], payload)
+                statuses = [(t, p) for t, p in got if t not in SYS_TOPICS]
+                if statuses:
+                    await self._statuses(pool, statuses)
             except Exception as exc:  # noqa: BLE001 - an outage: the device repeats its status
                 if self._warn("store"):
                     log.warning(
-                        "audit: could not store a status or counter; later ones will",
+                        "audit: could not store statuses or counters; later ones will",
                         extra=kv(error=printable(f"{type(exc).__name__}: {exc}", 200)),
                     )
+            del got
 
-    async def _status(self, pool: Any, topic: str, payload: bytes) -> None:
-        try:
-            status = decode_status(payload, topic)
-        except ContractError as exc:
+    async def _statuses(self, pool: Any, messages: list[tuple[str, bytes]]) -> None:
+        """Decode statuses; store the latest of each device and dead-letter the refused ones,
+        in one transaction."""
+        latest: dict[str, tuple[Status, bytes]] = {}
+        refused: list[tuple[str, ContractError, bytes]] = []
+        for topic, payload in messages:
+            try:
+                status = decode_status(payload, topic)
+            except ContractError as error:
+                refused.append((topic, error, payload))
+                continue
+            latest[status.vin] = (status, payload)
+        for topic, why, _ in refused:
             self.metrics.status_rejected.inc()
             if self._warn("bad-status"):
                 log.warning(
                     "audit: status rejected",
                     extra=kv(
-                        topic=printable(topic, 100), reason=exc.reason, detail=exc.detail[:200]
+                        topic=printable(topic, 100), reason=why.reason, detail=why.detail[:200]
                     ),
                 )
-            async with pool.acquire() as connection:
-                await store.dead_letter(connection, topic, exc.reason, exc.detail, payload)
-            return
         async with pool.acquire() as connection, connection.transaction():
-            await store.record_status(connection, status, payload[: store.MAX_DEAD_LETTER_BYTES])
-        self.metrics.statuses.inc()
+            for topic, why, payload in refused:
+                await store.dead_letter(connection, topic, why.reason, why.detail, payload)
+            for status, payload in latest.values():
+                await store.record_status(
+                    connection, status, payload[: store.MAX_DEAD_LETTER_BYTES]
+                )
+        self.metrics.statuses.inc(len(latest))
 
     async def _sys_counter(self, pool: Any, what: str, payload: bytes) -> None:
         text = payload[:32].decode("ascii", "replace").strip()
