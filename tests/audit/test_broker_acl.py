@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.audit.test_loss import settled, status_stored
+from tests.fixtures.audit import settled, status_stored
 from tests.fixtures.broker import ShippedBroker, shipped_broker
 from tests.fixtures.consumer import ConsumerFactory
 from tests.fixtures.edge import StoppableSim, edge_settings, running_edge, spooled_so_far

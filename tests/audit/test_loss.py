@@ -13,57 +13,26 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
-from typing import Final
 
 from revline.edge.spool import SpoolReader
+from tests.fixtures.audit import (
+    FAST_AUDIT,
+    ROOT,
+    audit,
+    gap_states,
+    online,
+    settled,
+    status_stored,
+)
 from tests.fixtures.consumer import ConsumerFactory, ConsumerProcess, cold_counts, query
 from tests.fixtures.edge import (
     StoppableSim,
     edge_settings,
     running_edge,
     spool_read,
-    spool_settled,
     spooled_so_far,
 )
 from tests.fixtures.services import MosquittoFactory, free_port, wait_until
-
-ROOT: Final = Path(__file__).resolve().parents[2]
-FAST_AUDIT: Final = ("--audit-every-s", "0.5", "--repair-after-s", "1")
-
-
-def audit(database_url: str, *args: str) -> tuple[int, str]:
-    """``revline audit`` as a user runs it: its exit status and what it printed."""
-    done = subprocess.run(
-        [sys.executable, "-m", "revline.cli", "audit", *args, "--database-url", database_url],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    return done.returncode, done.stdout + done.stderr
-
-
-def settled(spool: str, database_url: str, vin: str) -> bool:
-    """Every spooled sample is acked end to end and stored."""
-    return spool_settled(spool, lambda: cold_counts(database_url, vin)[0])
-
-
-def status_stored(database_url: str, vin: str) -> bool:
-    """The consumer has stored a status of the vehicle."""
-    return bool(query(database_url, "SELECT 1 FROM audit_status WHERE vin = $1", vin))
-
-
-def online(database_url: str, vin: str) -> bool | None:
-    """Whether the device's latest status says online; None before any status."""
-    rows = query(database_url, "SELECT online FROM audit_status WHERE vin = $1", vin)
-    return None if not rows else bool(rows[0][0])
-
-
-def gap_states(database_url: str, vin: str) -> list[str]:
-    """The state of each gap of the vehicle, in sequence order."""
-    rows = query(database_url, "SELECT state FROM audit_gaps WHERE vin = $1 ORDER BY lo", vin)
-    return [str(row[0]) for row in rows]
 
 
 def test_nothing_lost_says_so_and_exits_0(

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from revline.contract import Status, encode
-from tests.audit.test_loss import FAST_AUDIT, status_stored
+from tests.fixtures.audit import FAST_AUDIT, status_stored
 from tests.fixtures.consumer import ConsumerFactory, PublisherFactory, query
 from tests.fixtures.services import wait_until
 
