@@ -130,22 +130,22 @@ class AuditMetrics:
             "revline_audit_statuses_rejected", "Statuses dead-lettered", registry=r
         )
         self.broker_dropped = Gauge(
-            "revline_broker_messages_dropped",
+            "revline_audit_broker_dropped",
             "Mosquitto $SYS/broker/publish/messages/dropped (since the broker started)",
             registry=r,
         )
         self.broker_drops = Counter(
-            "revline_broker_drops",
+            "revline_audit_broker_drops",
             "Messages the broker dropped while the audit watched",
             registry=r,
         )
         self.broker_stored = Gauge(
-            "revline_broker_messages_stored",
+            "revline_audit_broker_stored",
             "Mosquitto $SYS/broker/store/messages/count",
             registry=r,
         )
         self.broker_clients = Gauge(
-            "revline_broker_clients_connected",
+            "revline_audit_broker_clients",
             "Mosquitto $SYS/broker/clients/connected",
             registry=r,
         )
