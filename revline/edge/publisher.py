@@ -522,7 +522,12 @@ class Publisher:
             if batch_id not in self.window:  # due at once; sent by the next fills, oldest first
                 self.window.resume(batch_id, lo, samples, pubacked=False)
         if self.report.due(now):
-            self._client.publish(self.report.topic, self.report.status(now), qos=1)
+            try:
+                status = self.report.status(now)
+            except sqlite3.Error as exc:  # a report is not worth the connection: next one
+                self._log_spool(error=str(exc), what="status")
+                return
+            self._client.publish(self.report.topic, status, qos=1)
 
     def _send(self, batch: SpoolBatch, now: float) -> None:
         assert self._client is not None
