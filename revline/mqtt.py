@@ -9,17 +9,21 @@ import time
 from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit
 
+import msgspec
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from revline.settings import ConfigError
+from revline.settings import ConfigError, check_fields
 
 __all__ = [
     "BrokerAddress",
     "Client",
+    "ConnectError",
     "FailureLog",
+    "MqttClientSettings",
+    "connect_blocking",
     "connect_error_reason",
     "drop_session",
     "make_client",
@@ -205,6 +209,73 @@ class FailureLog:
         """A connection succeeded: how many attempts had failed before it (then reset)."""
         failures, self.failures, self._unlogged, self._logged_at = self.failures, 0, 0, None
         return failures
+
+
+class MqttClientSettings(msgspec.Struct, frozen=True, kw_only=True):
+    """How a tool (``revline tail``, ``revline simulate``) reaches the broker: the same keys,
+    flags and environment variables as the services' (``MQTT_URL``, ``REVLINE_CA_FILE``...)."""
+
+    mqtt_url: str = "mqtt://127.0.0.1:1883"
+    """Broker URL, mqtt:// or mqtts://user:pass@host:port."""
+    ca_file: str = ""
+    """CA bundle for mqtts:// (empty: the system's)."""
+    cert_file: str = ""
+    """Client certificate for mqtts://, if the broker wants one."""
+    key_file: str = ""
+    """Client key for mqtts://."""
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        parse_mqtt_url(self.mqtt_url)
+        if self.key_file and not self.cert_file:
+            raise ConfigError("key_file", "", "set without cert_file")
+
+    @property
+    def address(self) -> BrokerAddress:
+        """The parsed ``mqtt_url``."""
+        return parse_mqtt_url(self.mqtt_url)
+
+    def client(self, client_id: str) -> Client:
+        """A client for this broker with these TLS files (a bad file: ConfigError naming it)."""
+        return make_client(
+            self.address,
+            client_id,
+            ca_file=self.ca_file or None,
+            cert_file=self.cert_file or None,
+            key_file=self.key_file or None,
+        )
+
+
+class ConnectError(Exception):
+    """A connection attempt failed or the broker refused us; the message is one line."""
+
+
+def connect_blocking(client: Client, address: BrokerAddress, *, timeout_s: float = 10.0) -> None:
+    """Connect and wait for the broker's answer (CONNACK); raise :class:`ConnectError` with one
+    line saying why if the attempt fails (refused, unresolvable, TLS, timeout) or the broker
+    refuses the login. For tools that have nothing to do without a broker; the services retry."""
+    answer: list[str] = []
+
+    def on_connect(_c: paho.Client, _u: object, _f: object, rc: object, _p: object = None) -> None:
+        answer.append("" if not getattr(rc, "is_failure", False) else str(rc))
+
+    previous = client.on_connect
+    client.on_connect = on_connect
+    try:
+        try:
+            client.connect(address.host, address.port)
+        except OSError as exc:
+            raise ConnectError(connect_error_reason(exc, address)) from exc
+        deadline = time.monotonic() + timeout_s
+        while not answer:
+            if time.monotonic() > deadline:
+                raise ConnectError(connect_error_reason(TimeoutError(), address))
+            if client.loop(timeout=0.1) != paho.MQTT_ERR_SUCCESS and not answer:
+                raise ConnectError(f"{address.host}:{address.port} closed the connection")
+    finally:
+        client.on_connect = previous
+    if answer[0]:
+        raise ConnectError(f"broker {address} refused the connection: {answer[0]}")
 
 
 def drop_session(
