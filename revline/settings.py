@@ -33,7 +33,7 @@ import textwrap
 import tomllib
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Final, Literal, TypeVar
 
@@ -273,14 +273,18 @@ def add_flags(
     *,
     env_prefix: str = "REVLINE_",
     help_text: Mapping[str, str] | None = None,
+    keys: Collection[str] | None = None,
 ) -> None:
     """A flag ``--key-name`` for every key of ``cls``; its help names the default and the
     environment variables. An unset flag is ``None`` (the key is left to the file, the environment
     or the default); values are converted and checked by :func:`load`, so a bad one fails with the
-    same one-line error as in a file. A list takes comma-separated values."""
+    same one-line error as in a file. A list takes comma-separated values. ``keys``: only these
+    (a command that uses part of a shared struct)."""
     docs = field_docs(cls)
     names = env_names(cls, env_prefix)
     for field in msgspec.structs.fields(cls):
+        if keys is not None and field.name not in keys:
+            continue
         kind = _unwrap(field.type)
         if typing.get_origin(kind) is Literal:
             metavar = "{" + ",".join(str(a) for a in typing.get_args(kind)) + "}"
