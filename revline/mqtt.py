@@ -21,7 +21,6 @@ __all__ = [
     "BrokerAddress",
     "Client",
     "ConnectError",
-    "FailureLog",
     "MqttClientSettings",
     "connect_blocking",
     "connect_error_reason",
@@ -181,34 +180,6 @@ def connect_error_reason(exc: BaseException | None, address: BrokerAddress) -> s
     else:
         reason = f"cannot connect to {where}: {type(exc).__name__}: {exc}"
     return reason
-
-
-class FailureLog:
-    """Which failed connection attempts to log: the first at once, then at most one line every
-    ``every_s`` seconds saying how many failed since the last line. Pure: the caller passes the
-    clock (monotonic seconds)."""
-
-    def __init__(self, every_s: float = 30.0) -> None:
-        self.every_s = every_s
-        self.failures = 0
-        """Failed attempts since the last successful connection."""
-        self._unlogged = 0
-        self._logged_at: float | None = None
-
-    def failed(self, now: float) -> int:
-        """Count a failed attempt; the attempts to report in a log line now, or 0 for none."""
-        self.failures += 1
-        self._unlogged += 1
-        if self._logged_at is not None and now - self._logged_at < self.every_s:
-            return 0
-        self._logged_at = now
-        count, self._unlogged = self._unlogged, 0
-        return count
-
-    def connected(self) -> int:
-        """A connection succeeded: how many attempts had failed before it (then reset)."""
-        failures, self.failures, self._unlogged, self._logged_at = self.failures, 0, 0, None
-        return failures
 
 
 class MqttClientSettings(msgspec.Struct, frozen=True, kw_only=True):

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from revline.edge.config import DEFAULT_SPOOL_PATH, ENV_PREFIX, EdgeSettings, load_edge_settings
+from revline.logs import quiet_libraries
 from revline.settings import ConfigError, add_flags, flag_values
 
 if TYPE_CHECKING:
@@ -93,7 +94,13 @@ def _run(args: argparse.Namespace) -> int:
 
     from revline.edge.service import StartError, run_edge  # noqa: PLC0415 - python-OBD, bleak...
 
+
     settings = load_edge_settings(args.config, flags=flags)
+    if settings.source in {"obd", "ble"}:
+        # Imported now rather than when the source starts: python-OBD gives itself a console
+        # handler and a level when imported, and quiet_libraries() undoes that once.
+        import obd  # noqa: F401, PLC0415
+    quiet_libraries()
     try:
         asyncio.run(run_edge(settings))
     except StartError as exc:
