@@ -167,7 +167,8 @@ def load(
     if toml_path is not None:
         layers.append((f"file {toml_path}", _from_toml(toml_path)))
     from_env = _from_env(cls, env_prefix, env)
-    layers.append(("env", {key: value for key, (value, _) in from_env.items()}))
+    env_values = {key: _text_value(cls, key, value) for key, (value, _) in from_env.items()}
+    layers.append(("env", env_values))
     layers.append(("flag", {k: v for k, v in (flags or {}).items() if v is not None}))
 
     merged: dict[str, Any] = {}
@@ -306,13 +307,18 @@ def add_flags(
         )
 
 
+def _text_value(cls: type[msgspec.Struct], key: str, value: str) -> object:
+    """A value typed as text (a flag, an environment variable): a list is comma-separated."""
+    kinds = {f.name: f.type for f in msgspec.structs.fields(cls)}
+    if typing.get_origin(_unwrap(kinds[key])) is list:
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return value
+
+
 def flag_values(args: argparse.Namespace, cls: type[msgspec.Struct]) -> dict[str, object]:
     """The flags :func:`add_flags` made, as ``load(flags=...)`` takes them (unset: ``None``)."""
     values: dict[str, object] = {}
-    for field in msgspec.structs.fields(cls):
-        value = getattr(args, field.name, None)
-        if isinstance(value, str) and typing.get_origin(_unwrap(field.type)) is list:
-            values[field.name] = [item.strip() for item in value.split(",") if item.strip()]
-        else:
-            values[field.name] = value
+    for name in cls.__struct_fields__:
+        value = getattr(args, name, None)
+        values[name] = _text_value(cls, name, value) if isinstance(value, str) else value
     return values

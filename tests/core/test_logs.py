@@ -107,7 +107,12 @@ def test_importing_python_obd_and_pint_says_nothing_at_info() -> None:
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHONWARN")}
     done = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True, env=env
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+        env=env,
     )
     assert done.stdout == ""
     lines = done.stderr.splitlines()
