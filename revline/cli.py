@@ -143,12 +143,20 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse arguments, set up logging and run the chosen subcommand; return its exit code."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except BrokenPipeError:  # `revline consumer --help | head -1`
+        return _stdout_closed()
     run: Runner | None = getattr(args, "run", None)
     if run is None:
         parser.print_help()
-        return 2
+        return EXIT_CONFIG
     setup_logging(args.log_level, json=args.log_json)
+    return _run(run, args)
+
+
+def _run(run: Runner, args: argparse.Namespace) -> int:
+    """Run a subcommand; what it lets out becomes one line and an exit code, never a traceback."""
     name = _command_name(args)
     try:
         code = run(args)

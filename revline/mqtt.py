@@ -24,6 +24,7 @@ __all__ = [
     "MqttClientSettings",
     "connect_blocking",
     "connect_error_reason",
+    "connect_problem",
     "drop_session",
     "make_client",
     "parse_mqtt_url",
@@ -247,6 +248,18 @@ def connect_blocking(client: Client, address: BrokerAddress, *, timeout_s: float
         client.on_connect = previous
     if answer[0]:
         raise ConnectError(f"broker {address} refused the connection: {answer[0]}")
+
+
+def connect_problem(settings: MqttClientSettings, client_id: str) -> str | None:
+    """Connect once and leave: None if the broker lets us in, else one line saying why (for
+    tools that check a broker before they start work on it)."""
+    client = settings.client(client_id)
+    try:
+        connect_blocking(client, settings.address)
+    except ConnectError as exc:
+        return str(exc)
+    client.disconnect()
+    return None
 
 
 def drop_session(

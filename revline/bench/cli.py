@@ -42,38 +42,18 @@ def _refused(args: argparse.Namespace, settings: BenchSettings, uses: tuple[str,
 def _unreachable(args: argparse.Namespace, settings: BenchSettings) -> bool:
     """Check the services we were given answer, so that a closed port or a refused login is
     one line before the benchmark starts processes, not a traceback in one of them."""
-    from revline.mqtt import ConnectError, MqttClientSettings, connect_blocking  # noqa: PLC0415
+    from revline.mqtt import MqttClientSettings, connect_problem  # noqa: PLC0415
+    from revline.storage.errors import connect_problem as database_problem  # noqa: PLC0415
 
     problem = None
     if settings.mqtt_url:
         broker = MqttClientSettings(mqtt_url=settings.mqtt_url)
-        client = broker.client("revline-bench-probe")
-        try:
-            connect_blocking(client, broker.address)
-            client.disconnect()
-        except ConnectError as exc:
-            problem = str(exc)
+        problem = connect_problem(broker, "revline-bench-probe")
     if problem is None and settings.database_url:
-        problem = _database_problem(settings.database_url)
+        problem = database_problem(settings.database_url)
     if problem is not None:
         print(f"revline bench {args.bench}: {problem}", file=sys.stderr)
     return problem is not None
-
-
-def _database_problem(url: str) -> str | None:
-    import asyncpg  # noqa: PLC0415 - heavy imports only when the command runs
-
-    from revline.storage.errors import describe  # noqa: PLC0415
-
-    async def probe() -> None:
-        connection = await asyncpg.connect(url, timeout=10)
-        await connection.close()
-
-    try:
-        asyncio.run(probe())
-    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-        return f"database unreachable: {describe(exc)}"
-    return None
 
 
 @contextlib.contextmanager

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import signal
 import sys
 import tempfile
@@ -28,8 +29,10 @@ from revline.consumer.service import Consumer
 from revline.edge.config import EdgeSettings
 from revline.edge.service import run_edge
 from revline.edge.status import read_status
-from revline.mqtt import make_client, parse_mqtt_url
+from revline.mqtt import MqttClientSettings, make_client, parse_mqtt_url
+from revline.mqtt import connect_problem as broker_problem
 from revline.settings import flag_values, load
+from revline.storage.errors import connect_problem as database_problem
 from revline.storage.maintenance import maintain_dsn
 from revline.storage.migrate import MigrateSettings, migrate_dsn
 from revline.tools.cli import DemoSettings
@@ -264,6 +267,17 @@ async def _verdict(database_url: str, spools: dict[str, Path]) -> int:
 def run(args: argparse.Namespace) -> int:
     """Run the demo; exit 0 only if every spooled sample is in the cold table exactly once."""
     settings = load(DemoSettings, flags=flag_values(args, DemoSettings))
+    # Services we were given are checked first: a closed port or a refused login is one line
+    # now, not a minute of retries and then a failed check.
+    problem = None
+    if settings.mqtt_url:
+        broker = MqttClientSettings(mqtt_url=settings.mqtt_url)
+        problem = broker_problem(broker, f"revline-demo-probe-{os.getpid()}")
+    if problem is None and settings.database_url:
+        problem = database_problem(settings.database_url)
+    if problem is not None:
+        print(f"revline demo: {problem}", file=sys.stderr)
+        return 1
     with tempfile.TemporaryDirectory(prefix="revline-demo-") as tmp, _services(settings) as stack:
         failure: BaseException | None = None
         try:
