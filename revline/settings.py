@@ -248,8 +248,12 @@ def field_docs(cls: type[msgspec.Struct]) -> dict[str, str]:
 
 
 def _first_sentence(text: str) -> str:
-    match = re.match(r"(.+?[.:;])(\s|$)", text)
-    return (match.group(1) if match else text).rstrip(".:;")
+    """A docstring's first sentence as help: ``Broker URL, mqtt://...`` -> ``broker URL, ...``."""
+    match = re.match(r"(.+?[.;])(\s|$)", text.replace("``", ""))
+    sentence = (match.group(1) if match else text).rstrip(".;")
+    if sentence[1:2].islower():  # not an acronym (CA, MQTT)
+        sentence = sentence[:1].lower() + sentence[1:]
+    return sentence
 
 
 def _default_text(field: msgspec.structs.FieldInfo) -> str:

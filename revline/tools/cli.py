@@ -56,7 +56,13 @@ def _register_demo(commands: Commands) -> None:
         "run broker, database, consumer and simulated cars here; check nothing is lost",
         _demo,
     )
-    parser.add_argument("--vehicles", type=int, default=3, choices=range(1, DEMO_FLEET_SIZE + 1))
+    parser.add_argument(
+        "--vehicles",
+        type=int,
+        default=3,
+        choices=range(1, DEMO_FLEET_SIZE + 1),
+        help="how many simulated cars drive (default: 3)",
+    )
     parser.add_argument("--seconds", type=float, default=30.0, help="how long the cars drive")
     parser.add_argument(
         "--speedup", type=float, default=10.0, help="simulated seconds per real second"
