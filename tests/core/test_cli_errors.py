@@ -294,20 +294,24 @@ def test_a_service_waits_out_a_closed_port_with_one_line_per_failure(
     service: str, tmp_path: Path
 ) -> None:
     """The services retry an outage instead of exiting: each failure is one log line (no
-    traceback), and SIGTERM still stops them cleanly."""
+    traceback), and SIGTERM still stops them cleanly. The edge takes its broker from MQTT_URL
+    (it used to ignore it and try 127.0.0.1:1883)."""
     closed = f"127.0.0.1:{free_port()}"
     argv = {
-        "consumer": ["--database-url", f"postgresql://postgres@{closed}/x", "--metrics-port", "0"],
+        "consumer": ["--metrics-port", "0"],
         "edge": ["--vin", VIN, "--source", "sim", "--spool-path", str(tmp_path / "spool.db")],
     }[service]
+    if service == "consumer":
+        # Waiting for a database that does not answer, it never gets to the broker.
+        argv += ["--database-url", f"postgresql://postgres@{closed}/x"]
     log = tmp_path / "stderr.log"
     with log.open("w") as err:
         process = subprocess.Popen(
-            [sys.executable, "-m", "revline.cli", service, *argv, "--mqtt-url", f"mqtt://{closed}"],
+            [sys.executable, "-m", "revline.cli", service, *argv],
             stdout=subprocess.DEVNULL,
             stderr=err,
             cwd=ROOT,
-            env=_env(),
+            env=_env(MQTT_URL=f"mqtt://{closed}"),
         )
     try:
         wait_until(lambda: "retrying" in log.read_text(), what="a retry line", timeout=60)
@@ -317,5 +321,7 @@ def test_a_service_waits_out_a_closed_port_with_one_line_per_failure(
     text = log.read_text()
     assert code == 0, text
     assert "Traceback" not in text
+    if service == "edge":
+        assert f"broker=mqtt://{closed}" in text
     log_line = re.compile(r"\d{4}-\d\d-\d\dT[\d:.]+Z (DEBUG|INFO|WARNING|ERROR) +[\w.]+: ")
     assert all(log_line.match(line) for line in text.splitlines()), text
