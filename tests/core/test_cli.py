@@ -41,6 +41,7 @@ _IDS = [" ".join(command) for command, *_ in COMMANDS]
 _NEEDS: dict[str, dict[str, object]] = {
     "key_file": {"cert_file": "client.pem"},
     "group": {"client_id": "revline-consumer-1"},
+    "workers": {"group": "revline", "client_id": "revline-consumer-1"},  # a --workers N > 1
 }
 _REQUIRED: dict[type[msgspec.Struct], dict[str, object]] = {EdgeSettings: {"vin": VIN}}
 
