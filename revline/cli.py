@@ -54,6 +54,8 @@ Runner = Callable[[argparse.Namespace], int]
 COMMAND_MODULES = (
     "revline.tools.cli",
     "revline.tools.devices",
+    "revline.tools.init",
+    "revline.tools.brokerstats",
     "revline.consumer.cli",
     "revline.storage.cli",
     "revline.edge.cli",
