@@ -45,6 +45,7 @@ __all__ = [
     "add_flags",
     "check_fields",
     "env_names",
+    "env_value",
     "environment",
     "field_docs",
     "flag_values",
@@ -127,6 +128,19 @@ def _from_toml(path: Path) -> dict[str, Any]:
 def environment() -> Mapping[str, str]:
     """The process environment: what every settings loader reads when not given one."""
     return os.environ
+
+
+def env_value(
+    key: str, *, prefix: str = "REVLINE_", environ: Mapping[str, str] | None = None
+) -> str | None:
+    """The environment's value for one key of a command without a settings struct:
+    ``PREFIX_KEY``, else its :data:`PLAIN_ENV` name (``MQTT_URL``...); None if unset or empty."""
+    env = environment() if environ is None else environ
+    plain = [var for var, name in PLAIN_ENV.items() if name == key]
+    for var in (prefix + key.upper(), *plain):
+        if env.get(var):
+            return env[var]
+    return None
 
 
 def env_names(cls: type[msgspec.Struct], prefix: str) -> dict[str, tuple[str, ...]]:

@@ -16,7 +16,7 @@ from revline.cli import EXIT_CONFIG, build_parser
 from revline.consumer.config import ConsumerSettings
 from revline.edge.config import ENV_PREFIX, EdgeSettings
 from revline.mqtt import MqttClientSettings
-from revline.settings import ConfigError, _unwrap, env_names, flag_values, load
+from revline.settings import ConfigError, _unwrap, env_names, env_value, flag_values, load
 from revline.storage.migrate import MigrateSettings
 from revline.tools.cli import DemoSettings
 
@@ -236,3 +236,12 @@ def test_the_example_edge_config_keeps_its_promises() -> None:
     for key in EdgeSettings.__struct_fields__:
         assert f"--{key.replace('_', '-')} " in edge_help
         assert env_names(EdgeSettings, ENV_PREFIX)[key][0] == f"REVLINE_EDGE_{key.upper()}"
+
+
+def test_a_command_without_settings_reads_the_same_variables() -> None:
+    """`revline roles` and `revline broker-stats` take DATABASE_URL / MQTT_URL like the rest,
+    REVLINE_ first; an empty variable counts as unset."""
+    env = {"DATABASE_URL": "postgresql://plain/x", "MQTT_URL": "", "REVLINE_MQTT_URL": "mqtt://r"}
+    assert env_value("database_url", environ=env) == "postgresql://plain/x"
+    assert env_value("mqtt_url", environ=env) == "mqtt://r"
+    assert env_value("mqtt_url", environ={"MQTT_URL": ""}) is None

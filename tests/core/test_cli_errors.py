@@ -115,6 +115,7 @@ _CLOSED_DATABASE = [
     ("migrate", ["migrate"], "database unreachable"),
     ("demo", ["demo"], "database unreachable"),
     ("bench storage", ["bench", "storage", "--yes-really"], "database unreachable"),
+    ("roles", ["roles"], "ConnectionRefusedError"),
 ]
 
 
@@ -150,6 +151,7 @@ _REFUSED_DATABASE = [
     ("migrate", ["migrate"]),
     ("demo", ["demo"]),
     ("bench storage", ["bench", "storage", "--yes-really"]),
+    ("roles", ["roles"]),
 ]
 
 
