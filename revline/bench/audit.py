@@ -12,8 +12,6 @@ duplicates) for each.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import os
 import time
 from collections.abc import Sequence
@@ -118,18 +116,3 @@ async def _run(url: str, samples: int, per_write: int, vehicles: int) -> dict[st
         f"samples/s"
     )
     return result
-
-
-def run(server_url: str | None, samples: int, per_write: int, vehicles: int) -> int:
-    """``revline bench audit``: on ``server_url``, or a private PostgreSQL started for the run."""
-    from revline.tools.localservices import PostgresService  # noqa: PLC0415
-
-    with contextlib.ExitStack() as stack:
-        if server_url is None:
-            service = stack.enter_context(PostgresService(use_docker=False))
-            server_url = service.url
-            print(f"a private PostgreSQL for the run: {server_url}")
-        asyncio.run(
-            bench_audit(server_url, samples=samples, per_write=per_write, vehicles=vehicles)
-        )
-    return 0

@@ -85,9 +85,7 @@ def register(commands: Commands) -> None:
     )
     _files(add)
     add.add_argument("--password", help="use this password instead of a random one")
-    add.add_argument(
-        "--broker", default="broker.example.com:8883", help="host:port printed in the URL"
-    )
+    _broker(add)
     listing = commands.add(group, "list", "the broker's logins and what the ACL grants each", _list)
     _files(listing)
     remove = commands.add(
@@ -101,8 +99,19 @@ def register(commands: Commands) -> None:
     rotate.add_argument("name", help="the login (a VIN, or a consumer login)")
     _files(rotate)
     rotate.add_argument("--password", help="use this password instead of a random one")
-    rotate.add_argument(
-        "--broker", default="broker.example.com:8883", help="host:port printed in the URL"
+    _broker(rotate)
+
+
+def _broker(parser: argparse.ArgumentParser) -> None:
+    # --mqtt-url like every other command; --broker HOST:PORT still works (older docs).
+    parser.add_argument(
+        "--mqtt-url",
+        "--broker",
+        dest="broker",
+        default="mqtts://broker.example.com:8883",
+        metavar="MQTT_URL",
+        help="the broker as the device reaches it, put in the printed URL with the login "
+        "(default: mqtts://broker.example.com:8883)",
     )
 
 
@@ -298,7 +307,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _print_use(name: str, password: str, broker: str, *, service: bool) -> None:
-    url = f"mqtts://{name}:{quote(password, safe='')}@{broker}"
+    scheme, _, where = broker.rpartition("://")
+    where = where.rpartition("@")[2].rstrip("/")  # a login in the given URL is replaced
+    url = f"{scheme or 'mqtts'}://{name}:{quote(password, safe='')}@{where}"
     print(f"password: {password}")
     if service:
         print(f"consumer: revline consumer --mqtt-url '{url}' --group revline")

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
+from revline.settings import env_value, environment
 from revline.tools.brokerstats import MONITOR_LOGIN, MONITOR_PASSWORD_VARIABLE
 from revline.tools.devices import (
     COMPOSE_CONSUMER_LOGIN,
@@ -415,11 +416,12 @@ def _run_roles(args: argparse.Namespace) -> int:
 
     from revline.storage.errors import describe  # noqa: PLC0415
 
-    dsn = args.database_url or os.environ.get("DATABASE_URL")
+    dsn = args.database_url or env_value("database_url")
     if not dsn:
         print("revline roles: database_url: not set (--database-url)", file=sys.stderr)
         return 2
-    passwords = {role: os.environ.get(var) or None for role, var in ROLE_PASSWORD_VARIABLES.items()}
+    env = environment()
+    passwords = {role: env.get(var) or None for role, var in ROLE_PASSWORD_VARIABLES.items()}
     try:
         done = asyncio.run(set_role_passwords(dsn, passwords))
     except InitError as exc:
