@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Final
+from typing import Annotated, Final, Literal
 
 import msgspec
 
@@ -79,7 +79,7 @@ class ConsumerSettings(msgspec.Struct, frozen=True, kw_only=True):
     metrics_host: str = "0.0.0.0"  # noqa: S104 - Prometheus scrapes from another host
     metrics_port: Annotated[int, msgspec.Meta(ge=0, le=65_535)] = 9108
     """Port of ``/metrics`` and ``/healthz``; 0 disables the endpoint."""
-    audit: bool = True
+    audit: Literal["on", "off"] = "on"
     """Sequence accounting in every write (revline.audit, docs/audit.md); off only to measure
     what it costs."""
     audit_mqtt_url: str = ""

@@ -20,7 +20,7 @@ def derivations(settings: ConsumerSettings) -> list[Derivation]:
     from revline.audit.service import Audit  # noqa: PLC0415 - prometheus, paho: when serving
 
     found: list[Derivation] = []
-    if settings.audit:
+    if settings.audit == "on":
         found.append(Audit(_audit_config(settings)))  # revline.audit: loss you can see
     return found
 
