@@ -136,3 +136,36 @@ def test_a_request_names_a_bounded_number_of_ranges(count: int) -> None:
         declared={},
     )
     assert len(asked[VIN]) == min(count, MAX_RANGES_PER_REQUEST)
+
+
+@given(
+    st.lists(st.tuples(st.integers(0, 20), st.integers(0, 5), st.booleans()), max_size=8),
+    seq_sets,
+    st.lists(st.tuples(st.integers(0, 300), st.integers(0, 30)), max_size=4),
+)
+def test_every_followed_gap_ends_in_exactly_one_state_and_every_hole_is_followed(
+    spans: list[tuple[int, int, bool]],
+    stored: set[int],
+    declared_spans: list[tuple[int, int]],
+) -> None:
+    """Each open gap is still missing, repaired, late or lost (one of them); after the
+    changes, every sample missing now belongs to a gap."""
+    gaps: list[Gap] = []
+    taken: set[int] = set()
+    for start, length, asked in spans:
+        lo = start * 15
+        numbers = set(range(lo, lo + length + 1))
+        if numbers & taken:
+            continue
+        taken |= numbers
+        gaps.append(Gap(VIN, lo, lo + length, requests=int(asked)))
+    current = holes([(r.lo, r.hi) for r in _runs(stored)])
+    declared = [(lo, lo + n, "evicted") for lo, n in declared_spans]
+    changes = reconcile(gaps, {VIN: current}, {VIN: declared})
+    ended = [lo for _, lo in changes.repaired + changes.late]
+    ended += [lo for _, lo, _, _ in changes.lost]
+    still = [lo for _, lo, _ in changes.missing]
+    opened_lost = {lo for _, lo, _, _ in changes.lost} & {lo for _, lo, _, _ in changes.opened}
+    assert sorted(ended + still) == sorted([g.lo for g in gaps] + sorted(opened_lost))
+    followed = [(g.lo, g.hi) for g in gaps] + [(lo, hi) for _, lo, hi, _ in changes.opened]
+    assert subtract(current, followed) == []
