@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import os
 import socket
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Final
+from typing import Annotated, Final, Literal
 from urllib.parse import quote, urlsplit, urlunsplit
 
 import msgspec
@@ -86,6 +85,18 @@ class ConsumerSettings(msgspec.Struct, frozen=True, kw_only=True):
     metrics_host: str = "0.0.0.0"  # noqa: S104 - Prometheus scrapes from another host
     metrics_port: Annotated[int, msgspec.Meta(ge=0, le=65_535)] = 9108
     """Port of ``/metrics`` and ``/healthz``; 0 disables the endpoint."""
+    audit: Literal["on", "off"] = "on"
+    """Sequence accounting in every write (revline.audit, docs/audit.md); off only to measure
+    what it costs."""
+    audit_mqtt_url: str = ""
+    """Login of the audit's own MQTT client (status/+, $SYS, cmd/+). Empty: the consumer's
+    ``mqtt_url`` when it has no login; with a login (the shipped broker binds a client id to its
+    login, and a second connection would take the consumer's over) the audit then keeps
+    accounting only. ``revline device add revline-audit-1 --service`` makes one."""
+    audit_every_s: Seconds = 30.0
+    """The audit's pass: check stored runs, follow gaps, ask devices for repairs."""
+    repair_after_s: Seconds = 120.0
+    """A gap is asked for on cmd/<vin> once open this long (live-first backlogs fill holes)."""
     ack_qos: Annotated[int, msgspec.Meta(ge=0, le=1)] = 1
     """QoS of the end-to-end acks (``ack/<vin>``). 1: the broker keeps an ack for a device that
     went offline right after publishing, and the consumer's client resends it after a broker
@@ -128,6 +139,8 @@ class ConsumerSettings(msgspec.Struct, frozen=True, kw_only=True):
             raise ConfigError("key_file", "", "set without cert_file")
         if self.retry_initial_s > self.retry_max_s:
             raise ConfigError("retry_initial_s", "", "expected at most retry_max_s")
+        if self.audit_mqtt_url:
+            parse_mqtt_url(self.audit_mqtt_url, key="audit_mqtt_url")
 
     @property
     def subscription(self) -> str:
@@ -156,7 +169,8 @@ def worker_settings(settings: ConsumerSettings, index: int) -> ConsumerSettings:
     ``<client_id>-w<index>`` and, when the broker URL has a login, its own login
     ``<login>-w<index>`` with the same password (a broker that makes the login the client id,
     like the shipped Mosquitto, would otherwise let the workers take each other over); no
-    endpoint of its own (the supervisor serves one for all) and one worker."""
+    endpoint of its own (the supervisor serves one for all) and one worker; the audit's own
+    broker login (``audit_mqtt_url``) in worker 1 only."""
     address = parse_mqtt_url(settings.mqtt_url)
     url = settings.mqtt_url
     if address.username:
@@ -165,12 +179,16 @@ def worker_settings(settings: ConsumerSettings, index: int) -> ConsumerSettings:
         secret = f":{quote(address.password, safe='')}" if address.password else ""
         host = parts.netloc.rpartition("@")[2]
         url = urlunsplit(parts._replace(netloc=f"{login}{secret}@{host}"))
+    # The audit's own broker login (status/+, $SYS, repairs) in worker 1 only: a login is one
+    # client id, which a second worker would take over; the others keep the accounting.
+    audit_url = settings.audit_mqtt_url if index == 1 else ""
     return msgspec.structs.replace(
         settings,
         mqtt_url=url,
         client_id=f"{settings.effective_client_id}-w{index}",
         metrics_port=0,
         workers=1,
+        audit_mqtt_url=audit_url,
     )
 
 
@@ -182,12 +200,9 @@ def load_settings(
 ) -> ConsumerSettings:
     """Defaults < TOML < ``MQTT_URL``/``DATABASE_URL`` < ``REVLINE_*`` < flags, checked by
     :class:`ConsumerSettings` itself."""
-    env = dict(os.environ if environ is None else environ)
-    # The conventional unprefixed names work too; the REVLINE_ ones win if both are set.
-    for plain in ("MQTT_URL", "DATABASE_URL"):
-        if plain in env:
-            env.setdefault(f"REVLINE_{plain}", env[plain])
-    return load(ConsumerSettings, toml_path=config, environ=env, flags=flags)
+    # The conventional unprefixed names work too (revline.settings.PLAIN_ENV); the REVLINE_ ones
+    # win if both are set.
+    return load(ConsumerSettings, toml_path=config, environ=environ, flags=flags)
 
 
 def startup_warnings(settings: ConsumerSettings) -> list[str]:

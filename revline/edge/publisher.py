@@ -48,6 +48,7 @@ from revline.contract import (
     telemetry_topic,
 )
 from revline.edge.config import EdgeSettings
+from revline.edge.report import Reporter
 from revline.edge.spool import (
     DEAD_LETTER_MAX_BYTES,
     DURABLE,
@@ -58,7 +59,7 @@ from revline.edge.spool import (
     encode_batch,
 )
 from revline.edge.window import BACKLOG, SendWindow, resend_timeout
-from revline.logs import kv
+from revline.logs import ThrottledLog, kv
 from revline.mqtt import make_client, parse_mqtt_url
 
 __all__ = [
@@ -83,58 +84,6 @@ _DEAD_LETTER_FLUSH_S: Final = 1.0
 _DEAD_LETTER_QUEUE_MAX: Final = 100
 
 _P = ParamSpec("_P")
-
-
-class ThrottledLog:
-    """One log line per ``every_s`` for a recurring event, saying how often it happened.
-
-    The first event is logged at once; later ones are counted and reported with the next line,
-    which :meth:`tick` also writes once the interval has passed, so a burst's count is never lost.
-    """
-
-    def __init__(
-        self,
-        logger: logging.Logger,
-        level: int,
-        message: str,
-        *,
-        every_s: float = LOG_EVERY_S,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self.logger = logger
-        self.level = level
-        self.message = message
-        self.every_s = every_s
-        self.clock = clock
-        self.total = 0
-        self._count = 0
-        self._fields: dict[str, Any] = {}
-        self._exc_info: BaseException | None = None
-        self._last: float | None = None
-
-    def __call__(self, exc: BaseException | None = None, **fields: Any) -> None:
-        """Count one event; log it (with ``fields`` of the latest event) if the interval allows."""
-        self.total += 1
-        self._count += 1
-        self._fields = fields
-        self._exc_info = exc
-        self.tick()
-
-    def tick(self, *, force: bool = False) -> None:
-        """Write the pending count if the interval has passed since the last line (or ``force``)."""
-        if not self._count:
-            return
-        now = self.clock()
-        if not force and self._last is not None and now - self._last < self.every_s:
-            return
-        # A forced line (at stop) reports events that may be long over: say so, or a count of
-        # old connection failures reads like a failure happening now.
-        message = f"{self.message} (earlier, not reported yet)" if force else self.message
-        fields = kv(count=self._count, **self._fields)
-        self.logger.log(self.level, message, exc_info=self._exc_info, extra=fields)
-        self._last = now
-        self._count = 0
-        self._exc_info = None
 
 
 def guarded(
@@ -182,6 +131,8 @@ class Publisher:
         self.ack_topic = ack_topic(settings.vin)
         self.address = parse_mqtt_url(settings.mqtt_url)
         self.client_id = f"revline-edge-{settings.vin}"
+        self.report = Reporter(settings, spool)
+        """status/<vin> and cmd/<vin> (revline.edge.report)."""
         self.stats = PublisherStats()
         self.connected = False
         self._stop = threading.Event()
@@ -242,7 +193,8 @@ class Publisher:
             self._log_refused(reason=str(reason))
             self._lost = True
             return
-        client.subscribe(self.ack_topic, qos=1)
+        client.subscribe([(self.ack_topic, 1), (self.report.cmd_topic, 1)])
+        self.report.connected()
         self.connected = True
         self.stats.connects += 1
         log.info(
@@ -273,7 +225,10 @@ class Publisher:
         try:
             payload = bytes(message.payload)
             topic = message.topic
-            self._take_ack(topic, payload)
+            if topic == self.report.cmd_topic:
+                self._take_command(topic, payload)
+            else:
+                self._take_ack(topic, payload)
         except Exception as exc:  # noqa: BLE001 - no message may stop the edge
             self._reject(topic, "internal_error", f"{type(exc).__name__}: {exc}", payload)
 
@@ -298,6 +253,13 @@ class Publisher:
             # Never a batch of ours: whoever sent it is not the consumer. Keep it for an operator.
             detail = f"batch ids never created: {verdict.unknown[:10]}"
             self._reject(topic, "unknown_batch", detail, payload)
+
+    def _take_command(self, topic: str, payload: bytes) -> None:
+        """A repair command: queue resends (revline.edge.report); a bad one is dead-lettered."""
+        try:
+            self.report.command(payload)
+        except ContractError as exc:
+            self._reject(topic, exc.reason, exc.detail, payload)
 
     def _ignore(self, reason: str, batch_ids: list[int]) -> None:
         self.stats.acks_ignored += len(batch_ids)
@@ -349,6 +311,7 @@ class Publisher:
         props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         props.SessionExpiryInterval = s.session_expiry_s
         props.MaximumPacketSize = _MAX_PACKET_BYTES
+        client.will_set(self.report.topic, self.report.offline(), qos=1)
         self._lost = False
         self._answered = False
         self.connected = False
@@ -394,6 +357,7 @@ class Publisher:
             with contextlib.suppress(sqlite3.Error):
                 self._apply()
             self.connected = False
+            self._client.publish(self.report.topic, self.report.offline(), qos=1)
             self._client.disconnect()
             self._client.loop(0.1)
             self._client = None
@@ -442,6 +406,7 @@ class Publisher:
         try:
             self._apply()
             self._fill(final=final)
+            self._report(now)
         except sqlite3.Error as exc:
             # The device's disk, not the data: keep everything, start over after a pause.
             # What was not recorded is sent again and deduplicated by the consumer.
@@ -497,6 +462,20 @@ class Publisher:
         except sqlite3.Error as exc:
             # Dead letters are evidence, not data: under disk trouble they may go, counted.
             self._log_spool(error=str(exc), dead_letters_lost=len(letters) + dropped)
+
+    def _report(self, now: float) -> None:
+        """Queue the resends a repair command asked for; publish the status when due."""
+        assert self._client is not None
+        for batch_id, lo, samples in self.report.take_repairs():
+            if batch_id not in self.window:  # due at once; sent by the next fills, oldest first
+                self.window.resume(batch_id, lo, samples, pubacked=False)
+        if self.report.due(now):
+            try:
+                status = self.report.status(now)
+            except sqlite3.Error as exc:  # a report is not worth the connection: next one
+                self._log_spool(error=str(exc), what="status")
+                return
+            self._client.publish(self.report.topic, status, qos=1)
 
     def _send(self, batch: SpoolBatch, now: float) -> None:
         assert self._client is not None

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-import os
 import signal
 import sys
 import threading
@@ -179,9 +178,9 @@ def _run(args: argparse.Namespace) -> int:
     from prometheus_client import CollectorRegistry, start_http_server  # noqa: PLC0415
 
     from revline.mqtt import connect_error_reason, make_client, parse_mqtt_url  # noqa: PLC0415
-    from revline.settings import ConfigError  # noqa: PLC0415
+    from revline.settings import ConfigError, env_value  # noqa: PLC0415
 
-    url = args.mqtt_url or os.environ.get("MQTT_URL")
+    url = args.mqtt_url or env_value("mqtt_url")
     if not url:
         print("revline broker-stats: mqtt_url: not set (--mqtt-url or MQTT_URL)", file=sys.stderr)
         return 2

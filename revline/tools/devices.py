@@ -57,8 +57,15 @@ COMPOSE_CONSUMER_LOGIN: Final = "revline-consumer-1"
 COMPOSE_PASSWORD_VARIABLE: Final = "REVLINE_CONSUMER_MQTT_PASSWORD"  # noqa: S105 - its name
 
 _SERVICE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
-_CONSUMER_RULES: Final = ("topic read telemetry/+", "topic write ack/+")
-_CONSUMER_RULES_ACL: Final = tuple(" ".join(r.split()[1:]) for r in _CONSUMER_RULES)
+_CONSUMER_CORE: Final = ("topic read telemetry/+", "topic write ack/+")
+_CONSUMER_RULES: Final = (
+    *_CONSUMER_CORE,
+    "topic read status/+",  # the audit (docs/audit.md): device statuses, repair requests, $SYS
+    "topic write cmd/+",
+    "topic read $SYS/#",
+)
+_CONSUMER_RULES_ACL: Final = tuple(" ".join(r.split()[1:]) for r in _CONSUMER_CORE)
+"""What makes a login a consumer in ``device list`` (blocks written before the audit too)."""
 
 
 def register(commands: Commands) -> None:
@@ -78,9 +85,7 @@ def register(commands: Commands) -> None:
     )
     _files(add)
     add.add_argument("--password", help="use this password instead of a random one")
-    add.add_argument(
-        "--broker", default="broker.example.com:8883", help="host:port printed in the URL"
-    )
+    _broker(add)
     listing = commands.add(group, "list", "the broker's logins and what the ACL grants each", _list)
     _files(listing)
     remove = commands.add(
@@ -94,8 +99,19 @@ def register(commands: Commands) -> None:
     rotate.add_argument("name", help="the login (a VIN, or a consumer login)")
     _files(rotate)
     rotate.add_argument("--password", help="use this password instead of a random one")
-    rotate.add_argument(
-        "--broker", default="broker.example.com:8883", help="host:port printed in the URL"
+    _broker(rotate)
+
+
+def _broker(parser: argparse.ArgumentParser) -> None:
+    # --mqtt-url like every other command; --broker HOST:PORT still works (older docs).
+    parser.add_argument(
+        "--mqtt-url",
+        "--broker",
+        dest="broker",
+        default="mqtts://broker.example.com:8883",
+        metavar="MQTT_URL",
+        help="the broker as the device reaches it, put in the printed URL with the login "
+        "(default: mqtts://broker.example.com:8883)",
     )
 
 
@@ -284,14 +300,16 @@ def run(args: argparse.Namespace) -> int:
         return _refuse("add", str(exc), 1)
     print(f"added {'consumer' if args.service else 'vehicle'} {name} to {passwd_file}")
     if args.service:
-        rights = "read telemetry/+, write ack/+"
+        rights = "read telemetry/+ status/+ $SYS/#, write ack/+ cmd/+"
         print(f"{acl_file}: {'granted' if granted else 'already lists'} {name} ({rights})")
     _print_use(name, password, args.broker, service=args.service)
     return 0
 
 
 def _print_use(name: str, password: str, broker: str, *, service: bool) -> None:
-    url = f"mqtts://{name}:{quote(password, safe='')}@{broker}"
+    scheme, _, where = broker.rpartition("://")
+    where = where.rpartition("@")[2].rstrip("/")  # a login in the given URL is replaced
+    url = f"{scheme or 'mqtts'}://{name}:{quote(password, safe='')}@{where}"
     print(f"password: {password}")
     if service:
         print(f"consumer: revline consumer --mqtt-url '{url}' --group revline")
