@@ -62,6 +62,13 @@ def test_each_worker_gets_its_own_client_id_and_login() -> None:
     assert second.effective_client_id == "revline-consumer-1-w2"
     assert second.mqtt_url == "mqtts://revline-consumer-1-w2:p%40ss@broker:8883"
     assert (second.metrics_port, second.workers, second.group) == (0, 1, "revline")
+    audited = load_settings(
+        environ={"MQTT_URL": "mqtt://revline-consumer-1:p@broker:1883"},
+        flags={"group": "g", "workers": 2, "audit_mqtt_url": "mqtt://revline-audit-1:a@broker"},
+    )
+    # The audit's own login is one client id: worker 1 keeps it, the others account only.
+    assert worker_settings(audited, 1).audit_mqtt_url == "mqtt://revline-audit-1:a@broker"
+    assert worker_settings(audited, 2).audit_mqtt_url == ""
     anonymous = load_settings(
         environ={}, flags={"group": "g", "workers": 2, "client_id": "c"}
     )
