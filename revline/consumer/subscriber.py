@@ -33,7 +33,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Literal, Self
 
 import paho.mqtt.client as paho
 from paho.mqtt.client import PUBACK
@@ -106,6 +106,8 @@ class _BulkReadingClient(Client):
 
     def loop_read(self, max_packets: int = 1) -> MQTTErrorCode:
         """Read every complete packet waiting on the socket (up to a bound)."""
+        if not _PAHO_HOOKS:
+            return super().loop_read(max_packets)
         for _ in range(_READS_PER_WAKEUP):
             if self._sock is None:
                 return MQTTErrorCode.MQTT_ERR_NO_CONN
@@ -115,6 +117,47 @@ class _BulkReadingClient(Client):
             if rc == MQTTErrorCode.MQTT_ERR_AGAIN:
                 break
         return MQTTErrorCode.MQTT_ERR_SUCCESS
+
+    def _handle_pubackcomp(self, cmd: Literal["PUBACK", "PUBCOMP"]) -> MQTTErrorCode:
+        """The broker's PUBACK for one of our end-to-end acks, without building the
+        ``ReasonCode`` and ``Properties`` objects nobody reads (no ``on_publish`` callback):
+        ~18 % of the consumer's CPU with 1-sample messages, one ack per message. Otherwise
+        exactly what paho does: forget the message, mark it published, free its in-flight slot."""
+        packet = self._in_packet["packet"]
+        if not _PAHO_HOOKS or cmd != "PUBACK" or self.on_publish is not None or len(packet) < 2:
+            return super()._handle_pubackcomp(cmd)
+        (mid,) = _MID.unpack_from(packet)
+        with self._out_message_mutex:
+            message = self._out_messages.pop(mid, None)
+            if message is None:
+                return MQTTErrorCode.MQTT_ERR_SUCCESS
+            message.info._set_as_published()
+            if message.qos > 0:
+                self._inflight_messages -= 1
+                if self._max_inflight_messages > 0:
+                    return self._update_inflight()
+        return MQTTErrorCode.MQTT_ERR_SUCCESS
+
+
+_MID = struct.Struct("!H")
+PAHO_HOOKS = (
+    "_packet_read",
+    "_loop_rc_handle",
+    "_packet_queue",
+    "_handle_pubackcomp",
+    "_in_packet",
+    "_out_messages",
+    "_out_message_mutex",
+    "_inflight_messages",
+    "_max_inflight_messages",
+    "_update_inflight",
+)
+"""paho's private parts the subscriber uses (a test checks the installed paho has them; without
+them it falls back to paho's public behaviour)."""
+_PAHO_HOOKS = all(
+    hasattr(paho.Client, name) or name in paho.Client.__init__.__code__.co_names
+    for name in PAHO_HOOKS
+)
 
 
 @dataclass(slots=True)
