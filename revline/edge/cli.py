@@ -29,6 +29,7 @@ _FLAGS = (
     ("--flush-interval-s", float, "seconds between spool commits"),
     ("--ack-timeout-s", float, "resend a batch not acked end to end after this long"),
     ("--clock", str, "auto | trusted | untrusted"),
+    ("--wire-version", int, "contract version sent: 2 (columns, default) or 1 (for old consumers)"),
 )
 
 
