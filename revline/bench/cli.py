@@ -1,4 +1,5 @@
-"""``revline bench edge|consumer|storage``: figures next to a baseline measured in the same run.
+"""``revline bench edge|decode|dictionary|consumer|storage``: figures next to a baseline measured
+in the same run (``dictionary`` rebuilds the contract v2 zstd dictionary from its recipe).
 
 Only the standard library and the core at top level; each benchmark imports its side when run.
 """
@@ -17,7 +18,7 @@ __all__ = ["register"]
 
 
 def register(commands: Commands) -> None:
-    """Add ``revline bench edge``, ``revline bench consumer`` and ``revline bench storage``."""
+    """Add ``revline bench edge``, ``decode``, ``dictionary``, ``consumer`` and ``storage``."""
     group = commands.group("bench", "benchmarks that print figures against a baseline")
     bench = commands.add(
         group, "edge", "spool appends/s, backlog drain to a broker, bytes per sample", _edge
@@ -28,6 +29,21 @@ def register(commands: Commands) -> None:
     bench.add_argument(
         "--wire-only", action="store_true", help="only wire bytes/sample, v1 vs v2 (no broker)"
     )
+
+    bench = commands.add(
+        group, "decode", "contract v2 vs v1: payload to COPY rows, samples/s on one core", _decode
+    )
+    bench.add_argument("--seconds", type=int, default=300, help="seconds of each of 3 drives")
+    bench.add_argument("--repeat", type=int, default=3, help="runs of each; the best counts")
+
+    bench = commands.add(
+        group,
+        "dictionary",
+        "train the contract v2 zstd dictionary from its recipe; compare with the shipped file",
+        _dictionary,
+    )
+    bench.add_argument("--id", type=int, default=1, help="dictionary id (its recipe)")
+    bench.add_argument("--out", type=Path, default=None, help="write the trained bytes here")
 
     bench = commands.add(
         group,
@@ -72,6 +88,19 @@ def _edge(args: argparse.Namespace) -> int:
     return run_bench(
         mqtt_url=args.mqtt_url, samples=args.samples, directory=args.dir, wire_only=args.wire_only
     )
+
+
+def _decode(args: argparse.Namespace) -> int:
+    from revline.bench.wire import decode_table  # noqa: PLC0415 - needs the consumer extra
+
+    decode_table(seconds=args.seconds, repeat=args.repeat)
+    return 0
+
+
+def _dictionary(args: argparse.Namespace) -> int:
+    from revline.bench.wire import dictionary_main  # noqa: PLC0415
+
+    return dictionary_main(args.out, args.id)
 
 
 def run_bench(args: argparse.Namespace) -> int:
