@@ -43,8 +43,8 @@ from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from importlib import resources
-from itertools import accumulate, chain, compress, groupby, pairwise, repeat
-from operator import add, mul, truediv
+from itertools import accumulate, chain, compress, groupby, repeat
+from operator import add, floordiv, mul, ne, sub, truediv
 from typing import Annotated, Any, Final
 
 import msgspec
@@ -266,30 +266,29 @@ def _pack(out: bytearray, values: list[int], width: int) -> None:
 
 
 class _Plan:
-    """One way to code a column (orders 0-2), and its size in bytes."""
+    """One way to code a column (orders 0-2), and its size in bytes; packed only if chosen."""
 
-    __slots__ = ("base", "heads", "order", "size", "step", "units", "width")
+    __slots__ = ("base", "heads", "order", "residuals", "size", "step", "width")
 
     def __init__(self, values: list[int], order: int) -> None:
         heads: list[int] = []
         residuals = values
         for _ in range(order):
             heads.append(residuals[0])
-            residuals = [b - a for a, b in pairwise(residuals)]
+            residuals = list(map(sub, residuals[1:], residuals))
         base = min(residuals)
-        offsets = [r - base for r in residuals]
-        step = math.gcd(*offsets) or 1
-        units = offsets if step == 1 else [o // step for o in offsets]
-        width = max(units).bit_length()
-        self.order, self.heads, self.base, self.step = order, heads, base, step
-        self.units, self.width = units, width
+        top = max(residuals) - base
+        step = math.gcd(*map(sub, residuals, repeat(base))) if top else 1
+        width = (top // step).bit_length()
+        self.order, self.heads, self.residuals = order, heads, residuals
+        self.base, self.step, self.width = base, step, width
         self.size = (
             1
             + (width >= _WIDE)
             + sum(_varint_size(_zigzag(h)) for h in heads)
             + _varint_size(_zigzag(base))
             + (_varint_size(step) if step > 1 else 0)
-            + (len(units) * width + 7) // 8
+            + (len(residuals) * width + 7) // 8
         )
 
     def write(self, out: bytearray) -> None:
@@ -303,7 +302,11 @@ class _Plan:
         _varint(out, _zigzag(self.base))
         if self.step > 1:
             _varint(out, self.step)
-        _pack(out, self.units, width)
+        if width:
+            units = map(sub, self.residuals, repeat(self.base))
+            if self.step > 1:
+                units = map(floordiv, units, repeat(self.step))
+            _pack(out, list(units), width)
 
 
 def _best(values: list[int]) -> _Plan:
@@ -314,8 +317,9 @@ def _best(values: list[int]) -> _Plan:
 def _column(out: bytearray, values: list[int]) -> None:
     """Append the shortest coding of ``values``: orders 0-2, or runs when that is shorter."""
     plan = _best(values)
-    runs = [(value, sum(1 for _ in group)) for value, group in groupby(values)]
-    if len(runs) * 4 <= len(values):
+    changes = sum(map(ne, values, values[1:]))
+    if (changes + 1) * 4 <= len(values):
+        runs = [(value, sum(1 for _ in group)) for value, group in groupby(values)]
         run_values = _best([value for value, _ in runs])
         run_lengths = _best([length for _, length in runs])
         if 1 + _varint_size(len(runs)) + run_values.size + run_lengths.size < plan.size:
