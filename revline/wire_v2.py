@@ -96,7 +96,7 @@ DICTIONARY_ID: Final = 1
 """The dictionary the encoder uses. A new dictionary is a new id and a new file; never change
 the bytes of one that was shipped (a test pins each file's SHA-256)."""
 DICTIONARIES: Final = {
-    1: ("wire_v2-1.zdict", "6d3b6ae00e5ecc01954e18de95efd39650243dd818e8fbefd2daa5d2a3c47588"),
+    1: ("wire_v2-1.zdict", "a1199f8d9c61264db1484f149ad2ebd5d070ebcc5c65c2d2b92a48d38cbf992d"),
 }
 """Dictionary id -> (package data file, SHA-256 of its bytes). Id 0 is zstd without one."""
 
@@ -141,6 +141,8 @@ class _Sections(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
 
 
 class _Envelope(msgspec.Struct, array_like=True, forbid_unknown_fields=True, omit_defaults=True):
+    """``[2, vin, batch, body]`` or ``[2, vin, batch, body, sections]``."""
+
     v: int
     vin: Vin
     batch: BatchId
@@ -148,7 +150,30 @@ class _Envelope(msgspec.Struct, array_like=True, forbid_unknown_fields=True, omi
     sections: _Sections | None = None
 
 
+_MAX_COLUMNS: Final = 3 * (2 + len(FIELDS))  # each may be runs: itself, values, lengths
+
+
+class _Body(msgspec.Struct, array_like=True, forbid_unknown_fields=True):
+    """The raw columns: a MessagePack array, so that msgspec reads its numbers in C."""
+
+    n: Annotated[int, msgspec.Meta(ge=1, le=MAX_BATCH_SAMPLES)]
+    """Samples."""
+    present: Annotated[int, msgspec.Meta(ge=0, lt=2 ** len(FIELDS))]
+    """Bit ``i``: field ``i`` of ``FIELDS`` has a column."""
+    partial: Annotated[int, msgspec.Meta(ge=0, lt=2 ** len(FIELDS))]
+    """Bit ``i``: that column is only in some samples (a bitmap in ``bitmaps`` says which)."""
+    headers: Annotated[bytes, msgspec.Meta(max_length=_MAX_COLUMNS)]
+    """One byte per column (ts, seq, present fields; runs add two): order, step, width."""
+    nums: Annotated[list[int], msgspec.Meta(max_length=5 * _MAX_COLUMNS)]
+    """Per column: heads, base, step (if flagged), width (if beyond 30); per runs: its count."""
+    bitmaps: Annotated[bytes, msgspec.Meta(max_length=len(FIELDS) * (MAX_BATCH_SAMPLES // 8 + 1))]
+    """⌈n/8⌉ bytes per partial field, in ``FIELDS`` order."""
+    bits: Annotated[bytes, msgspec.Meta(max_length=MAX_RAW_BYTES)]
+    """Every column's packed values, one stream, least significant bit first."""
+
+
 _decoder = msgspec.msgpack.Decoder(_Envelope)
+_body_decoder = msgspec.msgpack.Decoder(_Body)
 _encoder = msgspec.msgpack.Encoder()
 
 
@@ -246,29 +271,25 @@ def _varint(out: bytearray, value: int) -> None:
     out.append(value)
 
 
-def _zigzag(value: int) -> int:
-    return value << 1 if value >= 0 else ((-value) << 1) - 1
+def _num_size(value: int) -> int:
+    """Bytes of ``value`` as a MessagePack integer (msgspec picks the shortest form)."""
+    if -32 <= value <= 127:
+        return 1
+    if -128 <= value <= 255:
+        return 2
+    if -32_768 <= value <= 65_535:
+        return 3
+    return 5 if -(2**31) <= value < 2**32 else 9
 
 
-def _varint_size(value: int) -> int:
-    return max(1, (value.bit_length() + 6) // 7)
-
-
-def _pack(out: bytearray, values: list[int], width: int) -> None:
-    if width == 0:
-        return
-    for start in range(0, len(values), _CHUNK):
-        chunk = values[start : start + _CHUNK]
-        big = 0
-        for value in reversed(chunk):
-            big = big << width | value
-        out += big.to_bytes((len(chunk) * width + 7) // 8, "little")
+_NUM_MIN: Final = -(2**63)
+_NUM_MAX: Final = 2**64 - 1  # what a MessagePack integer holds
 
 
 class _Plan:
-    """One way to code a column (orders 0-2), and its size in bytes; packed only if chosen."""
+    """One way to code a column (orders 0-2), and its size in bits; packed only if chosen."""
 
-    __slots__ = ("base", "heads", "order", "residuals", "size", "step", "width")
+    __slots__ = ("base", "bits", "heads", "nums", "order", "residuals", "step", "width")
 
     def __init__(self, values: list[int], order: int) -> None:
         heads: list[int] = []
@@ -280,41 +301,56 @@ class _Plan:
         top = max(residuals) - base
         step = math.gcd(*map(sub, residuals, repeat(base))) if top else 1
         width = (top // step).bit_length()
-        self.order, self.heads, self.residuals = order, heads, residuals
-        self.base, self.step, self.width = base, step, width
-        self.size = (
-            1
-            + (width >= _WIDE)
-            + sum(_varint_size(_zigzag(h)) for h in heads)
-            + _varint_size(_zigzag(base))
-            + (_varint_size(step) if step > 1 else 0)
-            + (len(residuals) * width + 7) // 8
-        )
-
-    def write(self, out: bytearray) -> None:
-        width = self.width
-        header = self.order | (4 if self.step > 1 else 0)
-        out.append(header | min(width, _WIDE) << 3)
+        nums = [*heads, base]
+        if step > 1:
+            nums.append(step)
         if width >= _WIDE:
-            out.append(width)
-        for head in self.heads:
-            _varint(out, _zigzag(head))
-        _varint(out, _zigzag(self.base))
-        if self.step > 1:
-            _varint(out, self.step)
-        if width:
+            nums.append(width)
+        self.order, self.heads, self.residuals = order, heads, residuals
+        self.base, self.step, self.width, self.nums = base, step, width, nums
+        fits = width <= _MAX_WIDTH and min(nums) >= _NUM_MIN and max(nums) <= _NUM_MAX
+        self.bits = 8 + 8 * sum(map(_num_size, nums)) + len(residuals) * width if fits else 1 << 80
+
+    def write(self, out: _Out) -> None:
+        out.headers.append(self.order | (4 if self.step > 1 else 0) | min(self.width, _WIDE) << 3)
+        out.nums += self.nums
+        if self.width:
             units = map(sub, self.residuals, repeat(self.base))
             if self.step > 1:
                 units = map(floordiv, units, repeat(self.step))
-            _pack(out, list(units), width)
+            out.pack(list(units), self.width)
+
+
+class _Out:
+    """The parts of a raw body as they are written: see :class:`_Body`."""
+
+    def __init__(self) -> None:
+        self.headers = bytearray()
+        self.nums: list[int] = []
+        self.bitmaps = bytearray()
+        self.stream = 0
+        self.bit = 0
+
+    def pack(self, units: list[int], width: int) -> None:
+        """Append ``units`` of ``width`` bits to the bit stream, least significant first."""
+        for start in range(0, len(units), _CHUNK):
+            chunk = units[start : start + _CHUNK]
+            big = 0
+            for unit in reversed(chunk):
+                big = big << width | unit
+            self.stream |= big << self.bit
+            self.bit += len(chunk) * width
 
 
 def _best(values: list[int]) -> _Plan:
-    plans = [_Plan(values, order) for order in range(min(3, len(values)))]
-    return min((p for p in plans if p.width <= _MAX_WIDTH), key=lambda p: p.size)
+    return min((_Plan(values, order) for order in range(min(3, len(values)))), key=_bits)
 
 
-def _column(out: bytearray, values: list[int]) -> None:
+def _bits(plan: _Plan) -> int:
+    return plan.bits
+
+
+def _column(out: _Out, values: list[int]) -> None:
     """Append the shortest coding of ``values``: orders 0-2, or runs when that is shorter."""
     plan = _best(values)
     changes = sum(map(ne, values, values[1:]))
@@ -322,9 +358,10 @@ def _column(out: bytearray, values: list[int]) -> None:
         runs = [(value, sum(1 for _ in group)) for value, group in groupby(values)]
         run_values = _best([value for value, _ in runs])
         run_lengths = _best([length for _, length in runs])
-        if 1 + _varint_size(len(runs)) + run_values.size + run_lengths.size < plan.size:
-            out.append(_RUNS)
-            _varint(out, len(runs))
+        bits = 8 + 8 * _num_size(len(runs)) + run_values.bits + run_lengths.bits
+        if bits < plan.bits:
+            out.headers.append(_RUNS)
+            out.nums.append(len(runs))
             run_values.write(out)
             run_lengths.write(out)
             return
@@ -334,31 +371,37 @@ def _column(out: bytearray, values: list[int]) -> None:
 def encode_body(columns: Columns) -> bytes:
     """The raw columns of a batch (what codec ``2`` carries, and zstd compresses)."""
     n = len(columns.ts)
-    body = bytearray()
-    _varint(body, n)
-    _column(body, columns.ts)
-    _column(body, columns.seq)
+    out = _Out()
+    _column(out, columns.ts)
+    _column(out, columns.seq)
     present = partial = 0
-    chosen: list[tuple[list[int | None], bool]] = []
     for index in sorted(columns.values):
         column = columns.values[index]
         count = sum(value is not None for value in column)
-        if count:
-            present |= 1 << index
-            if count < n:
-                partial |= 1 << index
-            chosen.append((column, count < n))
-    _varint(body, present)
-    _varint(body, partial)
-    for column, is_partial in chosen:
-        if is_partial:
+        if not count:
+            continue
+        present |= 1 << index
+        if count < n:
+            partial |= 1 << index
             bitmap = bytearray((n + 7) // 8)
             for i, value in enumerate(column):
                 if value is not None:
                     bitmap[i >> 3] |= 1 << (i & 7)
-            body += bitmap
-        _column(body, [value for value in column if value is not None])
-    return bytes(body)
+            out.bitmaps += bitmap
+        _column(out, [value for value in column if value is not None])
+    body = _Body(
+        n=n,
+        present=present,
+        partial=partial,
+        headers=bytes(out.headers),
+        nums=out.nums,
+        bitmaps=bytes(out.bitmaps),
+        bits=out.stream.to_bytes((out.bit + 7) // 8, "little"),
+    )
+    return _encoder.encode(body)
+
+
+_EMPTY: Final = _Sections()
 
 
 def _sections_of(columns: Columns) -> _Sections | None:
@@ -366,7 +409,7 @@ def _sections_of(columns: Columns) -> _Sections | None:
         flags=[(i, flags) for i, flags in enumerate(columns.flags) if flags],
         extra=[(i, extra) for i, extra in enumerate(columns.extra) if extra],
     )
-    return None if sections == _Sections() else sections
+    return None if sections == _EMPTY else sections
 
 
 def encode_v2(
@@ -445,20 +488,31 @@ class _Reader:
             shift += 7
         raise _invalid(f"varint longer than {_MAX_VARINT_BYTES} bytes")
 
-    def zigzag(self) -> int:
-        z = self.varint()
-        return (z >> 1) ^ -(z & 1)
 
-    def take(self, length: int) -> bytes:
-        if length > len(self.data) - self.pos:
-            raise _invalid("body ends early")
-        chunk = self.data[self.pos : self.pos + length]
-        self.pos += length
-        return chunk
+class _ColumnReader:
+    """Walks a raw body's columns: headers, numbers and bits in step (see :class:`_Body`)."""
+
+    __slots__ = ("bit", "body", "head", "num", "stream")
+
+    def __init__(self, body: _Body) -> None:
+        self.body = body
+        self.stream = int.from_bytes(body.bits, "little")
+        self.head = self.num = self.bit = 0
+
+    def nums(self, count: int, what: str) -> list[int]:
+        taken = self.body.nums[self.num : self.num + count]
+        if len(taken) < count:
+            raise _invalid(f"column {what}: numbers end early")
+        self.num += count
+        return taken
 
     def column(self, count: int, what: str, *, runs: bool = True) -> list[int]:
         """``count`` values (``count`` >= 1, bounded by the caller)."""
-        header = self.byte()
+        headers = self.body.headers
+        if self.head >= len(headers):
+            raise _invalid(f"column {what}: headers end early")
+        header = headers[self.head]
+        self.head += 1
         order = header & 3
         if order == _RUNS:
             if not runs or header != _RUNS:
@@ -467,30 +521,50 @@ class _Reader:
         if order >= count:
             raise _invalid(f"column {what}: order {order} for {count} values")
         width = header >> 3
+        nums = self.nums(order + 1 + (header >> 2 & 1) + (width == _WIDE), what)
+        base = nums[order]
+        step = nums[order + 1] if header & 4 else 1
         if width == _WIDE:
-            width = self.byte()
+            width = nums[-1]
             if not _WIDE <= width <= _MAX_WIDTH:
                 raise _invalid(f"column {what}: width {width}, expected 31-64")
-        heads = [self.zigzag() for _ in range(order)]
-        base = self.zigzag()
-        step = self.varint() if header & 4 else 1
-        if header & 4 and step < 2:  # a written step is at least 2
+        if step < 1 or (header & 4 and step == 1):
             raise _invalid(f"column {what}: step {step}")
         k = count - order
-        packed = self.take((k * width + 7) // 8)
+        values: Iterable[int]
         if width == 0:
-            values: Iterable[int] = repeat(base, k)
+            values = repeat(base, k)
         else:
-            units = _unpack(packed, width, k)
+            units = self._unpack(width, k, what)
             if step != 1:
                 units = list(map(mul, units, repeat(step)))
             values = map(add, units, repeat(base))
-        for head in reversed(heads):
+        for head in reversed(nums[:order]):
             values = accumulate(values, initial=head)
         return list(values)
 
+    def _unpack(self, width: int, k: int, what: str) -> list[int]:
+        """``k`` values of ``width`` bits from the stream, least significant first."""
+        size = k * width
+        if self.bit + size > 8 * len(self.body.bits):
+            raise _invalid(f"column {what}: bits end early")
+        column = self.stream >> self.bit & ((1 << size) - 1)
+        self.bit += size
+        mask = (1 << width) - 1
+        if k <= _CHUNK:
+            return list(map(mask.__and__, map(column.__rshift__, range(0, size, width))))
+        out: list[int] = []
+        span = _CHUNK * width
+        shifts = range(0, span, width)
+        chunk_mask = (1 << span) - 1
+        for start in range(0, size, span):
+            chunk = column >> start & chunk_mask
+            out += map(mask.__and__, map(chunk.__rshift__, shifts))
+        del out[k:]  # the last chunk's shifts run past its values: they read zeros
+        return out
+
     def _runs(self, count: int, what: str) -> list[int]:
-        r = self.varint()
+        (r,) = self.nums(1, what)
         if not 1 <= r <= count:
             raise _invalid(f"column {what}: {r} runs for {count} values")
         values = self.column(r, what, runs=False)
@@ -500,20 +574,13 @@ class _Reader:
             raise _invalid(f"column {what}: run lengths do not add up to {count}")
         return list(chain.from_iterable(map(repeat, values, lengths)))
 
-
-def _unpack(packed: bytes, width: int, k: int) -> list[int]:
-    """``k`` values of ``width`` bits, least significant first; padding bits must be zero."""
-    if (k * width) % 8 and packed[-1] >> ((k * width) % 8):
-        raise _invalid("column padding bits set")
-    mask = (1 << width) - 1
-    out: list[int] = []
-    chunk_bytes = _CHUNK * width // 8
-    shifts = range(0, _CHUNK * width, width)
-    for start in range(0, len(packed), chunk_bytes):
-        big = int.from_bytes(packed[start : start + chunk_bytes], "little")
-        out += map(mask.__and__, map(big.__rshift__, shifts))
-    del out[k:]  # the last chunk's shifts run past its values: they read zeros
-    return out
+    def finish(self) -> None:
+        """Everything was read, and nothing else is there."""
+        body = self.body
+        if self.head != len(body.headers) or self.num != len(body.nums):
+            raise _invalid("body has headers or numbers behind its columns")
+        if (self.bit + 7) // 8 != len(body.bits) or self.stream >> self.bit:
+            raise _invalid("body has bits behind its columns")
 
 
 def _envelope(payload: bytes) -> _Envelope:
@@ -595,20 +662,36 @@ def _sparse_column(pairs: list[tuple[int, Any]], n: int, fill: Any, what: str) -
     return column
 
 
-def _measurements(reader: _Reader, n: int) -> dict[str, list[Any]]:
-    present = reader.varint()
-    partial = reader.varint()
-    if present >> len(FIELDS):
-        raise _invalid(f"field mask {present:#x}: fields beyond the {len(FIELDS)} known")
-    if partial & ~present:
-        raise _invalid(f"partial mask {partial:#x} names fields that are not present")
+def _body(raw: bytes) -> _Body:
+    try:
+        body = _body_decoder.decode(raw)
+    except msgspec.ValidationError as exc:
+        raise _invalid(f"body: {exc}") from exc
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+        raise ContractError("undecodable", f"v2 body is not valid MessagePack: {exc}") from exc
+    except Exception as exc:  # a decoder bug must not stop a service either
+        detail = f"v2 body decoder failed: {type(exc).__name__}: {exc}"
+        raise ContractError("undecodable", detail) from exc
+    if body.partial & ~body.present:
+        raise _invalid(f"partial mask {body.partial:#x} names fields that are not present")
+    partial_count = body.partial.bit_count()
+    if len(body.bitmaps) != partial_count * ((body.n + 7) // 8):
+        raise _invalid(f"{len(body.bitmaps)} bytes of bitmaps for {partial_count} partial fields")
+    return body
+
+
+def _measurements(reader: _ColumnReader, body: _Body) -> dict[str, list[Any]]:
+    n, present, partial = body.n, body.present, body.partial
+    width = (n + 7) // 8
+    bitmaps = 0
     columns: dict[str, list[Any]] = {}
     for index, (field, scale) in enumerate(zip(FIELDS, _SCALES, strict=True)):
         if not present >> index & 1:
             continue
         name = field.name
         if partial >> index & 1:
-            rows = _positions(reader.take((n + 7) // 8), n, name)
+            rows = _positions(body.bitmaps[bitmaps : bitmaps + width], n, name)
+            bitmaps += width
             values = reader.column(len(rows), name)
             _check_range(values, *_BOUNDS[index], name)
             column: list[Any] = [None] * n
@@ -624,18 +707,16 @@ def _measurements(reader: _Reader, n: int) -> dict[str, list[Any]]:
 def decode_rows(payload: bytes) -> RowBatch:
     """Decode and validate a v2 payload into staging rows; ContractError if it is not one."""
     envelope = _envelope(payload)
-    reader = _Reader(_raw_body(envelope.body))
-    n = reader.varint()
-    if not 1 <= n <= MAX_BATCH_SAMPLES:
-        raise _invalid(f"batch of {n} samples, expected 1..{MAX_BATCH_SAMPLES}")
+    body = _body(_raw_body(envelope.body))
+    n = body.n
+    reader = _ColumnReader(body)
     ts = reader.column(n, "ts")
     _check_range(ts, 0, _TS_MAX, "ts")
     seq = reader.column(n, "seq")
     _check_range(seq, 0, _I64_MAX, "seq")
-    columns: dict[str, list[Any]] = {"ts": ts, "seq": seq, **_measurements(reader, n)}
-    if reader.pos != len(reader.data):
-        raise _invalid(f"body has {len(reader.data) - reader.pos} bytes behind its columns")
-    sections = envelope.sections or _Sections()
+    columns: dict[str, list[Any]] = {"ts": ts, "seq": seq, **_measurements(reader, body)}
+    reader.finish()
+    sections = envelope.sections or _EMPTY
     columns["flags"] = _sparse_column(sections.flags, n, 0, "flags")
     columns["extra"] = _sparse_column(sections.extra, n, None, "extra")
     # A field of Sample that no column or section carries is absent: None in every row.

@@ -247,8 +247,8 @@ DICTIONARY_RECIPE: Final = {
         rates_hz=(1.0, 5.0, 10.0),
         batch_seconds=(1.0, 2.0, 5.0, 10.0),
         size=2048,
-        k=170,  # found by zstd's optimizer (train_dictionary with steps=32) on these bodies
-        d=8,
+        k=50,  # found by zstd's optimizer (train_dictionary with steps=32) on these bodies
+        d=6,
         level=19,
     ),
 }

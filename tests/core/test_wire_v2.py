@@ -293,19 +293,32 @@ def test_hostile_v2_payloads_raise_only_contract_errors(data: st.DataObject, sha
     assert reason in {*reasons, "decoded"}
 
 
+def _raw(n: int, headers: bytes, nums: list[int], bits: bytes = b"") -> bytes:
+    """A raw body by hand: n samples, no field columns."""
+    return bytes((CODEC_RAW,)) + msgspec.msgpack.encode([n, 0, 0, headers, nums, b"", bits])
+
+
 def test_a_count_beyond_the_limit_is_refused_before_allocation() -> None:
     """A body claiming a billion samples is refused at once."""
-    with pytest.raises(ContractError, match="samples"):
-        decode_v2(_payload(bytes((CODEC_RAW,)) + _varints([10**9])))
+    with pytest.raises(ContractError, match="5000"):
+        decode_v2(_payload(_raw(10**9, b"", [])))
 
 
 def test_runs_claiming_more_values_than_the_column_holds_are_refused_before_expanding() -> None:
-    """A run of 2**60 values is refused from its lengths, not by trying to build it."""
-    # n=3, ts: runs (3), 1 run, value column order 0 width 0 base 0, length column base 2**60
-    body = bytes((CODEC_RAW,)) + _varints([3]) + bytes((3,)) + _varints([1, 0, 0, 0])
-    body += _varints([0, 2**61])
+    """A run of 2**61 values is refused from its lengths, not by trying to build it."""
+    # ts as runs: 1 run; its value column constant 0, its length column constant 2**61.
     with pytest.raises(ContractError, match="run lengths"):
-        decode_v2(_payload(body))
+        decode_v2(_payload(_raw(3, b"\x03\x00\x00", [1, 0, 2**61])))
+
+
+def test_a_column_reading_past_its_bits_is_refused() -> None:
+    """A width and count that need more bits than the body holds are refused, not padded."""
+    with pytest.raises(ContractError, match="bits end early"):
+        decode_v2(_payload(_raw(5000, bytes((_width(60),)), [0, 60], b"\xff")))
+
+
+def _width(width: int) -> int:
+    return min(width, 31) << 3
 
 
 def test_a_zstd_bomb_is_refused_without_decompressing_past_its_declared_size() -> None:
