@@ -499,15 +499,9 @@ class _ColumnReader:
         self.stream = int.from_bytes(body.bits, "little")
         self.head = self.num = self.bit = 0
 
-    def nums(self, count: int, what: str) -> list[int]:
-        taken = self.body.nums[self.num : self.num + count]
-        if len(taken) < count:
-            raise _invalid(f"column {what}: numbers end early")
-        self.num += count
-        return taken
-
-    def column(self, count: int, what: str, *, runs: bool = True) -> list[int]:
-        """``count`` values (``count`` >= 1, bounded by the caller)."""
+    def column(self, count: int, what: str, *, runs: bool = True) -> Iterable[int]:
+        """``count`` values (``count`` >= 1, bounded by the caller), lazily: one list is made
+        by the caller, whatever the coding."""
         headers = self.body.headers
         if self.head >= len(headers):
             raise _invalid(f"column {what}: headers end early")
@@ -521,29 +515,33 @@ class _ColumnReader:
         if order >= count:
             raise _invalid(f"column {what}: order {order} for {count} values")
         width = header >> 3
-        nums = self.nums(order + 1 + (header >> 2 & 1) + (width == _WIDE), what)
+        used = order + 1 + (header >> 2 & 1) + (width == _WIDE)
+        nums = self.body.nums[self.num : self.num + used]
+        if len(nums) < used:
+            raise _invalid(f"column {what}: numbers end early")
+        self.num += used
         base = nums[order]
-        step = nums[order + 1] if header & 4 else 1
-        if width == _WIDE:
-            width = nums[-1]
-            if not _WIDE <= width <= _MAX_WIDTH:
-                raise _invalid(f"column {what}: width {width}, expected 31-64")
-        if step < 1 or (header & 4 and step == 1):
-            raise _invalid(f"column {what}: step {step}")
         k = count - order
         values: Iterable[int]
-        if width == 0:
+        if not width:  # a constant (or steady) column: no bits at all
             values = repeat(base, k)
         else:
+            if width == _WIDE:
+                width = nums[-1]
+                if not _WIDE <= width <= _MAX_WIDTH:
+                    raise _invalid(f"column {what}: width {width}, expected 31-64")
             units = self._unpack(width, k, what)
-            if step != 1:
-                units = list(map(mul, units, repeat(step)))
-            values = map(add, units, repeat(base))
+            if header & 4:
+                step = nums[order + 1]
+                if step < 2:
+                    raise _invalid(f"column {what}: step {step}")
+                units = map(mul, units, repeat(step))
+            values = map(add, units, repeat(base)) if base else units
         for head in reversed(nums[:order]):
             values = accumulate(values, initial=head)
-        return list(values)
+        return values
 
-    def _unpack(self, width: int, k: int, what: str) -> list[int]:
+    def _unpack(self, width: int, k: int, what: str) -> Iterable[int]:
         """``k`` values of ``width`` bits from the stream, least significant first."""
         size = k * width
         if self.bit + size > 8 * len(self.body.bits):
@@ -552,7 +550,7 @@ class _ColumnReader:
         self.bit += size
         mask = (1 << width) - 1
         if k <= _CHUNK:
-            return list(map(mask.__and__, map(column.__rshift__, range(0, size, width))))
+            return map(mask.__and__, map(column.__rshift__, range(0, size, width)))
         out: list[int] = []
         span = _CHUNK * width
         shifts = range(0, span, width)
@@ -563,16 +561,19 @@ class _ColumnReader:
         del out[k:]  # the last chunk's shifts run past its values: they read zeros
         return out
 
-    def _runs(self, count: int, what: str) -> list[int]:
-        (r,) = self.nums(1, what)
+    def _runs(self, count: int, what: str) -> Iterable[int]:
+        if self.num >= len(self.body.nums):
+            raise _invalid(f"column {what}: numbers end early")
+        r = self.body.nums[self.num]
+        self.num += 1
         if not 1 <= r <= count:
             raise _invalid(f"column {what}: {r} runs for {count} values")
-        values = self.column(r, what, runs=False)
-        lengths = self.column(r, what, runs=False)
+        values = list(self.column(r, what, runs=False))
+        lengths = list(self.column(r, what, runs=False))
         # Before expanding: a hostile length would otherwise allocate without bound.
         if min(lengths) < 1 or sum(lengths) != count:
             raise _invalid(f"column {what}: run lengths do not add up to {count}")
-        return list(chain.from_iterable(map(repeat, values, lengths)))
+        return chain.from_iterable(map(repeat, values, lengths))
 
     def finish(self) -> None:
         """Everything was read, and nothing else is there."""
@@ -689,17 +690,19 @@ def _measurements(reader: _ColumnReader, body: _Body) -> dict[str, list[Any]]:
         if not present >> index & 1:
             continue
         name = field.name
+        lo, hi = field.lo, field.hi
         if partial >> index & 1:
             rows = _positions(body.bitmaps[bitmaps : bitmaps + width], n, name)
             bitmaps += width
-            values = reader.column(len(rows), name)
-            _check_range(values, *_BOUNDS[index], name)
+            floats = list(map(truediv, reader.column(len(rows), name), repeat(scale)))
             column: list[Any] = [None] * n
-            deque(map(column.__setitem__, rows, map(truediv, values, repeat(scale))), maxlen=0)
+            deque(map(column.__setitem__, rows, floats), maxlen=0)
         else:
-            values = reader.column(n, name)
-            _check_range(values, *_BOUNDS[index], name)
-            column = list(map(truediv, values, repeat(scale)))
+            column = floats = list(map(truediv, reader.column(n, name), repeat(scale)))
+        # On the floats: the bounds are whole numbers and division is monotonic, so this is
+        # the integer check at the database's resolution.
+        if min(floats) < lo or max(floats) > hi:
+            raise _invalid(f"{name}: a value outside {lo}..{hi}")
         columns[name] = column
     return columns
 
@@ -710,9 +713,9 @@ def decode_rows(payload: bytes) -> RowBatch:
     body = _body(_raw_body(envelope.body))
     n = body.n
     reader = _ColumnReader(body)
-    ts = reader.column(n, "ts")
+    ts = list(reader.column(n, "ts"))
     _check_range(ts, 0, _TS_MAX, "ts")
-    seq = reader.column(n, "seq")
+    seq = list(reader.column(n, "seq"))
     _check_range(seq, 0, _I64_MAX, "seq")
     columns: dict[str, list[Any]] = {"ts": ts, "seq": seq, **_measurements(reader, body)}
     reader.finish()
