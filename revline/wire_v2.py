@@ -343,11 +343,14 @@ class _Out:
 
 
 def _best(values: list[int]) -> _Plan:
-    return min((_Plan(values, order) for order in range(min(3, len(values)))), key=_bits)
-
-
-def _bits(plan: _Plan) -> int:
-    return plan.bits
+    best = _Plan(values, 0)
+    for order in range(1, min(3, len(values))):
+        if not best.width:  # constant, or a steady step: no higher order is shorter
+            break
+        plan = _Plan(values, order)
+        if plan.bits < best.bits:
+            best = plan
+    return best
 
 
 def _column(out: _Out, values: list[int]) -> None:

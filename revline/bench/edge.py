@@ -36,7 +36,7 @@ from revline.edge.publisher import Publisher
 from revline.edge.sim import simulate_readings
 from revline.edge.spool import DURABLE, Spool, SpoolBatch, encode_batch, pack_values
 from revline.mqtt import make_client, parse_mqtt_url
-from revline.wire_v2 import decode_any
+from revline.wire_v2 import decode_any_rows
 
 __all__ = ["run_bench"]
 
@@ -57,7 +57,7 @@ def _acker(url: str, vin: str, ready: multiprocessing.synchronize.Event) -> None
         ready.set()
 
     def on_message(c: paho.Client, _u: Any, msg: paho.MQTTMessage) -> None:
-        batch = decode_any(bytes(msg.payload), msg.topic)
+        batch = decode_any_rows(bytes(msg.payload), msg.topic)  # v1 or v2, no Sample objects
         c.publish(ack_topic(vin), encode(Ack(v=1, vin=vin, batches=[batch.batch])), qos=1)
 
     client.on_connect = on_connect
