@@ -42,11 +42,10 @@ import threading
 from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from functools import partial
 from importlib import resources
 from itertools import accumulate, chain, compress, groupby, repeat
-from operator import add, and_, floordiv, mul, ne, sub, truediv
-from typing import Annotated, Any, Final, NamedTuple
+from operator import add, floordiv, mul, ne, sub, truediv
+from typing import Annotated, Any, Final
 
 import msgspec
 import zstandard
@@ -720,135 +719,6 @@ def _measurements(reader: _ColumnReader, body: _Body) -> dict[str, list[Any]]:
     return columns
 
 
-_ONE_PASS_MAX_SAMPLES: Final = 64
-_FIELD_INDEXES: Final = tuple(range(len(FIELDS)))
-
-
-class _Shapes(NamedTuple):
-    """The plain columns of a short batch in stream order (a runs column is two: its values
-    and its lengths), and per column of the batch its run count (0: plain)."""
-
-    widths: list[int]
-    bases: list[int]
-    steps: list[int]
-    heads: list[list[int]]
-    counts: list[int]
-    """Residuals per plain column: its values less its heads."""
-    runs: list[int]
-
-
-def _shapes(body: _Body, columns: int) -> _Shapes | None:
-    """The shapes of ``columns`` columns (no wide width), exactly as many headers and numbers
-    as they use; None otherwise."""
-    n, headers, nums = body.n, body.headers, body.nums
-    shapes = _Shapes([], [], [], [], [], [])
-    at = head = 0
-    for _ in range(columns):
-        if head >= len(headers):
-            return None
-        counts: tuple[int, ...] = (n,)
-        if headers[head] == _RUNS:
-            r = nums[at] if at < len(nums) else 0
-            if not 1 <= r <= n:
-                return None
-            at += 1
-            head += 1
-            counts = (r, r)
-            shapes.runs.append(r)
-        else:
-            shapes.runs.append(0)
-        for count in counts:
-            header = headers[head] if head < len(headers) else _RUNS
-            head += 1
-            order, width = header & 3, header >> 3
-            if order == _RUNS or order >= count or width == _WIDE:
-                return None
-            used = order + 1 + (header >> 2 & 1)
-            taken = nums[at : at + used]
-            at += used
-            if len(taken) < used or (header & 4 and taken[-1] < 2):  # a step is at least 2
-                return None
-            shapes.widths.append(width)
-            shapes.bases.append(taken[order])
-            shapes.steps.append(taken[-1] if header & 4 else 1)
-            shapes.heads.append(taken[:order])
-            shapes.counts.append(count - order)
-    return shapes if at == len(nums) and head == len(headers) else None
-
-
-def _one_pass(body: _Body) -> dict[str, list[Any]] | None:
-    """The columns of a short batch whose every field is in every sample, unpacked for all
-    columns at once (a few C calls per message instead of a few per column); None when the
-    body is anything else or anything in it is wrong, for :class:`_ColumnReader` to decode or
-    to refuse with a precise reason. Valid or not, both give the same answer (a property test
-    holds them to it)."""
-    n = body.n
-    if n > _ONE_PASS_MAX_SAMPLES or body.partial:
-        return None
-    fields = [i for i in _FIELD_INDEXES if body.present >> i & 1]
-    shapes = _shapes(body, 2 + len(fields))
-    if shapes is None:
-        return None
-    columns = _integrated(body, shapes)
-    if columns is None:
-        return None
-    ts, seq = columns[0], columns[1]
-    if min(ts) < 0 or max(ts) > _TS_MAX or min(seq) < 0 or max(seq) > _I64_MAX:
-        return None
-    out: dict[str, list[Any]] = {"ts": ts, "seq": seq}
-    for index, column in zip(fields, columns[2:], strict=True):
-        field = FIELDS[index]
-        floats = list(map(truediv, column, repeat(_SCALES[index])))
-        if min(floats) < field.lo or max(floats) > field.hi:
-            return None
-        out[field.name] = floats
-    return out
-
-
-def _integrated(body: _Body, shapes: _Shapes) -> list[list[int]] | None:
-    """Every column's integers: all bits unpacked in one pass, then each column integrated
-    (and runs expanded); None if the bits or run lengths do not fit."""
-    widths, bases, steps, heads, counts, runs = shapes
-    size = sum(map(mul, widths, counts))
-    bits = body.bits
-    stream = int.from_bytes(bits, "little")
-    if (size + 7) // 8 != len(bits) or stream >> size:  # bits missing, left over or padding set
-        return None
-    per_value = partial(_per_value, counts)
-    shifts = accumulate(per_value(widths), initial=0)
-    units = map(and_, map(stream.__rshift__, shifts), per_value([(1 << w) - 1 for w in widths]))
-    flat = list(map(add, map(mul, units, per_value(steps)), per_value(bases)))
-    plain: list[list[int]] = []
-    start = 0
-    for count, head in zip(counts, heads, strict=True):
-        column = flat[start : start + count]
-        start += count
-        if head:
-            values: Iterable[int] = column
-            for first in reversed(head):
-                values = accumulate(values, initial=first)
-            column = list(values)
-        plain.append(column)
-    columns: list[list[int]] = []
-    k = 0
-    for r in runs:
-        if not r:
-            columns.append(plain[k])
-            k += 1
-            continue
-        values, lengths = plain[k], plain[k + 1]
-        k += 2
-        if min(lengths) < 1 or sum(lengths) != body.n:  # before expanding, as always
-            return None
-        columns.append(list(chain.from_iterable(map(repeat, values, lengths))))
-    return columns
-
-
-def _per_value(counts: list[int], per_column: list[int]) -> Iterator[int]:
-    """Each column's number repeated for each of its values, all columns in a row."""
-    return chain.from_iterable(map(repeat, per_column, counts))
-
-
 def _column_by_column(body: _Body) -> dict[str, list[Any]]:
     """Every column of any body, one after the other; ContractError for whatever is wrong."""
     n = body.n
@@ -867,7 +737,7 @@ def decode_rows(payload: bytes) -> RowBatch:
     envelope = _envelope(payload)
     body = _body(_raw_body(envelope.body))
     n = body.n
-    columns = _one_pass(body) or _column_by_column(body)
+    columns = _column_by_column(body)
     ts, seq = columns["ts"], columns["seq"]
     sections = envelope.sections or _EMPTY
     columns["flags"] = _sparse_column(sections.flags, n, 0, "flags")
