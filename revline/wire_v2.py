@@ -495,6 +495,19 @@ class _Reader:
         raise _invalid(f"varint longer than {_MAX_VARINT_BYTES} bytes")
 
 
+class _Constant:
+    """``count`` times ``value``: a column whose bits are none (width 0, order 0)."""
+
+    __slots__ = ("count", "value")
+
+    def __init__(self, value: int, count: int) -> None:
+        self.value = value
+        self.count = count
+
+    def __iter__(self) -> Iterator[int]:
+        return repeat(self.value, self.count)
+
+
 class _ColumnReader:
     """Walks a raw body's columns: headers, numbers and bits in step (see :class:`_Body`)."""
 
@@ -527,25 +540,36 @@ class _ColumnReader:
             raise _invalid(f"column {what}: numbers end early")
         self.num += used
         base = nums[order]
+        step = nums[order + 1] if header & 4 else 1
+        if header & 4 and step < 2:
+            raise _invalid(f"column {what}: step {step}")
+        if not width and order < 2:
+            if not order or not base:
+                return _Constant(nums[0], count)
+            return range(nums[0], nums[0] + base * count, base)
         k = count - order
-        values: Iterable[int]
-        if not width:  # a constant (or steady) column: no bits at all
-            values = repeat(base, k)
-        else:
-            if width == _WIDE:
-                width = nums[-1]
-                if not _WIDE <= width <= _MAX_WIDTH:
-                    raise _invalid(f"column {what}: width {width}, expected 31-64")
-            units = self._unpack(width, k, what)
-            if header & 4:
-                step = nums[order + 1]
-                if step < 2:
-                    raise _invalid(f"column {what}: step {step}")
-                units = map(mul, units, repeat(step))
-            values = map(add, units, repeat(base)) if base else units
+        values = (
+            self._packed(width, nums[-1], k, step=step, base=base, what=what)
+            if width
+            else repeat(base, k)
+        )
         for head in reversed(nums[:order]):
             values = accumulate(values, initial=head)
         return values
+
+    def _packed(
+        self, width: int, last: int, k: int, *, step: int, base: int, what: str
+    ) -> Iterable[int]:
+        """``base + step * u`` for the ``k`` packed values ``u``; ``last`` is the width when
+        the header says it is beyond 30."""
+        if width == _WIDE:
+            width = last
+            if not _WIDE <= width <= _MAX_WIDTH:
+                raise _invalid(f"column {what}: width {width}, expected 31-64")
+        units = self._unpack(width, k, what)
+        if step != 1:
+            units = map(mul, units, repeat(step))
+        return map(add, units, repeat(base)) if base else units
 
     def _unpack(self, width: int, k: int, what: str) -> Iterable[int]:
         """``k`` values of ``width`` bits from the stream, least significant first."""
@@ -710,7 +734,12 @@ def _measurements(reader: _ColumnReader, body: _Body) -> dict[str, list[Any]]:
             column: list[Any] = [None] * n
             deque(map(column.__setitem__, rows, floats), maxlen=0)
         else:
-            column = floats = list(map(truediv, reader.column(n, name), repeat(scale)))
+            values = reader.column(n, name)
+            if isinstance(values, _Constant):  # one division, one bound check
+                floats = [values.value / scale]
+                column = floats * n
+            else:
+                column = floats = list(map(truediv, values, repeat(scale)))
         # On the floats: the bounds are whole numbers and division is monotonic, so this is
         # the integer check at the database's resolution.
         if min(floats) < lo or max(floats) > hi:
