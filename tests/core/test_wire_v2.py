@@ -11,6 +11,7 @@ import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from revline.bench.wire import train_dictionary
 from revline.contract import MAX_BATCH_SAMPLES, Batch, ContractError, Sample, encode
 from revline.edge.sim import simulate_samples
 from revline.edge.spool import SpoolBatch, batch_columns, encode_batch, pack_values
@@ -433,3 +434,12 @@ def test_the_spool_columns_equal_the_samples_columns_whatever_each_sample_read(
     from_spool = encode_batch(VIN, SpoolBatch(id=2, rows=rows), 2)
     batch = Batch(v=1, vin=VIN, batch=2, samples=samples)
     assert from_spool == encode_v2(VIN, 2, columns_from_batch(batch))
+
+
+@pytest.mark.slow
+def test_the_shipped_dictionary_is_its_recipe_trained_again() -> None:
+    """The recipe of `revline bench dictionary` gives the shipped dictionary's bytes exactly,
+    so how it was made is known and a retrained one is a deliberate new id."""
+    name, _ = DICTIONARIES[1]
+    shipped = (Path(__file__).parents[2] / "revline" / name).read_bytes()
+    assert train_dictionary(1) == shipped
