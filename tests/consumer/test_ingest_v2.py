@@ -120,7 +120,7 @@ def test_hostile_v2_payloads_are_dead_lettered_with_their_bytes_and_the_consumer
         return msgspec.msgpack.encode([2, vin, 5, body, *rest])
 
     hostile = {
-        "truncated": (payload(bytes((CODEC_RAW,)) + raw[: len(raw) // 2]), "invalid"),
+        "truncated": (payload(bytes((CODEC_RAW,)) + raw[: len(raw) // 2]), "undecodable"),
         "huge count": (payload(bytes((CODEC_RAW, 0xFF, 0xFF, 0xFF, 0x7F))), "invalid"),
         "unknown dictionary": (
             payload(bytes((CODEC_ZSTD, 9)) + _varint(len(raw)) + _frame(raw)),
