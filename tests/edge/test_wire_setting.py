@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from revline.cli import build_parser, main
-from revline.edge.cli import _flags
-from revline.edge.config import load_edge_settings
+from revline.edge.config import EdgeSettings, load_edge_settings
+from revline.settings import flag_values
 
 VIN = "1HGCM82633A004352"
 
@@ -18,7 +18,8 @@ def test_the_edge_sends_v2_unless_told_v1_by_environment_or_flag() -> None:
     env = load_edge_settings(environ={**environ, "REVLINE_EDGE_WIRE_VERSION": "1"})
     assert env.wire_version == 1
     args = build_parser().parse_args(["edge", "--vin", VIN, "--wire-version", "1"])
-    assert load_edge_settings(flags=_flags(args), environ={}).wire_version == 1
+    flags = flag_values(args, EdgeSettings)
+    assert load_edge_settings(flags=flags, environ={}).wire_version == 1
 
 
 def test_an_unknown_wire_version_stops_at_start_naming_the_key(
