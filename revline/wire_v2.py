@@ -40,12 +40,12 @@ import hashlib
 import math
 import threading
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from importlib import resources
 from itertools import accumulate, chain, compress, groupby, repeat
 from operator import add, floordiv, mul, ne, sub, truediv
-from typing import Annotated, Any, Final
+from typing import Annotated, Any, Final, TypeVar
 
 import msgspec
 import zstandard
@@ -173,6 +173,7 @@ class _Body(msgspec.Struct, array_like=True, forbid_unknown_fields=True):
     """Every column's packed values, one stream, least significant bit first."""
 
 
+_T = TypeVar("_T")
 _decoder = msgspec.msgpack.Decoder(_Envelope)
 _body_decoder = msgspec.msgpack.Decoder(_Body)
 _encoder = msgspec.msgpack.Encoder()
@@ -651,25 +652,33 @@ def _raw_body(body: bytes) -> bytes:
         raise ContractError("too_large", f"v2 raw size {size}, limit {MAX_RAW_BYTES}")
     frame = body[reader.pos :]
     context = _decompressor(dictionary)
-    try:
-        # python-zstandard sizes its output by a content size in the frame header, whatever
-        # max_output_size says (a 9 KB frame declaring 300 MB was decompressed in full here):
-        # v2 frames never carry one, so one that does is refused before anything is allocated.
-        header = zstandard.get_frame_parameters(frame, zstandard.FORMAT_ZSTD1_MAGICLESS)
-        if header.content_size != zstandard.CONTENTSIZE_UNKNOWN:
-            raise ContractError("undecodable", "v2 zstd frame declares a content size")
-        # At most `size` bytes are produced: a bomb fails here, having allocated only that.
-        raw = context.decompress(frame, max_output_size=size)
-        if len(raw) != size:
-            raise _invalid(f"zstd body is {len(raw)} bytes, {size} declared")
-        # The frame is now known to be bounded: look once more for bytes behind it.
-        stream = context.decompressobj()
-        stream.decompress(frame)
-    except zstandard.ZstdError as exc:
-        raise ContractError("undecodable", f"v2 body is not valid zstd: {exc}") from exc
+    # python-zstandard sizes its output by a content size in the frame header, whatever
+    # max_output_size says (a 9 KB frame declaring 300 MB was decompressed in full here): v2
+    # frames never carry one, so one that does is refused before anything is allocated.
+    header = _zstd(zstandard.get_frame_parameters, frame, zstandard.FORMAT_ZSTD1_MAGICLESS)
+    if header.content_size != zstandard.CONTENTSIZE_UNKNOWN:
+        raise ContractError("undecodable", "v2 zstd frame declares a content size")
+    # At most `size` bytes are produced: a bomb fails here, having allocated only that.
+    raw = _zstd(context.decompress, frame, max_output_size=size)
+    if len(raw) != size:
+        raise _invalid(f"zstd body is {len(raw)} bytes, {size} declared")
+    # The frame is now known to be bounded: look once more for bytes behind it.
+    stream = context.decompressobj()
+    _zstd(stream.decompress, frame)
     if not stream.eof or stream.unused_data:
         raise ContractError("undecodable", "v2 zstd body is truncated or has trailing bytes")
     return raw
+
+
+def _zstd(call: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
+    """``call(*args, **kwargs)`` of python-zstandard; whatever it raises is ContractError."""
+    try:
+        return call(*args, **kwargs)
+    except zstandard.ZstdError as exc:
+        raise ContractError("undecodable", f"v2 body is not valid zstd: {exc}") from exc
+    except (MemoryError, ValueError, OverflowError) as exc:  # a decoder's surprise, not ours
+        detail = f"v2 zstd decoder failed: {type(exc).__name__}: {exc}"
+        raise ContractError("undecodable", detail) from exc
 
 
 def _check_range(values: list[int], lo: int, hi: int, what: str) -> None:
