@@ -4,34 +4,34 @@ v1 sends a MessagePack map per sample with field names and doubles (about 200 B 
 sends one MessagePack array ``[2, vin, batch, body]`` or ``[2, vin, batch, body, sections]``
 (``array_like``). ``body`` is a binary string:
 
-- one codec byte: ``2`` the columns follow as they are; ``3`` zstd: a varint dictionary id
-  (``0`` none, ``1`` the dictionary shipped as ``revline/wire_v2-1.zdict``), a varint raw size
-  (at most :data:`MAX_RAW_BYTES`, checked before decompressing) and a magicless zstd frame;
-- the columns: varint ``n`` (1 to ``MAX_BATCH_SAMPLES``), the ``ts`` column, the ``seq`` column,
-  a varint bit mask of the fields present (bit ``i``: position ``i`` in
-  :data:`revline.fields.FIELDS`), a varint mask of those present in only some samples, then per
-  present field in ``FIELDS`` order: a presence bitmap of ``ceil(n / 8)`` bytes if partial, and
-  the column of its present values.
+- one codec byte: ``2`` the raw columns follow; ``3`` zstd: a varint dictionary id (``0``
+  none, ``1`` the dictionary shipped as ``revline/wire_v2-1.zdict``), a varint raw size (at
+  most :data:`MAX_RAW_BYTES`, checked before decompressing) and a magicless zstd frame;
+- the raw columns, a MessagePack array (:class:`_Body`, read by msgspec in C): ``n`` (1 to
+  ``MAX_BATCH_SAMPLES``), a bit mask of the fields present (bit ``i``: position ``i`` in
+  :data:`revline.fields.FIELDS`), a mask of those present in only some samples, one header
+  byte per column, the columns' numbers, the partial fields' bitmaps, and one bit stream.
 
-A column of ``count`` integers starts with a header byte: bits 0-1 ``order``, bit 2 ``step``
-follows, bits 3-7 the bit width ``w`` (``31``: the width is the next byte, 31 to 64). With
-``order`` 0-2 it holds ``order`` heads (the first value of each round of differencing, zigzag
-varints), ``base`` (zigzag varint), ``step`` (varint >= 2, else 1) and the ``count - order``
-residuals of ``order`` rounds of differencing, each ``base + step * u`` with ``u`` packed in
-``w`` bits, least significant first, whole bytes. ``order`` 3 is runs: a varint run count, then
-the run values and the run lengths as two columns (orders 0-2). A measurement's value is the
-integer ``round(value * 10 ** db_digits)``, the cold column itself, so a new entry in ``FIELDS``
-needs no codec change and both versions store identical rows.
+The columns are ``ts``, ``seq``, then each present field in ``FIELDS`` order. A column's header
+byte: bits 0-1 ``order``, bit 2 a step follows, bits 3-7 the bit width ``w`` (``31``: the width
+is a number, 31 to 64). With ``order`` 0-2 its numbers are ``order`` heads (the first value of
+each round of differencing), ``base``, ``step`` (>= 2, if flagged) and the width if beyond 30;
+its ``count - order`` residuals of ``order`` rounds of differencing are each ``base + step * u``,
+``u`` taking ``w`` bits of the stream, least significant first. ``order`` 3 is runs: its number
+is the run count, then the run values and the run lengths follow as two columns (orders 0-2).
+A measurement's value is the integer ``round(value * 10 ** db_digits)``, the cold column
+itself, so a new entry in ``FIELDS`` needs no codec change and both versions store identical
+rows.
 
 ``sections`` is a map of optional, sparse elements (``flags``, ``extra``: lists of ``[sample
 index, value]`` with v1's types): a new optional element is a new key, not a new version.
 
 Decoding is strict and bounded: counts and lengths are checked before anything is allocated for
 them, a varint is at most 10 bytes, the raw size is declared and bounded before zstd runs (a
-bomb stops at it), every value is checked against the contract's bounds, and whatever is wrong
-raises :class:`ContractError` with the v1 reasons. :func:`decode_rows` goes straight to the
-database writer's staging rows without a Python object per sample. See docs/wire.md, "Schema
-version 2".
+bomb stops at it; a frame declaring its own size is refused), every value is checked against
+the contract's bounds, and whatever is wrong raises :class:`ContractError` with the v1 reasons.
+:func:`decode_rows` goes straight to the database writer's staging rows without a Python object
+per sample. See docs/wire.md, "Schema version 2".
 """
 
 from __future__ import annotations
@@ -112,7 +112,7 @@ _MAX_VARINT_BYTES: Final = 10
 _MAX_WIDTH: Final = 64
 _WIDE: Final = 31  # the width field's escape: the width is in the next byte
 _RUNS: Final = 3
-_CHUNK: Final = 64  # values packed per big integer: 64 values of w bits are 8 * w whole bytes
+_CHUNK: Final = 64  # values unpacked per big integer: shifts stay on small integers
 _SCALES: Final = tuple(10**field.db_digits for field in FIELDS)
 _BOUNDS: Final = tuple(
     (round(field.lo * 10**field.db_digits), round(field.hi * 10**field.db_digits))
