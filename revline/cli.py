@@ -60,6 +60,7 @@ COMMAND_MODULES = (
     "revline.storage.cli",
     "revline.edge.cli",
     "revline.bench.cli",
+    "revline.audit.cli",
 )
 
 

@@ -1,5 +1,5 @@
-"""``revline bench edge|decode|dictionary|consumer|storage``: figures next to a baseline measured
-in the same run (``dictionary`` rebuilds the contract v2 zstd dictionary from its recipe).
+"""``revline bench edge|decode|dictionary|consumer|storage|audit``: figures next to a baseline
+measured in the same run (``dictionary`` rebuilds the contract v2 zstd dictionary from its recipe).
 
 Only the standard library and the core at top level; each benchmark imports its side when run.
 Each one starts its own broker and database (revline.bench.guard says why, and refuses others
@@ -77,7 +77,8 @@ def _own_broker() -> Iterator[str]:
 
 
 def register(commands: Commands) -> None:
-    """Add ``revline bench edge``, ``decode``, ``dictionary``, ``consumer`` and ``storage``."""
+    """Add ``revline bench edge``, ``decode``, ``dictionary``, ``consumer``, ``storage`` and
+    ``audit``."""
     group = commands.group("bench", "benchmarks that print figures against a baseline")
     bench = commands.add(
         group, "edge", "spool appends/s, backlog drain to a broker, bytes per sample", _edge
@@ -145,6 +146,23 @@ def register(commands: Commands) -> None:
     bench.add_argument("--yes-really", action="store_true", help=_YES_REALLY_HELP)
     bench.add_argument("--samples", type=int, default=200_000, help="samples to write (200000)")
 
+    bench = commands.add(
+        group, "audit", "writer samples/s with sequence accounting on vs off, same run", _audit
+    )
+    add_flags(
+        bench,
+        BenchSettings,
+        keys={"database_url"},
+        help_text={
+            "database_url": "a scratch server where a database revline_bench_audit_<pid> is "
+            "created and dropped (needs --yes-really); empty: a private PostgreSQL",
+        },
+    )
+    bench.add_argument("--yes-really", action="store_true", help=_YES_REALLY_HELP)
+    bench.add_argument("--samples", type=int, default=400_000, help="samples per mode (400000)")
+    bench.add_argument("--per-write", type=int, default=20_000, help="samples per transaction")
+    bench.add_argument("--vehicles", type=int, default=500, help="vehicles in each write")
+
 
 def _edge(args: argparse.Namespace) -> int:
     from revline.bench.edge import run_bench  # noqa: PLC0415 - needs the edge extra
@@ -188,6 +206,22 @@ def run_bench(args: argparse.Namespace) -> int:
         args.mqtt_url = settings.mqtt_url or None
         args.database_url = settings.database_url or stack.enter_context(_own_postgres())
         return main(args)
+
+
+def _audit(args: argparse.Namespace) -> int:
+    from revline.bench.audit import bench_audit  # noqa: PLC0415 - needs asyncpg
+
+    settings = _bench_settings(args)
+    if _refused(args, settings, ("database_url",)):
+        return EXIT_CONFIG
+    if _unreachable(args, settings):
+        return EXIT_FAILURE
+    with contextlib.ExitStack() as stack:
+        url = settings.database_url or stack.enter_context(_own_postgres())
+        asyncio.run(
+            bench_audit(url, samples=args.samples, per_write=args.per_write, vehicles=args.vehicles)
+        )
+    return 0
 
 
 def _storage(args: argparse.Namespace) -> int:

@@ -143,6 +143,7 @@ class Consumer:
             writer = await self._open_writer(stack, stop)
             if writer is None:
                 return
+            self.metrics.adopt(writer.derivations)  # their figures on /metrics (revline.audit)
             subscriber = Subscriber(
                 parse_mqtt_url(s.mqtt_url),
                 client_id=s.effective_client_id,

@@ -121,6 +121,9 @@ class EdgeSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     ``trusted``: always trust it (a board with an RTC). ``untrusted``: only GPS time counts."""
     shutdown_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 5.0
     """On SIGTERM, time allowed to flush the spool and publish what is open before closing."""
+    status_every_s: Seconds = 60.0
+    """The device's status (``status/<vin>``: backlog, losses, clock) is published this often,
+    and on every connect (revline.edge.report, docs/audit.md)."""
 
     def __post_init__(self) -> None:
         # Built directly or loaded, the same checks: every constraint above (msgspec checks them

@@ -376,6 +376,9 @@ def _consumer_login(database_url: str, *, revoke: str) -> Iterator[tuple[str, st
             "SELECT, INSERT ON samples",  # SELECT: ON CONFLICT (vin, ts, seq) reads the key
             "SELECT, INSERT, UPDATE ON vehicle_state",
             "INSERT ON rejected",
+            # revline.audit: accounting in every write, and its task's tables
+            "SELECT, INSERT, UPDATE, DELETE ON audit_vehicles, audit_ranges, audit_gaps, "
+            "audit_losses, audit_status, audit_broker",
         ):
             query(database_url, f"GRANT {grant} TO {role}")
         query(database_url, f"REVOKE {revoke} FROM {role}")
