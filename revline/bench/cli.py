@@ -1,4 +1,5 @@
-"""``revline bench edge|consumer|storage``: figures next to a baseline measured in the same run.
+"""``revline bench edge|decode|dictionary|consumer|storage|audit``: figures next to a baseline
+measured in the same run (``dictionary`` rebuilds the contract v2 zstd dictionary from its recipe).
 
 Only the standard library and the core at top level; each benchmark imports its side when run.
 Each one starts its own broker and database (revline.bench.guard says why, and refuses others
@@ -76,7 +77,8 @@ def _own_broker() -> Iterator[str]:
 
 
 def register(commands: Commands) -> None:
-    """Add ``revline bench edge``, ``consumer``, ``storage`` and ``audit``."""
+    """Add ``revline bench edge``, ``decode``, ``dictionary``, ``consumer``, ``storage`` and
+    ``audit``."""
     group = commands.group("bench", "benchmarks that print figures against a baseline")
     bench = commands.add(
         group, "edge", "spool appends/s, backlog drain to a broker, bytes per sample", _edge
@@ -86,8 +88,25 @@ def register(commands: Commands) -> None:
     bench.add_argument("--samples", type=int, default=200_000, help="samples to append and drain")
     bench.add_argument("--dir", type=Path, default=None, help="where to put the bench spool")
     bench.add_argument(
-        "--wire-only", action="store_true", help="only wire bytes/sample, v1 vs v2 (no broker)"
+        "--wire-only",
+        action="store_true",
+        help="only the wire tables: v1 vs v2 bytes/sample, encode cost, batching (no broker)",
     )
+
+    bench = commands.add(
+        group, "decode", "contract v2 vs v1: payload to COPY rows, samples/s on one core", _decode
+    )
+    bench.add_argument("--seconds", type=int, default=300, help="seconds of each of 3 drives")
+    bench.add_argument("--repeat", type=int, default=3, help="runs of each; the best counts")
+
+    bench = commands.add(
+        group,
+        "dictionary",
+        "train the contract v2 zstd dictionary from its recipe; compare with the shipped file",
+        _dictionary,
+    )
+    bench.add_argument("--id", type=int, default=1, help="dictionary id (its recipe)")
+    bench.add_argument("--out", type=Path, default=None, help="write the trained bytes here")
 
     bench = commands.add(
         group,
@@ -176,6 +195,19 @@ def _edge(args: argparse.Namespace) -> int:
     with contextlib.ExitStack() as stack:
         url = settings.mqtt_url or stack.enter_context(_own_broker())
         return run_bench(mqtt_url=url, samples=args.samples, directory=args.dir)
+
+
+def _decode(args: argparse.Namespace) -> int:
+    from revline.bench.wire import decode_table  # noqa: PLC0415 - needs the consumer extra
+
+    decode_table(seconds=args.seconds, repeat=args.repeat)
+    return 0
+
+
+def _dictionary(args: argparse.Namespace) -> int:
+    from revline.bench.wire import dictionary_main  # noqa: PLC0415
+
+    return dictionary_main(args.out, args.id)
 
 
 def run_bench(args: argparse.Namespace) -> int:

@@ -34,6 +34,8 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import repeat
+from operator import mul
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Final, Self
@@ -195,11 +197,24 @@ def batch_columns(batch: SpoolBatch) -> Columns:
     resolution exactly (``10 ** db_digits`` is a multiple of ``device_scale``), no float."""
     n = len(batch.rows)
     values: dict[int, list[int | None]] = {}
-    flags = [0] * n
+    flags = [0 if boot is None else FLAG_CLOCK_UNSYNCED for _, _, _, boot in batch.rows]
     extras: list[dict[str, float] | None] = [None] * n
-    for i, (_, _, data, boot) in enumerate(batch.rows):
-        items = _decoder.decode(data)
-        mask: int = items[0]
+    decoded = [_decoder.decode(data) for _, _, data, _ in batch.rows]
+    masks = {items[0] for items in decoded}
+    if len(masks) == 1:
+        # The usual batch: every sample read the same fields. Transposed at C speed.
+        (mask,) = masks
+        transposed = list(zip(*decoded, strict=True))
+        j = 1
+        for position, (bit, factor) in enumerate(zip(_FIELD_BITS, _DB_FACTORS, strict=True)):
+            if mask & bit:
+                values[position] = list(map(mul, transposed[j], repeat(factor)))
+                j += 1
+        if mask & _EXTRA_BIT:
+            extras = list(transposed[j])
+        decoded = []
+    for i, items in enumerate(decoded):  # samples that read different fields
+        mask = items[0]
         j = 1
         for position, (bit, factor) in enumerate(zip(_FIELD_BITS, _DB_FACTORS, strict=True)):
             if mask & bit:
@@ -207,8 +222,6 @@ def batch_columns(batch: SpoolBatch) -> Columns:
                 j += 1
         if mask & _EXTRA_BIT:
             extras[i] = items[j]
-        if boot is not None:
-            flags[i] = FLAG_CLOCK_UNSYNCED
     return Columns(
         ts=[row[1] for row in batch.rows],
         seq=[row[0] for row in batch.rows],
