@@ -15,4 +15,6 @@ def derivations(settings: ConsumerSettings) -> list[Derivation]:
     """The derivations the consumer keeps, in the order they run in each write, from its
     settings. Each part that derives something (trips, accounting...) registers it here."""
     del settings
-    return []
+    from revline.insight.store import Insight  # noqa: PLC0415 - asyncpg-side code, loaded here
+
+    return [Insight()]
