@@ -172,6 +172,11 @@ UPSERT_ACTIVITY_SQL: Final = (
     "ON CONFLICT (vin) DO UPDATE SET state = excluded.state, state_since = excluded.state_since, "
     "last_ts = excluded.last_ts, computed_at = now() WHERE a.last_ts <= excluded.last_ts"
 )
+CLOSE_TRIPS_SQL: Final = (
+    "UPDATE trips SET closed = true WHERE vin = $1 AND NOT closed "
+    f"AND end_ts < {_at('$2')} - $3 * interval '1 second'"
+)
+"""Trips the newest data has left behind by more than the merge gap can no longer grow."""
 DONE_SQL: Final = "DELETE FROM insight_dirty WHERE vin = $1 AND generation = $2"
 AGAIN_SQL: Final = "UPDATE insight_dirty SET dirty_since = now() WHERE vin = $1"
 
@@ -255,6 +260,8 @@ async def recompute_span(connection: Any, vin: str, lo: int, hi: int, t: Thresho
         UPSERT_EVENT_SQL,
         [(vin, ev.kind, ev.start, ev.end, ev.peak, ev.threshold, ev.lat, ev.lon) for ev in found],
     )
+    if data_end is not None:
+        await connection.execute(CLOSE_TRIPS_SQL, vin, data_end, t.merge_gap_s)
     if points and (data_end is None or w.read_hi >= data_end):
         state = activity(points, t)
         if state is not None:
