@@ -150,8 +150,12 @@ class _Store:
         lo, hi = min(p.ts for p in chunk), max(p.ts for p in chunk)
         reach = reach_us(self.t)
         while True:
-            found = [(x.start, x.end) for x in [*self.trips, *self.events]
-                     if meets(lo - reach, hi + reach, x.start, x.end)]
+            extents = [(x.start, x.end) for x in self.trips] + [
+                (x.start, x.end) for x in self.events
+            ]
+            found: list[tuple[int | None, int | None]] = [
+                (s, e) for s, e in extents if meets(lo - reach, hi + reach, s, e)
+            ]
             wider = widen(lo, hi, found)
             if wider == (lo, hi):
                 break
