@@ -15,9 +15,7 @@ from revline.contract import Batch, Sample
 from revline.insight.cli import CommandError, parse_since
 from revline.insight.store import Insight
 from tests.fixtures.consumer import ROOT
-from tests.insight.drives import US, as_samples, drive
-from tests.insight.test_segment import KNOWN_STOPS
-from tests.insight.test_store import NOW
+from tests.fixtures.insight import KNOWN_STOPS, NOW, US, as_samples, drive
 
 
 def _revline(*args: str) -> subprocess.CompletedProcess[str]:

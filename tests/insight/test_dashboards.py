@@ -22,8 +22,7 @@ from revline.consumer.writer import Writer
 from revline.contract import Batch, Sample
 from revline.insight.store import Insight
 from revline.storage.maintenance import maintain_dsn
-from tests.insight.drives import US, Leg, as_samples, drive, move, ramp, stop
-from tests.insight.test_store import NOW
+from tests.fixtures.insight import NOW, US, Leg, as_samples, drive, move, ramp, stop
 
 DASHBOARDS = Path(__file__).resolve().parents[2] / "grafana" / "dashboards"
 BOARDS = ("trips.json", "health.json")
