@@ -423,7 +423,8 @@ class Insight:
         async def worker() -> None:
             nonlocal done
             while chunks:
-                done += await self._fold(pool, chunks.pop())
+                folded = await self._fold(pool, chunks.pop())
+                done += folded  # not `done += await ...`: that reads done before the await
 
         async with asyncio.TaskGroup() as tg:
             for k in range(min(self.workers, len(chunks))):
