@@ -6,7 +6,7 @@ there) and the trouble-code reports the samples carry, from which that vehicle's
 are re-derived at once (reports are rare: a few a day).
 
 After commit, :meth:`Insight.run` recomputes each dirty vehicle once its first unfolded write is
-``settle_s`` old, in one transaction per vehicle:
+``settle_s`` old, many vehicles per transaction (each statement takes arrays of them):
 
 1. widen the span to the stored trips and events within reach of it (repeated until stable);
 2. read the cold samples of the widened span plus a margin, run the pure policies
