@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from typing import Any
 
 import asyncpg
@@ -13,9 +14,9 @@ from revline.consumer.writer import Writer
 from revline.contract import Batch, Sample
 from revline.insight.segment import segment
 from revline.insight.store import Insight
-from revline.insight.thresholds import THRESHOLDS
+from revline.insight.thresholds import THRESHOLDS, Thresholds
 from tests.fixtures.consumer import ConsumerFactory, PublisherFactory, query
-from tests.fixtures.insight import KNOWN_STOPS, NOW, T0, US, as_samples, drive
+from tests.fixtures.insight import KNOWN_STOPS, NOW, T0, US, as_samples, drive, move
 from tests.fixtures.services import wait_until
 
 TRIP_SQL = (
@@ -164,3 +165,29 @@ def test_the_real_consumer_derives_trips_from_a_backlog_sent_in_halves_out_of_or
         return bounds() == expected and dirty[0][0] == 0
 
     wait_until(settled, what="the consumer to derive the three trips", timeout=90)
+
+
+def test_a_live_open_trip_is_refolded_only_after_a_fraction_of_its_length(
+    migrated_db: str, unique_vin: str
+) -> None:
+    """Live data extending a 20-minute open trip waits a quarter of it (5 min) before the next
+    fold, which re-reads the trip; the same drive uploaded late is folded at once."""
+    t = Thresholds(settle_s=0, settle_fraction=0.25)
+    late_vin = unique_vin[:-1] + ("0" if unique_vin[-1] != "0" else "1")
+    # What is tested is "live": the drive ends now (and the late one in 2024).
+    now = time.time_ns() // 1000
+    live = as_samples(drive([move(1200)], start=now - 1205 * US))
+    late = as_samples(drive([move(1200)]))
+
+    async def scenario() -> list[int]:
+        insight = Insight(t)
+        folded = []
+        async with Writer(migrated_db, derivations=[insight]) as writer:
+            for vin, samples in ((unique_vin, live), (late_vin, late)):
+                await writer.write([Batch(v=1, vin=vin, batch=1, samples=samples[:-5])])
+                folded.append(await insight.catch_up(writer.pool))  # no trip yet: at once
+                await writer.write([Batch(v=1, vin=vin, batch=2, samples=samples[-5:])])
+                folded.append(await insight.catch_up(writer.pool))
+        return folded
+
+    assert asyncio.run(scenario()) == [1, 0, 1, 1]
