@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import time
 from typing import Any
@@ -17,7 +18,7 @@ from revline.insight.store import Insight
 from revline.insight.thresholds import THRESHOLDS, Thresholds
 from tests.fixtures.consumer import ConsumerFactory, PublisherFactory, query
 from tests.fixtures.insight import KNOWN_STOPS, NOW, T0, US, as_samples, drive, move
-from tests.fixtures.services import wait_until
+from tests.fixtures.services import PostgresService, wait_until
 
 TRIP_SQL = (
     "SELECT extract(epoch FROM start_ts - $2) AS start_s, extract(epoch FROM end_ts - $2) AS end_s,"
@@ -191,3 +192,46 @@ def test_a_live_open_trip_is_refolded_only_after_a_fraction_of_its_length(
         return folded
 
     assert asyncio.run(scenario()) == [1, 0, 1, 1]
+
+
+def test_the_background_task_waits_out_a_database_outage_and_catches_up(
+    fresh_postgres: PostgresService,
+    migrated_db: str,
+    unique_vin: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Dirty spans committed before the database stops are folded once it is back: the task
+    says so once, retries, and never ends."""
+    samples = as_samples(drive(KNOWN_STOPS))
+
+    async def scenario() -> int:
+        insight = Insight(NOW, poll_s=0.05)
+        async with Writer(migrated_db, derivations=[insight]) as writer:
+            await writer.write([Batch(v=1, vin=unique_vin, batch=1, samples=samples)])
+            await asyncio.to_thread(fresh_postgres.stop)
+            task = asyncio.create_task(insight.run(writer.pool))
+            await asyncio.sleep(1.5)
+            assert not task.done()
+            await asyncio.to_thread(fresh_postgres.start)
+            try:
+                async with asyncio.timeout(60):
+                    while True:
+                        try:
+                            found = await writer.pool.fetchval(
+                                "SELECT count(*) FROM trips WHERE vin = $1", unique_vin
+                            )
+                        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+                            found = 0
+                        if found == 3 or task.done():
+                            break
+                        await asyncio.sleep(0.1)
+                assert not task.done()
+            finally:
+                task.cancel()
+            return int(found)
+
+    with caplog.at_level(logging.INFO, logger="revline.insight"):
+        assert asyncio.run(scenario()) == 3
+    said = [r.getMessage() for r in caplog.records if r.name == "revline.insight"]
+    assert said.count("insight recompute failed; retrying") == 1
+    assert "insight recompute works again" in said
