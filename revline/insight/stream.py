@@ -271,12 +271,16 @@ class Fold(msgspec.Struct):
                 _emit_trip(out, s, closed=True, t=t)
                 s.phase, s.committed, s.pending = "idle", None, None
         if s.phase != "idle" and s.committed is not None and s.pending is not None:
+            # Driving on (nothing stopped since the last moving sample): straight into the trip,
+            # which is what joining a one-sample stretch would give, at a third of the cost.
+            into = s.committed if moving and s.pending.n == 0 else s.pending
             if s.prev is not None:
-                s.pending.interval(s.prev, p, t)
-            s.pending.point(p)
+                into.interval(s.prev, p, t)
+            into.point(p)
             if moving:
-                s.committed.join(s.pending)
-                s.pending = TripStats()
+                if into is s.pending:
+                    s.committed.join(s.pending)
+                    s.pending = TripStats()
                 s.last_moving = p
                 s.phase = "driving"
         elif moving:
