@@ -108,6 +108,7 @@ async def _round(url: str, plan: list[list[Batch]], *, on: bool) -> dict[str, fl
                 await asyncio.sleep(0.1)
             result["caught_up_s"] = time.perf_counter() - written
             result["recomputes"] = float(insight.recomputed)
+            result["folded_per_s"] = samples / (time.perf_counter() - began)
             background.cancel()
     return result
 
@@ -169,11 +170,13 @@ def main(args: argparse.Namespace) -> int:
     off_rate = statistics.median(r["per_s"] for r in off)
     on_rate = statistics.median(r["per_s"] for r in on)
     caught = statistics.median(r["caught_up_s"] for r in on)
+    folded = statistics.median(r["folded_per_s"] for r in on)
     samples = int(off[0]["samples"])
     print(
         f"writer, insight off: {off_rate:,.0f} samples/s; insight on: {on_rate:,.0f} samples/s "
         f"(on/off = {on_rate / off_rate:.0%}); background caught up {caught:.1f} s after the "
-        f"last write (no settle time); {trips} trips derived "
+        f"last write (no settle time): written and folded {folded:,.0f} samples/s "
+        f"(vs written {off_rate:,.0f}: {folded / off_rate:.0%}); {trips} trips derived "
         f"({args.vehicles} vehicles at 1 Hz, {samples:,} samples per round, "
         f"{args.per_write:,} per write, median of {args.rounds} rounds each)"
     )

@@ -320,14 +320,22 @@ async def recompute(connection: Any, vins: Sequence[str], t: Thresholds = THRESH
         rows = await connection.fetch(POINTS_AFTER_SQL, live, after)
         points = {vin: [Point(*row[1:]) for row in group]
                   for vin, group in groupby(rows, itemgetter(0))}
-        for vin in live:
-            fold = msgspec.convert(checkpoints[vin][1], Fold)
-            s = fold.trips
-            since = s.start if s.phase != "idle" else checkpoints[vin][0] + 1
-            plan.trips[vin], plan.events[vin] = _run(fold, points.get(vin, []), t,
-                                                     data_end.get(vin))
-            plan.trips_from[vin] = (since, _FOREVER)
-            plan.folds[vin] = fold
+
+
+        def fold_live() -> None:
+            for vin in live:
+                fold = msgspec.convert(checkpoints[vin][1], Fold)
+                s = fold.trips
+                since = s.start if s.phase != "idle" else checkpoints[vin][0] + 1
+                plan.trips[vin], plan.events[vin] = _run(
+                    fold, points.get(vin, []), t, data_end.get(vin)
+                )
+                plan.trips_from[vin] = (since, _FOREVER)
+                plan.folds[vin] = fold
+
+        # Pure Python over many samples: off the event loop, which the consumer's writes and
+        # acks share (the GIL still shares the CPU; the loop stays responsive).
+        await asyncio.to_thread(fold_live)
     await _write(connection, order, plan, data_end, t)
     await connection.fetch(LOCK_ROWS_SQL, order)
     generation = {vin: gen for vin, _, _, gen in dirty}
@@ -353,18 +361,24 @@ async def _by_window(
     )
     points = {vin: [Point(*row[1:]) for row in group]
               for vin, group in groupby(rows, itemgetter(0))}
-    for vin in order:
-        w, read = windows[vin], points.get(vin, [])
-        fold = Fold()
-        trips, found = _run(fold, read, t, data_end.get(vin))
-        plan.trips[vin] = [tr for tr in trips if meets(w.core_lo, w.core_hi, tr.start, tr.end)]
-        plan.events[vin] = [ev for ev in found if meets(w.core_lo, w.core_hi, ev.start, ev.end)]
-        plan.trips_from[vin] = plan.events_from[vin] = (w.core_lo, w.core_hi)
-        end = data_end.get(vin)
-        if read and (end is None or w.read_hi >= end):
-            plan.folds[vin] = fold  # it saw everything up to the newest sample: resumable
-        else:
-            plan.stale.append(vin)
+
+    def fold_windows() -> None:
+        for vin in order:
+            w, read = windows[vin], points.get(vin, [])
+            fold = Fold()
+            trips, found = _run(fold, read, t, data_end.get(vin))
+            plan.trips[vin] = [tr for tr in trips if meets(w.core_lo, w.core_hi, tr.start, tr.end)]
+            plan.events[vin] = [
+                ev for ev in found if meets(w.core_lo, w.core_hi, ev.start, ev.end)
+            ]
+            plan.trips_from[vin] = plan.events_from[vin] = (w.core_lo, w.core_hi)
+            end = data_end.get(vin)
+            if read and (end is None or w.read_hi >= end):
+                plan.folds[vin] = fold  # it saw everything up to the newest sample: resumable
+            else:
+                plan.stale.append(vin)
+
+    await asyncio.to_thread(fold_windows)  # off the event loop, as for a live fold
 
 
 async def _write(
