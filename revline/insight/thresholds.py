@@ -61,7 +61,7 @@ class Thresholds(msgspec.Struct, frozen=True, kw_only=True):
     """Alerts on the latest coolant/battery value only while it is this fresh."""
     new_code_minutes: _Positive = 15.0
     """Alert: a trouble code the server first stored within this many minutes."""
-    settle_s: _NonNegative = 10.0
+    settle_s: _NonNegative = 30.0
     """The background recompute waits this long after a vehicle's first unfolded write, so that
     a driving car is folded once per interval, not once per write."""
     settle_fraction: _NonNegative = 0.0
