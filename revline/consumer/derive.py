@@ -14,7 +14,6 @@ __all__ = ["derivations"]
 def derivations(settings: ConsumerSettings) -> list[Derivation]:
     """The derivations the consumer keeps, in the order they run in each write, from its
     settings. Each part that derives something (trips, accounting...) registers it here."""
-    del settings
-    from revline.insight.store import Insight  # noqa: PLC0415 - asyncpg-side code, loaded here
+    from revline.insight.store import Insight, InsightMarks  # noqa: PLC0415 - loaded here
 
-    return [Insight()]
+    return [Insight() if settings.insight_fold else InsightMarks()]

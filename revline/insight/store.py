@@ -47,7 +47,7 @@ from revline.insight.window import meets, reach_us, widen, window
 from revline.logs import kv
 from revline.storage.derive import spans
 
-__all__ = ["Insight", "recompute"]
+__all__ = ["Insight", "InsightMarks", "mark", "recompute", "setup_connection"]
 
 log = logging.getLogger("revline.insight")
 
@@ -500,6 +500,48 @@ def _trip_row(vin: str, trip: Trip, start_km: float, end: OdometerPoint) -> tupl
     )
 
 
+class InsightMarks:
+    """The in-write half alone (a :class:`revline.storage.derive.Derivation`): marks what to
+    fold and stores trouble codes; the folding runs elsewhere (``revline insight fold``)."""
+
+    name = "insight"
+
+    async def prepare(self, connection: Any) -> None:
+        """Nothing per connection: the statements are plain."""
+        del connection
+
+    async def apply(self, connection: Any, rows: Sequence[tuple[Any, ...]]) -> None:
+        """Mark each vehicle's span dirty; store trouble-code reports and their events."""
+        await mark(connection, rows)
+
+
+async def mark(connection: Any, rows: Sequence[tuple[Any, ...]]) -> None:
+    """What a write records for insight, in its transaction: the dirty span of each vehicle
+    and the trouble-code reports."""
+    found = sorted(spans(rows), key=lambda s: s.vin)  # one lock order for every write
+    await connection.execute(
+        MARK_DIRTY_SQL,
+        [s.vin for s in found],
+        [s.ts_min for s in found],
+        [s.ts_max for s in found],
+    )
+    reports = [(r[0], r[1], r[2], r[_DTC]) for r in rows if r[_DTC] is not None]
+    if reports:
+        await record_dtc(connection, reports)
+
+
+async def setup_connection(connection: Any) -> None:
+    """What a connection of a pool of its own needs for the fold: ``jsonb`` as msgspec JSON
+    (the consumer's writer sets the same codec on its connections)."""
+    await connection.set_type_codec(
+        "jsonb",
+        schema="pg_catalog",
+        encoder=lambda value: b"\x01" + msgspec.json.encode(value),
+        decoder=lambda data: msgspec.json.decode(data[1:]),
+        format="binary",
+    )
+
+
 class Insight:
     """The insight derivation (:class:`revline.storage.derive.Derivation` and ``Background``)."""
 
@@ -528,16 +570,7 @@ class Insight:
 
     async def apply(self, connection: Any, rows: Sequence[tuple[Any, ...]]) -> None:
         """Mark each vehicle's span dirty; store trouble-code reports and their events."""
-        found = sorted(spans(rows), key=lambda s: s.vin)  # one lock order for every write
-        await connection.execute(
-            MARK_DIRTY_SQL,
-            [s.vin for s in found],
-            [s.ts_min for s in found],
-            [s.ts_max for s in found],
-        )
-        reports = [(r[0], r[1], r[2], r[_DTC]) for r in rows if r[_DTC] is not None]
-        if reports:
-            await record_dtc(connection, reports)
+        await mark(connection, rows)
 
     async def catch_up(self, pool: Any, *, settle_s: float | None = None) -> int:
         """Recompute the vehicles whose dirty span has settled (one claim, in chunks of
