@@ -92,12 +92,19 @@ class TripStats(msgspec.Struct):
     def point(self, p: Point) -> None:
         """Count one sample."""
         self.n += 1
-        self.has_speed = self.has_speed or p.speed is not None
-        self.has_maf = self.has_maf or p.maf is not None
-        self.max_speed = _max(self.max_speed, p.speed)
-        self.max_rpm = _max(self.max_rpm, p.rpm)
-        self.max_coolant = _max(self.max_coolant, p.coolant)
-        self.min_battery = _min(self.min_battery, p.battery)
+        # Inline max/min: this runs for every sample of every trip.
+        if p.speed is not None:
+            self.has_speed = True
+            if self.max_speed is None or p.speed > self.max_speed:
+                self.max_speed = p.speed
+        if p.maf is not None:
+            self.has_maf = True
+        if p.rpm is not None and (self.max_rpm is None or p.rpm > self.max_rpm):
+            self.max_rpm = p.rpm
+        if p.coolant is not None and (self.max_coolant is None or p.coolant > self.max_coolant):
+            self.max_coolant = p.coolant
+        if p.battery is not None and (self.min_battery is None or p.battery < self.min_battery):
+            self.min_battery = p.battery
         if p.lat is not None and p.lon is not None:
             fix = (p.lat, p.lon)
             if self.last_fix is None:
