@@ -61,6 +61,7 @@ COMMAND_MODULES = (
     "revline.insight.cli",
     "revline.edge.cli",
     "revline.bench.cli",
+    "revline.audit.cli",
 )
 
 

@@ -23,6 +23,7 @@ from revline.fields import FIELDS, Field
 
 __all__ = [
     "ACK_PREFIX",
+    "CMD_PREFIX",
     "DTC_PATTERN",
     "EXTRA_KEY_PATTERN",
     "FLAG_CLOCK_UNSYNCED",
@@ -30,20 +31,30 @@ __all__ = [
     "MAX_DETAIL_CHARS",
     "MAX_DTC_CODES",
     "MAX_PAYLOAD_BYTES",
+    "MAX_STATUS_RANGES",
     "NUMERIC_FIELDS",
     "SCHEMA_VERSION",
+    "STATUS_PREFIX",
     "TELEMETRY_PREFIX",
     "Ack",
     "Batch",
+    "Command",
     "ContractError",
+    "Crash",
+    "LossRange",
     "Sample",
+    "Status",
     "ack_topic",
+    "cmd_topic",
     "decode_ack",
     "decode_batch",
+    "decode_command",
+    "decode_status",
     "encode",
     "encode_json",
     "is_valid_vin",
     "printable",
+    "status_topic",
     "telemetry_topic",
     "vin_from_topic",
 ]
@@ -75,6 +86,8 @@ MAX_DETAIL_CHARS: Final = 500
 
 TELEMETRY_PREFIX: Final = "telemetry/"
 ACK_PREFIX: Final = "ack/"
+STATUS_PREFIX: Final = "status/"
+CMD_PREFIX: Final = "cmd/"
 
 FLAG_CLOCK_UNSYNCED: Final = 1
 """Sample flag: taken while the device clock was not yet trustworthy and never corrected."""
@@ -186,6 +199,76 @@ class Ack(msgspec.Struct, forbid_unknown_fields=True):
     batches: Annotated[list[Seq], msgspec.Meta(min_length=1, max_length=100_000)]
 
 
+MAX_STATUS_RANGES: Final = 100
+"""Ranges in one list of a :class:`Status` or :class:`Command`, at most."""
+MAX_STATUS_BYTES: Final = 64 * 1024
+"""A status or command payload is refused beyond this, before parsing."""
+
+Count = Annotated[int, msgspec.Meta(ge=0, le=_I64_MAX)]
+_SHORT_TEXT: Final = "^[A-Za-z0-9 ._+:()-]{0,60}$"
+ShortText = Annotated[str, msgspec.Meta(pattern=_SHORT_TEXT)]
+
+
+class LossRange(msgspec.Struct, array_like=True, forbid_unknown_fields=True):
+    """``[lo, hi, samples]``: sequence numbers ``lo..hi`` and how many samples of them were lost
+    (fewer than ``hi - lo + 1`` when the range had holes already)."""
+
+    lo: Seq
+    hi: Seq
+    samples: Count
+
+
+class Crash(msgspec.Struct, array_like=True, forbid_unknown_fields=True):
+    """``[seq, samples, at]``: the device died with samples not yet in its spool. Found on the
+    next start; they never got a sequence number (they would have come before ``seq``), and
+    ``samples`` is an estimate (the size of the last flush before it), ``at`` that flush's
+    time (µs)."""
+
+    seq: Seq
+    samples: Count
+    at: Micros
+
+
+class Status(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """What a device says about itself on ``status/<vin>`` (every ``status_every_s``, on connect,
+    after a repair command), and its last will (``online`` false, nothing else)."""
+
+    v: int
+    vin: Vin
+    online: bool = True
+    sent_at: Micros | None = None
+    """Device wall time of this status (µs)."""
+    backlog: Count = 0
+    """Samples in the spool not yet acked end to end."""
+    oldest_unsent: Micros | None = None
+    """Timestamp of the oldest sample the broker has not taken yet."""
+    next_seq: Seq = 0
+    """Sequence number of the next sample: how many were ever spooled."""
+    durable_below: Seq | None = None
+    """Every sequence number below this was acked end to end, or is declared lost here."""
+    evicted: Annotated[list[LossRange], msgspec.Meta(max_length=MAX_STATUS_RANGES)] = []
+    """Unsent samples the spool evicted at its size cap (the newest ranges)."""
+    evicted_total: Count = 0
+    not_held: Annotated[list[LossRange], msgspec.Meta(max_length=MAX_STATUS_RANGES)] = []
+    """Ranges a repair command asked for that the spool no longer holds."""
+    crashes: Annotated[list[Crash], msgspec.Meta(max_length=20)] = []
+    crash_lost_total: Count = 0
+    clock: ShortText = ""
+    version: ShortText = ""
+
+
+SeqRange = Annotated[list[Seq], msgspec.Meta(min_length=2, max_length=2)]
+
+
+class Command(msgspec.Struct, forbid_unknown_fields=True):
+    """Consumer to device on ``cmd/<vin>``: resend the batches holding these ranges."""
+
+    v: int
+    vin: Vin
+    resend: Annotated[list[SeqRange], msgspec.Meta(min_length=1, max_length=MAX_STATUS_RANGES)]
+    """``[lo, hi]`` inclusive sequence ranges missing from the database."""
+
+
 # C0 controls (NUL included), DEL, C1 controls and lone surrogates: PostgreSQL text refuses NUL
 # (SQLSTATE 22021) and UTF-8 cannot carry a surrogate; the others break log lines.
 def printable(text: str, limit: int = MAX_DETAIL_CHARS) -> str:
@@ -233,9 +316,20 @@ def ack_topic(vin: str) -> str:
     return ACK_PREFIX + _check_vin(vin)
 
 
+def status_topic(vin: str) -> str:
+    """``status/<vin>``, where a device reports on itself."""
+    return STATUS_PREFIX + _check_vin(vin)
+
+
+def cmd_topic(vin: str) -> str:
+    """``cmd/<vin>``, where the consumer asks a device to resend missing ranges."""
+    return CMD_PREFIX + _check_vin(vin)
+
+
 def vin_from_topic(topic: str) -> str:
-    """The VIN of a ``telemetry/<vin>`` or ``ack/<vin>`` topic; ContractError otherwise."""
-    for prefix in (TELEMETRY_PREFIX, ACK_PREFIX):
+    """The VIN of a ``telemetry/``, ``ack/``, ``status/`` or ``cmd/<vin>`` topic; ContractError
+    otherwise."""
+    for prefix in (TELEMETRY_PREFIX, ACK_PREFIX, STATUS_PREFIX, CMD_PREFIX):
         if topic.startswith(prefix):
             return _check_vin(topic[len(prefix) :])
     raise ContractError("bad_topic", f"topic {topic!r} is neither telemetry/<vin> nor ack/<vin>")
@@ -245,16 +339,20 @@ _batch_msgpack = msgspec.msgpack.Decoder(Batch)
 _batch_json = msgspec.json.Decoder(Batch)
 _ack_msgpack = msgspec.msgpack.Decoder(Ack)
 _ack_json = msgspec.json.Decoder(Ack)
+_status_msgpack = msgspec.msgpack.Decoder(Status)
+_status_json = msgspec.json.Decoder(Status)
+_command_msgpack = msgspec.msgpack.Decoder(Command)
+_command_json = msgspec.json.Decoder(Command)
 _encoder = msgspec.msgpack.Encoder()
 _json_encoder = msgspec.json.Encoder()
 
 
-def encode(message: Batch | Ack) -> bytes:
+def encode(message: Batch | Ack | Status | Command) -> bytes:
     """MessagePack bytes of a batch or an ack, as sent on the wire."""
     return _encoder.encode(message)
 
 
-def encode_json(message: Batch | Ack) -> bytes:
+def encode_json(message: Batch | Ack | Status | Command) -> bytes:
     """The JSON form of a batch or an ack, for people and ``mosquitto_pub``."""
     return _json_encoder.encode(message)
 
@@ -268,7 +366,7 @@ def _is_json(payload: bytes) -> bool:
     return _JSON_START.match(payload) is not None
 
 
-_T = TypeVar("_T", Batch, Ack)
+_T = TypeVar("_T", Batch, Ack, Status, Command)
 
 
 # Hostile input. The strict decoders below are typed all the way down and forbid unknown fields,
@@ -328,3 +426,26 @@ def decode_batch(payload: bytes, topic: str | None = None) -> Batch:
 def decode_ack(payload: bytes) -> Ack:
     """Decode and validate an end-to-end ack (MessagePack or JSON)."""
     return _decode(payload, (_ack_msgpack, _ack_json))
+
+
+def _small(payload: bytes) -> bytes:
+    if len(payload) > MAX_STATUS_BYTES:
+        raise ContractError("too_large", f"{len(payload)} bytes, limit {MAX_STATUS_BYTES}")
+    return payload
+
+
+def decode_status(payload: bytes, topic: str | None = None) -> Status:
+    """Decode and validate a device status (MessagePack or JSON); check it against its topic."""
+    status = _decode(_small(payload), (_status_msgpack, _status_json))
+    if topic is not None and vin_from_topic(topic) != status.vin:
+        raise ContractError("vin_mismatch", f"payload VIN {status.vin} on topic {topic!r}")
+    return status
+
+
+def decode_command(payload: bytes) -> Command:
+    """Decode and validate a repair command (MessagePack or JSON)."""
+    command = _decode(_small(payload), (_command_msgpack, _command_json))
+    for lo, hi in command.resend:
+        if lo > hi:
+            raise ContractError("invalid", f"range [{lo}, {hi}] ends before it starts")
+    return command

@@ -1,4 +1,5 @@
-"""``revline bench edge|consumer|storage``: figures next to a baseline measured in the same run.
+"""``revline bench edge|decode|dictionary|consumer|storage|audit``: figures next to a baseline
+measured in the same run (``dictionary`` rebuilds the contract v2 zstd dictionary from its recipe).
 
 Only the standard library and the core at top level; each benchmark imports its side when run.
 Each one starts its own broker and database (revline.bench.guard says why, and refuses others
@@ -76,8 +77,8 @@ def _own_broker() -> Iterator[str]:
 
 
 def register(commands: Commands) -> None:
-    """Add ``revline bench edge``, ``revline bench consumer``, ``revline bench storage`` and
-    ``revline bench insight``."""
+    """Add ``revline bench edge``, ``decode``, ``dictionary``, ``consumer``, ``storage``,
+    ``audit`` and ``insight``."""
     group = commands.group("bench", "benchmarks that print figures against a baseline")
     bench = commands.add(
         group, "edge", "spool appends/s, backlog drain to a broker, bytes per sample", _edge
@@ -87,8 +88,25 @@ def register(commands: Commands) -> None:
     bench.add_argument("--samples", type=int, default=200_000, help="samples to append and drain")
     bench.add_argument("--dir", type=Path, default=None, help="where to put the bench spool")
     bench.add_argument(
-        "--wire-only", action="store_true", help="only wire bytes/sample, v1 vs v2 (no broker)"
+        "--wire-only",
+        action="store_true",
+        help="only the wire tables: v1 vs v2 bytes/sample, encode cost, batching (no broker)",
     )
+
+    bench = commands.add(
+        group, "decode", "contract v2 vs v1: payload to COPY rows, samples/s on one core", _decode
+    )
+    bench.add_argument("--seconds", type=int, default=300, help="seconds of each of 3 drives")
+    bench.add_argument("--repeat", type=int, default=3, help="runs of each; the best counts")
+
+    bench = commands.add(
+        group,
+        "dictionary",
+        "train the contract v2 zstd dictionary from its recipe; compare with the shipped file",
+        _dictionary,
+    )
+    bench.add_argument("--id", type=int, default=1, help="dictionary id (its recipe)")
+    bench.add_argument("--out", type=Path, default=None, help="write the trained bytes here")
 
     bench = commands.add(
         group,
@@ -129,6 +147,23 @@ def register(commands: Commands) -> None:
     bench.add_argument("--samples", type=int, default=200_000, help="samples to write (200000)")
 
     bench = commands.add(
+        group, "audit", "writer samples/s with sequence accounting on vs off, same run", _audit
+    )
+    add_flags(
+        bench,
+        BenchSettings,
+        keys={"database_url"},
+        help_text={
+            "database_url": "a scratch server where a database revline_bench_audit_<pid> is "
+            "created and dropped (needs --yes-really); empty: a private PostgreSQL",
+        },
+    )
+    bench.add_argument("--yes-really", action="store_true", help=_YES_REALLY_HELP)
+    bench.add_argument("--samples", type=int, default=400_000, help="samples per mode (400000)")
+    bench.add_argument("--per-write", type=int, default=20_000, help="samples per transaction")
+    bench.add_argument("--vehicles", type=int, default=500, help="vehicles in each write")
+
+    bench = commands.add(
         group,
         "insight",
         "writer throughput with trip and health maintenance on vs off, same run, own database",
@@ -165,6 +200,19 @@ def _edge(args: argparse.Namespace) -> int:
         return run_bench(mqtt_url=url, samples=args.samples, directory=args.dir)
 
 
+def _decode(args: argparse.Namespace) -> int:
+    from revline.bench.wire import decode_table  # noqa: PLC0415 - needs the consumer extra
+
+    decode_table(seconds=args.seconds, repeat=args.repeat)
+    return 0
+
+
+def _dictionary(args: argparse.Namespace) -> int:
+    from revline.bench.wire import dictionary_main  # noqa: PLC0415
+
+    return dictionary_main(args.out, args.id)
+
+
 def run_bench(args: argparse.Namespace) -> int:
     """Run the consumer benchmark and print its table."""
     from revline.bench.consumer import main  # noqa: PLC0415 - needs the consumer extra
@@ -179,6 +227,22 @@ def run_bench(args: argparse.Namespace) -> int:
         args.mqtt_url = settings.mqtt_url or None
         args.database_url = settings.database_url or stack.enter_context(_own_postgres())
         return main(args)
+
+
+def _audit(args: argparse.Namespace) -> int:
+    from revline.bench.audit import bench_audit  # noqa: PLC0415 - needs asyncpg
+
+    settings = _bench_settings(args)
+    if _refused(args, settings, ("database_url",)):
+        return EXIT_CONFIG
+    if _unreachable(args, settings):
+        return EXIT_FAILURE
+    with contextlib.ExitStack() as stack:
+        url = settings.database_url or stack.enter_context(_own_postgres())
+        asyncio.run(
+            bench_audit(url, samples=args.samples, per_write=args.per_write, vehicles=args.vehicles)
+        )
+    return 0
 
 
 def _insight(args: argparse.Namespace) -> int:

@@ -28,7 +28,8 @@ import ctypes
 import ctypes.util
 import threading
 
-from revline.contract import NUMERIC_FIELDS, Batch
+from revline.contract import NUMERIC_FIELDS
+from revline.wire_v2 import ROW_FIELDS, AnyBatch, RowBatch
 
 __all__ = ["ByteBudget", "footprint", "return_memory", "tune_allocator"]
 
@@ -40,9 +41,12 @@ _FLOAT = 24
 _DICT = 240  # an `extra` dict's own header and first slots
 _ENTRY = 144  # an `extra` entry: its slot, the float, and the key's str header
 _MIN_FIELD_BYTES = 5  # the cheapest typed field on the wire: "rpm" (4 bytes) and a fixint
+# A v2 row: the tuple (56 + 8 per field) and its list slot, ts and seq as ints with their column
+# slots. A v2 value costs no wire bytes of its own (runs, width 0), so its floats count in full.
+_ROW = 64 + 8 * len(ROW_FIELDS) + 2 * 40
 
 
-def footprint(raw: int, batch: Batch | None) -> int:
+def footprint(raw: int, batch: AnyBatch | None) -> int:
     """An upper bound of the bytes held for a message of ``raw`` bytes that decoded to ``batch``.
 
     The payload is kept (for the dead letter) and so is the decoded batch. A key's characters
@@ -51,6 +55,17 @@ def footprint(raw: int, batch: Batch | None) -> int:
     """
     if batch is None:
         return raw + _ITEM
+    if isinstance(batch, RowBatch):
+        extras = batch.extras
+        chars = sum(sum(map(len, extra)) for extra in extras)
+        return (
+            raw
+            + _ITEM
+            + len(batch) * (_ROW + len(NUMERIC_FIELDS) * _FLOAT)
+            + len(extras) * _DICT
+            + sum(map(len, extras)) * _ENTRY
+            + chars * 4
+        )
     samples = batch.samples
     dicts = entries = chars = 0
     for sample in samples:

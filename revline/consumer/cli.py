@@ -45,6 +45,10 @@ _HELP: dict[str, str] = {
     "insight_fold": "fold trips/events/odometer here after commits (false: revline insight fold)",
     "metrics_host": "address of /metrics and /healthz",
     "metrics_port": "port of /metrics and /healthz; 0 disables",
+    "audit": "sequence accounting in every write (docs/audit.md); off only to measure its cost",
+    "audit_mqtt_url": "the audit's own broker login for status/, $SYS and cmd/ (docs/audit.md)",
+    "audit_every_s": "audit pass: check stored runs, follow gaps, ask devices for repairs",
+    "repair_after_s": "ask a device for a gap open this long",
 }
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Final
+from typing import Annotated, Final, Literal
 
 import msgspec
 
@@ -82,6 +82,18 @@ class ConsumerSettings(msgspec.Struct, frozen=True, kw_only=True):
     metrics_host: str = "0.0.0.0"  # noqa: S104 - Prometheus scrapes from another host
     metrics_port: Annotated[int, msgspec.Meta(ge=0, le=65_535)] = 9108
     """Port of ``/metrics`` and ``/healthz``; 0 disables the endpoint."""
+    audit: Literal["on", "off"] = "on"
+    """Sequence accounting in every write (revline.audit, docs/audit.md); off only to measure
+    what it costs."""
+    audit_mqtt_url: str = ""
+    """Login of the audit's own MQTT client (status/+, $SYS, cmd/+). Empty: the consumer's
+    ``mqtt_url`` when it has no login; with a login (the shipped broker binds a client id to its
+    login, and a second connection would take the consumer's over) the audit then keeps
+    accounting only. ``revline device add revline-audit-1 --service`` makes one."""
+    audit_every_s: Seconds = 30.0
+    """The audit's pass: check stored runs, follow gaps, ask devices for repairs."""
+    repair_after_s: Seconds = 120.0
+    """A gap is asked for on cmd/<vin> once open this long (live-first backlogs fill holes)."""
 
     def __post_init__(self) -> None:
         # Built directly or loaded, the same checks: every constraint above, then what involves
@@ -106,6 +118,8 @@ class ConsumerSettings(msgspec.Struct, frozen=True, kw_only=True):
             raise ConfigError("key_file", "", "set without cert_file")
         if self.retry_initial_s > self.retry_max_s:
             raise ConfigError("retry_initial_s", "", "expected at most retry_max_s")
+        if self.audit_mqtt_url:
+            parse_mqtt_url(self.audit_mqtt_url, key="audit_mqtt_url")
 
     @property
     def subscription(self) -> str:

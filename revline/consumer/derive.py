@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from revline.mqtt import parse_mqtt_url
+
 if TYPE_CHECKING:
+    from revline.audit.service import AuditConfig
     from revline.consumer.config import ConsumerSettings
     from revline.storage.derive import Derivation
 
@@ -14,6 +17,29 @@ __all__ = ["derivations"]
 def derivations(settings: ConsumerSettings) -> list[Derivation]:
     """The derivations the consumer keeps, in the order they run in each write, from its
     settings. Each part that derives something (trips, accounting...) registers it here."""
+    from revline.audit.service import Audit  # noqa: PLC0415 - prometheus, paho: when serving
     from revline.insight.store import Insight, InsightMarks  # noqa: PLC0415 - loaded here
 
-    return [Insight() if settings.insight_fold else InsightMarks()]
+    found: list[Derivation] = [Insight() if settings.insight_fold else InsightMarks()]
+    if settings.audit == "on":
+        found.append(Audit(_audit_config(settings)))  # revline.audit: loss you can see
+    return found
+
+
+def _audit_config(settings: ConsumerSettings) -> AuditConfig:
+    """The audit's settings from the consumer's: its own MQTT login (docs/audit.md)."""
+    from revline.audit.service import AuditConfig  # noqa: PLC0415
+
+    url = settings.audit_mqtt_url
+    if not url and parse_mqtt_url(settings.mqtt_url).username is None:
+        url = settings.mqtt_url  # no login, so no client id bound to it: a second client is fine
+    return AuditConfig(
+        mqtt_url=url,
+        client_id=f"{settings.effective_client_id}-audit",
+        ca_file=settings.ca_file or None,
+        cert_file=settings.cert_file or None,
+        key_file=settings.key_file or None,
+        every_s=settings.audit_every_s,
+        repair_after_s=settings.repair_after_s,
+        retry_s=max(settings.repair_after_s, settings.audit_every_s),
+    )

@@ -7,6 +7,7 @@ import contextlib
 import json
 import logging
 import os
+from collections.abc import Iterable
 from types import TracebackType
 from typing import Self
 
@@ -75,6 +76,13 @@ class Metrics:
         )
 
         self._up = {"broker": False, "database": False}
+
+    def adopt(self, parts: Iterable[object]) -> None:
+        """Serve the figures of parts that keep their own (a derivation's ``registry``)."""
+        for part in parts:
+            registry = getattr(part, "registry", None)
+            if isinstance(registry, CollectorRegistry):
+                self.registry.register(registry)
 
     def set_up(self, what: str, *, up: bool) -> None:
         """Record whether ``broker`` or ``database`` is reachable."""

@@ -21,8 +21,9 @@ from typing import TYPE_CHECKING, Generic, TypeVar
 from revline.consumer.budget import footprint
 from revline.consumer.validate import Invalid, check
 from revline.consumer.writer import Rejected, WriteResult
-from revline.contract import SCHEMA_VERSION, Ack, Batch
+from revline.contract import SCHEMA_VERSION, Ack
 from revline.storage.errors import describe, is_data_error
+from revline.wire_v2 import AnyBatch, RowBatch
 
 if TYPE_CHECKING:
     from revline.consumer.subscriber import Inbound
@@ -39,6 +40,7 @@ __all__ = [
     "fault",
     "newest_sample",
     "plan",
+    "sample_count",
 ]
 
 T = TypeVar("T")
@@ -53,7 +55,8 @@ class Item:
     """
 
     inbound: Inbound
-    batch: Batch | None = None
+    batch: AnyBatch | None = None
+    """A v1 Batch of samples, or a v2 RowBatch decoded straight to staging rows."""
     rejected: Rejected | None = None
     size: int = 0
     """Bytes it holds until acked (raw payload and decoded batch): its charge to the budget."""
@@ -61,7 +64,12 @@ class Item:
     @property
     def samples(self) -> int:
         """Samples it holds (decoded), for the batcher's bound."""
-        return len(self.batch.samples) if self.batch is not None else 0
+        return sample_count(self.batch) if self.batch is not None else 0
+
+
+def sample_count(batch: AnyBatch) -> int:
+    """Samples in a decoded batch, v1 or v2."""
+    return len(batch) if isinstance(batch, RowBatch) else len(batch.samples)
 
 
 def dead_letter(inbound: Inbound, reason: str, detail: str) -> Rejected:
@@ -118,9 +126,15 @@ def plan(items: Iterable[Item]) -> Plan:
     return Plan(store, refused)
 
 
-def newest_sample(batches: Iterable[Batch]) -> int | None:
+def newest_sample(batches: Iterable[AnyBatch]) -> int | None:
     """The newest sample time (µs) among the last samples of ``batches``, for ``lag_s``."""
-    return max((b.samples[-1].ts for b in batches if b.samples), default=None)
+    return max((last for b in batches if (last := _last_ts(b)) is not None), default=None)
+
+
+def _last_ts(batch: AnyBatch) -> int | None:
+    if isinstance(batch, RowBatch):
+        return batch.ts[-1] if batch.ts else None
+    return batch.samples[-1].ts if batch.samples else None
 
 
 class Fault(enum.Enum):
@@ -154,17 +168,17 @@ class Split:
     """What the writes that worked committed, summed."""
     refused: list[Rejected] = field(default_factory=list)
     """Dead letters, ``db_error``: messages whose own values the database refused."""
-    stored: list[Batch] = field(default_factory=list)
+    stored: list[AnyBatch] = field(default_factory=list)
     """Batches written, in order."""
     probed: bool = False
     """Whether a probe write has worked since the split began (:meth:`probe_worked`)."""
 
     @staticmethod
-    def todo(items: Iterable[Item]) -> list[tuple[Item, Batch]]:
+    def todo(items: Iterable[Item]) -> list[tuple[Item, AnyBatch]]:
         """The messages to write one by one, with their batches: those that decoded."""
         return [(item, item.batch) for item in items if item.batch is not None]
 
-    def wrote(self, batch: Batch, result: WriteResult) -> None:
+    def wrote(self, batch: AnyBatch, result: WriteResult) -> None:
         """``batch`` was written alone: count it."""
         self.stored.append(batch)
         self.result = WriteResult(

@@ -51,11 +51,12 @@ from revline.consumer.pipeline import (
 )
 from revline.consumer.subscriber import Inbound, Subscriber
 from revline.consumer.writer import Rejected, Writer, WriteResult
-from revline.contract import Batch, ack_topic, encode
+from revline.contract import ack_topic, encode
 from revline.logs import Throttle, kv
 from revline.mqtt import parse_mqtt_url, tls_context
 from revline.storage.derive import Background
 from revline.storage.errors import UnusableDatabaseError, describe, sqlstate
+from revline.wire_v2 import AnyBatch
 
 __all__ = ["Consumer", "Item", "serve"]
 
@@ -142,6 +143,7 @@ class Consumer:
             writer = await self._open_writer(stack, stop)
             if writer is None:
                 return
+            self.metrics.adopt(writer.derivations)  # their figures on /metrics (revline.audit)
             subscriber = Subscriber(
                 parse_mqtt_url(s.mqtt_url),
                 client_id=s.effective_client_id,
@@ -420,7 +422,7 @@ class Consumer:
 
     async def _write(
         self, writer: Writer, items: Sequence[Item]
-    ) -> tuple[WriteResult, list[Rejected], list[Batch]]:
+    ) -> tuple[WriteResult, list[Rejected], list[AnyBatch]]:
         """One transaction for all ``items``; if the database refuses their values
         (:attr:`Fault.VALUES`), one per message (:meth:`_write_each`). An outage propagates."""
         batches = [item.batch for item in items if item.batch is not None]
@@ -437,7 +439,7 @@ class Consumer:
 
     async def _write_each(
         self, writer: Writer, items: Sequence[Item]
-    ) -> tuple[WriteResult, list[Rejected], list[Batch]]:
+    ) -> tuple[WriteResult, list[Rejected], list[AnyBatch]]:
         """Write each message alone; dead-letter one by the rule of :class:`Split` (its own data
         error, proven by a probe write that works: :meth:`Writer.probe`). An outage propagates."""
         split = Split()

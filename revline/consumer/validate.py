@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 
-from revline.contract import Batch, ContractError
-from revline.wire_v2 import decode_any
+from revline.contract import ContractError
+from revline.wire_v2 import AnyBatch, RowBatch, decode_any_rows
 
 __all__ = ["CONSUMER_REASONS", "Invalid", "check"]
 
@@ -20,7 +20,7 @@ class Invalid:
 
     reason: str
     detail: str
-    batch: Batch | None = None
+    batch: AnyBatch | None = None
     """The decoded batch when it was well-formed but refused (one of ``CONSUMER_REASONS``): the
     device still gets its end-to-end ack, since sending the same bytes again cannot help."""
 
@@ -32,8 +32,8 @@ def check(
     now_us: int,
     max_future_us: int,
     max_age_us: int | None = None,
-) -> Batch | Invalid:
-    """The decoded batch, or why it is rejected.
+) -> AnyBatch | Invalid:
+    """The decoded batch (v1: a Batch; v2: a RowBatch of staging rows), or why it is rejected.
 
     Beyond the contract's reasons: ``future_timestamp`` (a sample more than ``max_future_us``
     ahead of ``now_us``), ``too_old`` (a sample more than ``max_age_us`` behind it: retention
@@ -42,12 +42,16 @@ def check(
     vanish uncounted).
     """
     try:
-        batch = decode_any(payload, topic)  # v1 MessagePack, v1 JSON or v2 columns
+        batch = decode_any_rows(payload, topic)  # v1 MessagePack, v1 JSON or v2 columns
     except ContractError as exc:
         return Invalid(exc.reason, exc.detail)
     # Samples are not required to be sorted, so look at all of them; these are the only
-    # per-sample Python loops on the hot path.
-    stamps = [sample.ts for sample in batch.samples]
+    # per-sample Python loops on the hot path (a v2 batch has its columns already).
+    if isinstance(batch, RowBatch):
+        stamps, seqs = batch.ts, batch.seq
+    else:
+        stamps = [sample.ts for sample in batch.samples]
+        seqs = [sample.seq for sample in batch.samples]
     newest = max(stamps)
     if newest > now_us + max_future_us:
         ahead = (newest - now_us) / 1e6
@@ -68,15 +72,15 @@ def check(
         )
     # Distinct sequence numbers (what every device sends) imply distinct identities; a set of
     # ints costs a third of a set of pairs, which is only built when some seq repeats.
-    if len({sample.seq for sample in batch.samples}) == len(batch.samples):
+    if len(set(seqs)) == len(seqs):
         return batch
-    identities = {(sample.ts, sample.seq) for sample in batch.samples}
-    if len(identities) != len(batch.samples):
-        counts = Counter((sample.ts, sample.seq) for sample in batch.samples)
+    identities = set(zip(stamps, seqs, strict=True))
+    if len(identities) != len(seqs):
+        counts = Counter(zip(stamps, seqs, strict=True))
         repeated = [identity for identity, n in counts.items() if n > 1]
         return Invalid(
             "duplicate_sample",
-            f"{len(batch.samples) - len(identities)} samples repeat the identity (ts, seq) of "
+            f"{len(seqs) - len(identities)} samples repeat the identity (ts, seq) of "
             f"another sample in the batch: {', '.join(map(str, repeated[:3]))}",
             batch,
         )

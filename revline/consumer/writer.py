@@ -35,6 +35,7 @@ from revline.fields import FIELD_BY_NAME, FIELDS
 from revline.logs import kv
 from revline.storage.derive import Derivation
 from revline.storage.errors import UnusableDatabaseError, unusable_database
+from revline.wire_v2 import AnyBatch, RowBatch
 
 if TYPE_CHECKING:
     from types import TracebackType
@@ -317,10 +318,17 @@ def _storable(text: str) -> str:
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
-def records(batches: Sequence[Batch]) -> list[tuple[Any, ...]]:
-    """Staging rows: the VIN prepended to each sample's fields, nothing computed per value."""
+def records(batches: Sequence[AnyBatch]) -> list[tuple[Any, ...]]:
+    """Staging rows: the VIN prepended to each sample's fields, nothing computed per value (a
+    v2 batch arrives as these rows already)."""
     astuple = msgspec.structs.astuple
-    return [(batch.vin, *astuple(s)) for batch in batches for s in batch.samples]
+    rows: list[tuple[Any, ...]] = []
+    for batch in batches:
+        if isinstance(batch, RowBatch):
+            rows += batch.rows
+        else:
+            rows += [(batch.vin, *astuple(s)) for s in batch.samples]
+    return rows
 
 
 class Writer:
@@ -423,7 +431,7 @@ class Writer:
             raise RuntimeError("Writer used outside 'async with'")
         return self._pool
 
-    async def write(self, batches: Sequence[Batch]) -> WriteResult:
+    async def write(self, batches: Sequence[AnyBatch]) -> WriteResult:
         """Commit every sample of ``batches`` in one transaction; safe to repeat (idempotent)."""
         rows = records(batches)
         if not rows:

@@ -47,7 +47,7 @@ _HELP: dict[str, str] = {
     "key_file": "client key for mqtts://",
     "batch_max_samples": "samples per batch at most",
     "batch_max_age_s": "the live batch closes after this long even if small",
-    "wire_version": "contract version sent: 1 (MessagePack samples) or 2 (columns)",
+    "wire_version": "contract version sent: 2 (columns) or 1 (for a consumer older than v2)",
     "inflight_max": "messages published and not yet PUBACKed, at most",
     "unacked_max": "batches published and not yet acked end to end, at most",
     "ack_timeout_s": "resend a batch not acked end to end after this long",

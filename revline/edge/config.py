@@ -95,11 +95,14 @@ class EdgeSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     cert_file: str = ""
     key_file: str = ""
     batch_max_samples: Annotated[int, msgspec.Meta(ge=1, le=5000)] = 500
-    batch_max_age_s: Annotated[float, msgspec.Meta(gt=0, le=600)] = 1.0
-    """The live batch closes after this long even if small; at most 10 minutes."""
-    wire_version: Literal[1, 2] = 1
-    """Contract version of the batches sent: 1 (MessagePack samples, ~230 B each) or 2 (columns
-    at the database's resolution, ~10-25 B each; docs/wire.md). Consumers must accept v2 first."""
+    batch_max_age_s: Annotated[float, msgspec.Meta(gt=0, le=600)] = 5.0
+    """The live batch closes after this long even if small; at most 10 minutes. 5 s: a third of
+    the bytes of 1-s batches at 10 Hz, a fifth of the messages, dashboards at most ~5.5 s
+    behind (the measured table: docs/edge.md, "Batching")."""
+    wire_version: Literal[1, 2] = 2
+    """Contract version of the batches sent: 2 (columns at the database's resolution, 8-18 B a
+    sample at 10 Hz on the air; docs/wire.md) or 1 (MessagePack samples, ~200 B each), for a
+    consumer older than v2."""
     inflight_max: Annotated[int, msgspec.Meta(ge=1, le=65_535)] = 20
     """Messages published but not yet PUBACKed, at most; fed from the spool."""
     unacked_max: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 100
@@ -118,6 +121,9 @@ class EdgeSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     ``trusted``: always trust it (a board with an RTC). ``untrusted``: only GPS time counts."""
     shutdown_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 5.0
     """On SIGTERM, time allowed to flush the spool and publish what is open before closing."""
+    status_every_s: Seconds = 60.0
+    """The device's status (``status/<vin>``: backlog, losses, clock) is published this often,
+    and on every connect (revline.edge.report, docs/audit.md)."""
 
     def __post_init__(self) -> None:
         # Built directly or loaded, the same checks: every constraint above (msgspec checks them

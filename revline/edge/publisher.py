@@ -48,6 +48,7 @@ from revline.contract import (
     telemetry_topic,
 )
 from revline.edge.config import EdgeSettings
+from revline.edge.report import Reporter
 from revline.edge.spool import (
     DEAD_LETTER_MAX_BYTES,
     DURABLE,
@@ -130,6 +131,8 @@ class Publisher:
         self.ack_topic = ack_topic(settings.vin)
         self.address = parse_mqtt_url(settings.mqtt_url)
         self.client_id = f"revline-edge-{settings.vin}"
+        self.report = Reporter(settings, spool)
+        """status/<vin> and cmd/<vin> (revline.edge.report)."""
         self.stats = PublisherStats()
         self.connected = False
         self._stop = threading.Event()
@@ -190,7 +193,8 @@ class Publisher:
             self._log_refused(reason=str(reason))
             self._lost = True
             return
-        client.subscribe(self.ack_topic, qos=1)
+        client.subscribe([(self.ack_topic, 1), (self.report.cmd_topic, 1)])
+        self.report.connected()
         self.connected = True
         self.stats.connects += 1
         log.info(
@@ -221,7 +225,10 @@ class Publisher:
         try:
             payload = bytes(message.payload)
             topic = message.topic
-            self._take_ack(topic, payload)
+            if topic == self.report.cmd_topic:
+                self._take_command(topic, payload)
+            else:
+                self._take_ack(topic, payload)
         except Exception as exc:  # noqa: BLE001 - no message may stop the edge
             self._reject(topic, "internal_error", f"{type(exc).__name__}: {exc}", payload)
 
@@ -246,6 +253,13 @@ class Publisher:
             # Never a batch of ours: whoever sent it is not the consumer. Keep it for an operator.
             detail = f"batch ids never created: {verdict.unknown[:10]}"
             self._reject(topic, "unknown_batch", detail, payload)
+
+    def _take_command(self, topic: str, payload: bytes) -> None:
+        """A repair command: queue resends (revline.edge.report); a bad one is dead-lettered."""
+        try:
+            self.report.command(payload)
+        except ContractError as exc:
+            self._reject(topic, exc.reason, exc.detail, payload)
 
     def _ignore(self, reason: str, batch_ids: list[int]) -> None:
         self.stats.acks_ignored += len(batch_ids)
@@ -297,6 +311,7 @@ class Publisher:
         props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         props.SessionExpiryInterval = s.session_expiry_s
         props.MaximumPacketSize = _MAX_PACKET_BYTES
+        client.will_set(self.report.topic, self.report.offline(), qos=1)
         self._lost = False
         self._answered = False
         self.connected = False
@@ -342,6 +357,7 @@ class Publisher:
             with contextlib.suppress(sqlite3.Error):
                 self._apply()
             self.connected = False
+            self._client.publish(self.report.topic, self.report.offline(), qos=1)
             self._client.disconnect()
             self._client.loop(0.1)
             self._client = None
@@ -390,6 +406,7 @@ class Publisher:
         try:
             self._apply()
             self._fill(final=final)
+            self._report(now)
         except sqlite3.Error as exc:
             # The device's disk, not the data: keep everything, start over after a pause.
             # What was not recorded is sent again and deduplicated by the consumer.
@@ -445,6 +462,20 @@ class Publisher:
         except sqlite3.Error as exc:
             # Dead letters are evidence, not data: under disk trouble they may go, counted.
             self._log_spool(error=str(exc), dead_letters_lost=len(letters) + dropped)
+
+    def _report(self, now: float) -> None:
+        """Queue the resends a repair command asked for; publish the status when due."""
+        assert self._client is not None
+        for batch_id, lo, samples in self.report.take_repairs():
+            if batch_id not in self.window:  # due at once; sent by the next fills, oldest first
+                self.window.resume(batch_id, lo, samples, pubacked=False)
+        if self.report.due(now):
+            try:
+                status = self.report.status(now)
+            except sqlite3.Error as exc:  # a report is not worth the connection: next one
+                self._log_spool(error=str(exc), what="status")
+                return
+            self._client.publish(self.report.topic, status, qos=1)
 
     def _send(self, batch: SpoolBatch, now: float) -> None:
         assert self._client is not None

@@ -19,6 +19,7 @@ from revline.edge.clock import ClockModel, ClockSource, SystemClock, read_boot_i
 from revline.edge.config import EdgeSettings
 from revline.edge.publisher import Publisher
 from revline.edge.reading import Source
+from revline.edge.report import note_start, note_stop
 from revline.edge.sampler import Sampler
 from revline.edge.spool import Spool
 from revline.logs import kv
@@ -138,6 +139,7 @@ async def run_edge(
     clock = clock or SystemClock()
     model = ClockModel(settings.clock)
     with _spool_for(settings) as spool:
+        note_start(spool)  # a crash last time is found (and reported) here
         sampler = Sampler(spool, model, clock, flush_interval_s=settings.flush_interval_s)
         sampler.check_clock()
         publisher = Publisher(settings, spool)
@@ -176,6 +178,7 @@ async def run_edge(
                 publisher.stop()
                 await publishing
                 reporter.cancel()
+        note_stop(spool)
         log.info(
             "edge stopped",
             extra=kv(written=sampler.written, unbatched=spool.unbatched(), next_seq=spool.next_seq),

@@ -34,6 +34,8 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import repeat
+from operator import mul
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Final, Self
@@ -104,6 +106,9 @@ CREATE TABLE IF NOT EXISTS batches (
 );
 CREATE TABLE IF NOT EXISTS boots (id INTEGER PRIMARY KEY, boot_id TEXT NOT NULL UNIQUE);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS evicted (
+    lo INTEGER PRIMARY KEY, hi INTEGER NOT NULL, n INTEGER NOT NULL, at REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS rejected (
     id INTEGER PRIMARY KEY, received_at REAL NOT NULL, topic TEXT NOT NULL, reason TEXT NOT NULL,
     detail TEXT NOT NULL, size INTEGER NOT NULL, payload BLOB NOT NULL
@@ -205,12 +210,28 @@ def batch_columns(batch: SpoolBatch) -> Columns:
     resolution exactly (``10 ** db_digits`` is a multiple of ``device_scale``), no float."""
     n = len(batch.rows)
     values: dict[int, list[int | None]] = {}
-    flags = [0] * n
+    flags = [0 if boot is None else FLAG_CLOCK_UNSYNCED for _, _, _, boot in batch.rows]
     extras: list[dict[str, float] | None] = [None] * n
     dtcs: list[list[str] | None] = [None] * n
-    for i, (_, _, data, boot) in enumerate(batch.rows):
-        items = _decoder.decode(data)
-        mask: int = items[0]
+    decoded = [_decoder.decode(data) for _, _, data, _ in batch.rows]
+    masks = {items[0] for items in decoded}
+    if len(masks) == 1:
+        # The usual batch: every sample read the same fields. Transposed at C speed.
+        (mask,) = masks
+        transposed = list(zip(*decoded, strict=True))
+        j = 1
+        for position, (bit, factor) in enumerate(zip(_FIELD_BITS, _DB_FACTORS, strict=True)):
+            if mask & bit:
+                values[position] = list(map(mul, transposed[j], repeat(factor)))
+                j += 1
+        if mask & _EXTRA_BIT:
+            extras = list(transposed[j])
+            j += 1
+        if mask & _DTC_BIT:
+            dtcs = list(transposed[j])
+        decoded = []
+    for i, items in enumerate(decoded):  # samples that read different fields
+        mask = items[0]
         j = 1
         for position, (bit, factor) in enumerate(zip(_FIELD_BITS, _DB_FACTORS, strict=True)):
             if mask & bit:
@@ -221,8 +242,6 @@ def batch_columns(batch: SpoolBatch) -> Columns:
             j += 1
         if mask & _DTC_BIT:
             dtcs[i] = items[j]
-        if boot is not None:
-            flags[i] = FLAG_CLOCK_UNSYNCED
     return Columns(
         ts=[row[1] for row in batch.rows],
         seq=[row[0] for row in batch.rows],
@@ -384,6 +403,9 @@ class Spool:
             try:
                 db.executemany("INSERT INTO samples VALUES (?, ?, ?, ?, ?)", params)
                 self._set_meta("next_seq", last + 1)
+                # What a crash before the next flush would lose, about (revline.edge.report).
+                self._set_meta("last_flush_n", len(rows))
+                self._set_meta("last_flush_wall", time.time())
                 if last_trusted is not None:
                     self._set_meta("last_trusted_us", last_trusted)
                 db.execute("COMMIT")
@@ -591,6 +613,28 @@ class Spool:
                 db.execute("ROLLBACK")
                 raise
 
+    def get_meta(self, key: str, default: Any = None) -> Any:
+        """A status value stored with :meth:`set_meta` (or by the spool itself)."""
+        with self._lock:
+            return self._meta(key, default)
+
+    def batches_covering(self, lo: int, hi: int, limit: int) -> list[tuple[int, int, int, int]]:
+        """``(id, lo, samples, state)`` of at most ``limit`` batches holding sequence numbers of
+        ``lo..hi``, oldest first: what a repair command asks to resend."""
+        with self._lock:
+            return self.db.execute(
+                "SELECT id, lo, n, state FROM batches WHERE lo <= ? AND hi >= ? ORDER BY lo "
+                "LIMIT ?",
+                (hi, lo, limit),
+            ).fetchall()
+
+    def batch_ranges(self, lo: int, hi: int) -> list[tuple[int, int]]:
+        """The ``(lo, hi)`` of every batch overlapping ``lo..hi``, in order."""
+        with self._lock:
+            return self.db.execute(
+                "SELECT lo, hi FROM batches WHERE lo <= ? AND hi >= ? ORDER BY lo", (hi, lo)
+            ).fetchall()
+
     def set_meta(self, key: str, value: object) -> None:
         """Store a status value (clock state...) for ``revline edge status``."""
         with self._lock:
@@ -674,7 +718,10 @@ class Spool:
                         (self._boot_key, hi),
                     ).fetchone()
                     self._index.hold(hold_from)
-            removed += _delete_rows(db, lo, hi)
+            gone = _delete_rows(db, lo, hi)
+            if gone:
+                _record_evicted(db, lo, hi, gone)
+            removed += gone
         self._set_meta("evicted_unsent", int(self._meta("evicted_unsent")) + removed)
         return removed
 
@@ -784,6 +831,40 @@ class SpoolReader:
         ).fetchone()
         return None if row is None else int(row[0])
 
+    def durable_below(self) -> int:
+        """The first sequence number not acked end to end: every one below it was, or was
+        evicted (a hole), or never existed."""
+        floor = self.next_seq()
+        (pending,) = self.db.execute(
+            "SELECT min(lo) FROM batches WHERE state < ?", (DURABLE,)
+        ).fetchone()
+        if pending is not None:
+            floor = min(floor, int(pending))
+        # The first spooled sample in no batch: walk the batches from the oldest row.
+        cursor = self._one("SELECT min(seq) FROM samples")
+        batches = self.db.execute("SELECT lo, hi FROM batches ORDER BY lo").fetchall()
+        i = 0
+        while cursor is not None and cursor < floor:
+            while i < len(batches) and batches[i][1] < cursor:
+                i += 1
+            if i < len(batches) and batches[i][0] <= cursor:
+                cursor = batches[i][1] + 1
+                cursor = self._one("SELECT min(seq) FROM samples WHERE seq >= ?", cursor)
+                continue
+            return int(cursor)
+        return floor
+
+    def evicted_ranges(self, limit: int) -> list[tuple[int, int, int]]:
+        """The newest ``limit`` ranges of unsent samples evicted at the size cap, oldest first,
+        as ``(lo, hi, samples)``."""
+        try:
+            rows = self.db.execute(
+                "SELECT lo, hi, n FROM evicted ORDER BY lo DESC LIMIT ?", (limit,)
+            ).fetchall()
+        except sqlite3.OperationalError:  # a spool made before evictions were recorded
+            return []
+        return [(int(lo), int(hi), int(n)) for lo, hi, n in reversed(rows)]
+
     def published_since(self, wall: float) -> int:
         """Samples of batches first PUBACKed at or after ``wall`` (seconds since the epoch)."""
         return int(self._one("SELECT coalesce(sum(n), 0) FROM batches WHERE sent_at >= ?", wall))
@@ -833,6 +914,28 @@ def _trim_dead_letters(db: sqlite3.Connection, max_rows: int, max_bytes: int) ->
     if cutoff is None:
         return 0
     return db.execute("DELETE FROM rejected WHERE id <= ?", (cutoff,)).rowcount
+
+
+_EVICTED_MAX_ROWS: Final = 1000
+
+
+def _record_evicted(db: sqlite3.Connection, lo: int, hi: int, samples: int) -> None:
+    """Remember evicted range ``lo..hi`` (merged into the previous one when they touch), for the
+    device's status; the oldest ranges beyond :data:`_EVICTED_MAX_ROWS` are forgotten."""
+    last = db.execute("SELECT lo, hi, n FROM evicted ORDER BY lo DESC LIMIT 1").fetchone()
+    if last is not None and last[1] + 1 == lo:
+        db.execute(
+            "UPDATE evicted SET hi = ?, n = n + ?, at = ? WHERE lo = ?",
+            (hi, samples, time.time(), last[0]),
+        )
+    else:
+        db.execute(
+            "INSERT OR REPLACE INTO evicted VALUES (?, ?, ?, ?)", (lo, hi, samples, time.time())
+        )
+    db.execute(
+        "DELETE FROM evicted WHERE lo NOT IN (SELECT lo FROM evicted ORDER BY lo DESC LIMIT ?)",
+        (_EVICTED_MAX_ROWS,),
+    )
 
 
 def _delete_rows(db: sqlite3.Connection, lo: int, hi: int) -> int:

@@ -57,8 +57,15 @@ COMPOSE_CONSUMER_LOGIN: Final = "revline-consumer-1"
 COMPOSE_PASSWORD_VARIABLE: Final = "REVLINE_CONSUMER_MQTT_PASSWORD"  # noqa: S105 - its name
 
 _SERVICE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
-_CONSUMER_RULES: Final = ("topic read telemetry/+", "topic write ack/+")
-_CONSUMER_RULES_ACL: Final = tuple(" ".join(r.split()[1:]) for r in _CONSUMER_RULES)
+_CONSUMER_CORE: Final = ("topic read telemetry/+", "topic write ack/+")
+_CONSUMER_RULES: Final = (
+    *_CONSUMER_CORE,
+    "topic read status/+",  # the audit (docs/audit.md): device statuses, repair requests, $SYS
+    "topic write cmd/+",
+    "topic read $SYS/#",
+)
+_CONSUMER_RULES_ACL: Final = tuple(" ".join(r.split()[1:]) for r in _CONSUMER_CORE)
+"""What makes a login a consumer in ``device list`` (blocks written before the audit too)."""
 
 
 def register(commands: Commands) -> None:
@@ -293,7 +300,7 @@ def run(args: argparse.Namespace) -> int:
         return _refuse("add", str(exc), 1)
     print(f"added {'consumer' if args.service else 'vehicle'} {name} to {passwd_file}")
     if args.service:
-        rights = "read telemetry/+, write ack/+"
+        rights = "read telemetry/+ status/+ $SYS/#, write ack/+ cmd/+"
         print(f"{acl_file}: {'granted' if granted else 'already lists'} {name} ({rights})")
     _print_use(name, password, args.broker, service=args.service)
     return 0

@@ -7,8 +7,9 @@ refuses to start without, and never overwrites what exists:
 - a private CA (``ca/ca.key``, ``ca/ca.crt``: the key stays on the host, no container mounts it)
   and the broker's TLS certificate for your host names (``broker/secrets/tls/``: ``server.key``,
   ``server.crt``, ``ca.crt``), made with ``openssl``;
-- the broker logins of compose's consumer (``revline-consumer-1``) and of ``broker-stats``
-  (``revline-monitor``) in ``broker/secrets/passwd``;
+- the broker logins of compose's consumer (``revline-consumer-1``), of its audit client
+  (``revline-audit-1``) and of ``broker-stats`` (``revline-monitor``) in
+  ``broker/secrets/passwd``;
 - ``.env`` with a generated secret for every empty one in ``.env.example`` (database, Grafana,
   consumer login), keeping any value already there.
 
@@ -71,8 +72,14 @@ CA_DAYS: Final = 3650
 SERVER_DAYS: Final = 825
 """The most a publicly trusted server certificate may have; clients that check it accept it."""
 
+AUDIT_LOGIN: Final = "revline-audit-1"
+"""The consumer's audit client (status/, $SYS, cmd/: docs/audit.md): a login of its own,
+because the broker ties a client id to its login and the telemetry client has the consumer's."""
+AUDIT_PASSWORD_VARIABLE: Final = "REVLINE_AUDIT_MQTT_PASSWORD"  # noqa: S105 - a variable name
+
 SERVICE_LOGINS: Final = {
     COMPOSE_CONSUMER_LOGIN: COMPOSE_PASSWORD_VARIABLE,
+    AUDIT_LOGIN: AUDIT_PASSWORD_VARIABLE,
     MONITOR_LOGIN: MONITOR_PASSWORD_VARIABLE,
 }
 """The broker logins of compose's services (broker/acl grants each) and their .env variables."""
@@ -343,7 +350,7 @@ def initialise(
                 )
             continue
         add_account(passwd, login, password)
-        if login == COMPOSE_CONSUMER_LOGIN:
+        if login in (COMPOSE_CONSUMER_LOGIN, AUDIT_LOGIN):
             grant_consumer(acl, login)
         report.made.append(f"{passwd}: login {login}")
     added = write_env(env_file, example, given)
@@ -377,7 +384,7 @@ def _run_init(args: argparse.Namespace) -> int:
         print(f"broker certificate for: {', '.join(report.hostnames)}")
     tls = root / TLS_DIR
     print("next:")
-    print("  revline device add <VIN> --broker <host>:8883    # one login per car")
+    print("  revline device add <VIN> --mqtt-url mqtts://<host>:8883    # one login per car")
     print(f"  copy {tls / 'ca.crt'} to each car (ca_file in edge.toml)")
     print("  docker compose up -d")
     return 0

@@ -23,6 +23,7 @@ from revline.consumer.pipeline import (
     fault,
     newest_sample,
     plan,
+    sample_count,
 )
 from revline.consumer.subscriber import Inbound
 from revline.consumer.writer import WriteResult
@@ -178,7 +179,7 @@ def _write_each(
     for item, batch in split.todo(items):
         exc = outcomes[item.inbound.mid]
         if exc is None:
-            split.wrote(batch, WriteResult(1, len(batch.samples), len(batch.samples) - 1))
+            split.wrote(batch, WriteResult(1, sample_count(batch), sample_count(batch) - 1))
             continue
         if fault(exc) is Fault.OUTAGE:
             raise GaveUpError from exc
@@ -231,7 +232,7 @@ def test_a_message_is_dead_lettered_only_for_its_own_values_after_a_probe(
     ]
     assert {r.reason for r in split.refused} <= {"db_error"}
     assert split.result.batches == len(split.stored)
-    assert split.result.samples == sum(len(b.samples) for b in split.stored)
+    assert split.result.samples == sum(map(sample_count, split.stored))
 
 
 def test_a_dead_letter_names_the_sqlstate_and_needs_a_probe_first() -> None:

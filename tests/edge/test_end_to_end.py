@@ -51,14 +51,15 @@ def test_simulated_drive_reaches_the_cold_table_exactly_once(
     assert durable == total
 
 
-def test_an_edge_speaking_v2_lands_every_sample_once(
+def test_an_edge_told_to_speak_v1_lands_every_sample_once(
     tmp_path: Path,
     mqtt_url: str,
     database_url: str,
     unique_vin: str,
     make_consumer: ConsumerFactory,
 ) -> None:
-    """With wire_version = 2 the same path holds: spool -> v2 columns -> consumer -> acked."""
+    """With wire_version = 1 (a consumer older than v2) the same path holds: spool -> v1
+    MessagePack samples -> consumer -> acked; the test above runs the default, v2."""
     path = str(tmp_path / "spool.db")
     settings = EdgeSettings(
         vin=unique_vin,
@@ -69,7 +70,7 @@ def test_an_edge_speaking_v2_lands_every_sample_once(
         sim_speedup=20.0,
         batch_max_age_s=0.5,
         shutdown_timeout_s=10.0,
-        wire_version=2,
+        wire_version=1,
     )
     make_consumer()
     with running_edge(settings):

@@ -37,12 +37,13 @@ def test_a_spooled_code_set_travels_in_v1_and_v2() -> None:
         assert decoded.samples[1].extra == {"MIL": 1.0}
 
 
-def test_a_v2_batch_without_codes_has_no_dtc_element() -> None:
-    """Without codes the v2 envelope is the 6 elements it was before ``dtc`` existed."""
+def test_a_v2_batch_without_codes_has_no_dtc_section() -> None:
+    """Without codes the v2 envelope has no ``dtc`` key (the bytes it had before ``dtc``)."""
     rows: list[tuple[int, int, bytes, int | None]] = [(1, T0, pack_values({"speed": 50.0}), None)]
     envelope = msgspec.msgpack.decode(encode_batch(VIN, SpoolBatch(id=1, rows=rows), 2))
-    assert len(envelope) == 6
-    assert len(msgspec.msgpack.decode(encode_batch(VIN, _batch(), 2))) == 7
+    assert len(envelope) == 4 or envelope[4] is None or "dtc" not in envelope[4]
+    sections = msgspec.msgpack.decode(encode_batch(VIN, _batch(), 2))[4]
+    assert sections["dtc"] == [[1, ["P0300", "P0420"]], [2, []]]
 
 
 def test_the_edge_keeps_only_well_formed_codes_sorted_once() -> None:

@@ -75,6 +75,7 @@ def test_init_makes_the_secrets_private_and_a_second_run_keeps_them(tmp_path: Pa
             assert len(env[name]) >= 24
     assert set(logins(root / "broker/secrets/passwd")) == {
         COMPOSE_CONSUMER_LOGIN,
+        "revline-audit-1",
         "revline-monitor",
     }
     before = {name: (root / name).read_bytes() for name in private}
@@ -193,6 +194,7 @@ def test_device_list_rotate_and_remove(tmp_path: Path) -> None:
     kinds = {login.name: login.kind for login in list_logins(passwd, acl)}
     assert kinds == {
         COMPOSE_CONSUMER_LOGIN: "consumer",
+        "revline-audit-1": "consumer",
         "revline-monitor": "other",
         CAR: "vehicle",
         "revline-consumer-2": "consumer",
@@ -208,7 +210,7 @@ def test_device_list_rotate_and_remove(tmp_path: Path) -> None:
     assert _mode(passwd) == 0o600
     assert _revline("device", "remove", CAR, cwd=root)[0] == 0
     assert _revline("device", "remove", "revline-consumer-2", cwd=root)[0] == 0
-    assert set(logins(passwd)) == {COMPOSE_CONSUMER_LOGIN, "revline-monitor"}
+    assert set(logins(passwd)) == {COMPOSE_CONSUMER_LOGIN, "revline-audit-1", "revline-monitor"}
     assert "user revline-consumer-2" not in acl.read_text()
     assert f"user {COMPOSE_CONSUMER_LOGIN}\ntopic read telemetry/+" in acl.read_text()
     code, _, err = _revline("device", "rotate", CAR, cwd=root)

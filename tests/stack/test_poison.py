@@ -44,6 +44,7 @@ from revline.contract import (
 )
 from revline.edge.status import read_dead_letters, read_status
 from revline.storage.migrate import MigrateSettings
+from revline.wire_v2 import AnyBatch
 from tests.fixtures.consumer import (
     ROOT,
     AckListener,
@@ -505,7 +506,7 @@ def test_a_sample_older_than_the_age_limit_refuses_the_batch_as_too_old() -> Non
     limit = 358 * 86_400_000_000
     topic = telemetry_topic(VIN)
 
-    def verdict(oldest: int) -> Batch | Invalid:
+    def verdict(oldest: int) -> AnyBatch | Invalid:
         samples = [Sample(ts=now, seq=2), Sample(ts=oldest, seq=1)]
         return check(_batch_bytes(samples), topic, now_us=now, max_future_us=1, max_age_us=limit)
 

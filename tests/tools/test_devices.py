@@ -59,6 +59,7 @@ def test_a_consumer_login_is_granted_its_rights_in_the_acl_once(tmp_path: Path) 
     assert "granted revline-consumer-2" in out
     assert acl.read_text() == (
         shipped + "\nuser revline-consumer-2\ntopic read telemetry/+\ntopic write ack/+\n"
+        "topic read status/+\ntopic write cmd/+\ntopic read $SYS/#\n"
     )
     code, out = _add(*args)
     assert code == 0
