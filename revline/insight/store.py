@@ -5,22 +5,27 @@ Inside each write's transaction (:meth:`Insight.apply`) only cheap facts are rec
 there) and the trouble-code reports the samples carry, from which that vehicle's ``dtc_events``
 are re-derived at once (reports are rare: a few a day).
 
-After commit, :meth:`Insight.run` recomputes each dirty vehicle once its first unfolded write is
+After commit, :meth:`Insight.run` folds each dirty vehicle once its first unfolded write is
 ``settle_s`` old, many vehicles per transaction (each statement takes arrays of them):
 
-1. widen the span to the stored trips and events within reach of it (repeated until stable);
-2. read the cold samples of the widened span plus a margin, run the pure policies
-   (:mod:`revline.insight.segment`, :mod:`revline.insight.episodes`);
-3. replace the trips and events that meet the span by those computed, re-derive the odometer
-   history from there on, and the vehicle's activity when the span reaches its newest sample;
-4. delete the dirty row if no write touched it meanwhile (its ``generation`` is unchanged).
+- **live**: every new sample comes after the vehicle's checkpoint (``insight_checkpoints``, the
+  :class:`revline.insight.stream.Fold` state after its newest folded sample): only the new
+  samples are read and folded on; the trips and events they end or extend replace the open ones;
+- **by window** (late or out-of-order data, or no checkpoint): widen the span to the stored trips
+  and events within reach of it (repeated until stable), read the cold samples of the widened
+  span plus a margin, fold them, replace the trips and events that meet the span; the fold
+  becomes the checkpoint if the read reached the newest sample, else the checkpoint is dropped.
+
+Then the odometer history is re-derived from the first replaced trip on, the activity updated,
+and the dirty row deleted if no write touched it meanwhile (its ``generation`` is unchanged).
 
 Why that is exact: trips and events are functions of the set of samples, where samples further
 apart than a reach (:attr:`Thresholds.reach_s`) never interact; the widened span holds every
 stored item they could merge with, and the margin every unstored piece (shorter than its
-minimum). So a backlog uploaded late, shuffled or in halves gives the rows the same samples give
-live, and a redelivered write changes nothing. A per-vehicle advisory lock keeps two consumers
-from recomputing the same vehicle at once.
+minimum); a checkpoint is used only when nothing older than it was written since. So a backlog
+uploaded late, shuffled or in halves gives the rows the same samples give live, and a
+redelivered write changes nothing. A per-vehicle advisory lock keeps two folders (consumers or
+``revline insight fold``) from folding the same vehicle at once.
 """
 
 from __future__ import annotations
