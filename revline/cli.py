@@ -58,6 +58,7 @@ COMMAND_MODULES = (
     "revline.tools.brokerstats",
     "revline.consumer.cli",
     "revline.storage.cli",
+    "revline.insight.cli",
     "revline.edge.cli",
     "revline.bench.cli",
     "revline.audit.cli",

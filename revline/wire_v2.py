@@ -23,8 +23,9 @@ A measurement's value is the integer ``round(value * 10 ** db_digits)``, the col
 itself, so a new entry in ``FIELDS`` needs no codec change and both versions store identical
 rows.
 
-``sections`` is a map of optional, sparse elements (``flags``, ``extra``: lists of ``[sample
-index, value]`` with v1's types): a new optional element is a new key, not a new version.
+``sections`` is a map of optional, sparse elements (``flags``, ``extra``, ``dtc``: lists of
+``[sample index, value]`` with v1's types): a new optional element is a new key, not a new
+version.
 
 Decoding is strict and bounded: counts and lengths are checked before anything is allocated for
 them, a varint is at most 10 bytes, the raw size is declared and bounded before zstd runs (a
@@ -55,6 +56,7 @@ from revline.contract import (
     MAX_PAYLOAD_BYTES,
     Batch,
     ContractError,
+    DtcSet,
     Extra,
     Flags,
     Sample,
@@ -139,6 +141,10 @@ class _Sections(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
     extra: Annotated[
         list[tuple[SampleIndex, Extra]], msgspec.Meta(max_length=MAX_BATCH_SAMPLES)
     ] = msgspec.field(default_factory=list)
+    dtc: Annotated[
+        list[tuple[SampleIndex, DtcSet]], msgspec.Meta(max_length=MAX_BATCH_SAMPLES)
+    ] = msgspec.field(default_factory=list)
+    """Trouble-code sets (``Sample.dtc``; ``[]`` is a set: cleared)."""
 
 
 class _Envelope(msgspec.Struct, array_like=True, forbid_unknown_fields=True, omit_defaults=True):
@@ -189,6 +195,8 @@ class Columns(msgspec.Struct, kw_only=True):
     sample; a field absent from every sample may be left out."""
     flags: list[int]
     extra: list[dict[str, float] | None]
+    dtc: list[list[str] | None] = msgspec.field(default_factory=list)
+    """Per sample its trouble-code set or None (may be left empty when no sample has one)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -416,6 +424,7 @@ def _sections_of(columns: Columns) -> _Sections | None:
     sections = _Sections(
         flags=[(i, flags) for i, flags in enumerate(columns.flags) if flags],
         extra=[(i, extra) for i, extra in enumerate(columns.extra) if extra],
+        dtc=[(i, codes) for i, codes in enumerate(columns.dtc) if codes is not None],
     )
     return None if sections == _EMPTY else sections
 
@@ -462,6 +471,7 @@ def columns_from_batch(batch: Batch) -> Columns:
         },
         flags=[sample.flags for sample in samples],
         extra=[sample.extra for sample in samples],
+        dtc=[sample.dtc for sample in samples],
     )
 
 
@@ -781,6 +791,7 @@ def decode_rows(payload: bytes) -> RowBatch:
     sections = envelope.sections or _EMPTY
     columns["flags"] = _sparse_column(sections.flags, n, 0, "flags")
     columns["extra"] = _sparse_column(sections.extra, n, None, "extra")
+    columns["dtc"] = _sparse_column(sections.dtc, n, None, "dtc")
     # A field of Sample that no column or section carries is absent: None in every row.
     rows = list(
         zip(

@@ -77,8 +77,8 @@ def _own_broker() -> Iterator[str]:
 
 
 def register(commands: Commands) -> None:
-    """Add ``revline bench edge``, ``decode``, ``dictionary``, ``consumer``, ``storage`` and
-    ``audit``."""
+    """Add ``revline bench edge``, ``decode``, ``dictionary``, ``consumer``, ``storage``,
+    ``audit`` and ``insight``."""
     group = commands.group("bench", "benchmarks that print figures against a baseline")
     bench = commands.add(
         group, "edge", "spool appends/s, backlog drain to a broker, bytes per sample", _edge
@@ -181,6 +181,27 @@ def register(commands: Commands) -> None:
     bench.add_argument("--per-write", type=int, default=20_000, help="samples per transaction")
     bench.add_argument("--vehicles", type=int, default=500, help="vehicles in each write")
 
+    bench = commands.add(
+        group,
+        "insight",
+        "writer throughput with trip and health maintenance on vs off, same run, own database",
+        _insight,
+    )
+    add_flags(
+        bench,
+        BenchSettings,
+        keys={"database_url"},
+        help_text={
+            "database_url": "a scratch server where a database revline_bench_insight_<pid> is "
+            "created and dropped (needs --yes-really); empty: a private PostgreSQL",
+        },
+    )
+    bench.add_argument("--yes-really", action="store_true", help=_YES_REALLY_HELP)
+    bench.add_argument("--vehicles", type=int, default=1000, help="simulated cars at 1 Hz")
+    bench.add_argument("--seconds", type=int, default=200, help="fleet seconds per round (200)")
+    bench.add_argument("--per-write", type=int, default=20_000, help="samples per write")
+    bench.add_argument("--rounds", type=int, default=2, help="rounds of each mode, alternated")
+
 
 def _edge(args: argparse.Namespace) -> int:
     from revline.bench.edge import run_bench  # noqa: PLC0415 - needs the edge extra
@@ -240,6 +261,19 @@ def _audit(args: argparse.Namespace) -> int:
             bench_audit(url, samples=args.samples, per_write=args.per_write, vehicles=args.vehicles)
         )
     return 0
+
+
+def _insight(args: argparse.Namespace) -> int:
+    from revline.bench.insight import main  # noqa: PLC0415 - needs the consumer extra
+
+    settings = _bench_settings(args)
+    if _refused(args, settings, ("database_url",)):
+        return EXIT_CONFIG
+    if _unreachable(args, settings):
+        return EXIT_FAILURE
+    with contextlib.ExitStack() as stack:
+        args.database_url = settings.database_url or stack.enter_context(_own_postgres())
+        return main(args)
 
 
 def _storage(args: argparse.Namespace) -> int:

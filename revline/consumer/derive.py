@@ -18,8 +18,9 @@ def derivations(settings: ConsumerSettings) -> list[Derivation]:
     """The derivations the consumer keeps, in the order they run in each write, from its
     settings. Each part that derives something (trips, accounting...) registers it here."""
     from revline.audit.service import Audit  # noqa: PLC0415 - prometheus, paho: when serving
+    from revline.insight.store import Insight, InsightMarks  # noqa: PLC0415 - loaded here
 
-    found: list[Derivation] = []
+    found: list[Derivation] = [Insight() if settings.insight_fold else InsightMarks()]
     if settings.audit == "on":
         found.append(Audit(_audit_config(settings)))  # revline.audit: loss you can see
     return found

@@ -376,6 +376,9 @@ def _consumer_login(database_url: str, *, revoke: str) -> Iterator[tuple[str, st
             "SELECT, INSERT ON samples",  # SELECT: ON CONFLICT (vin, ts, seq) reads the key
             "SELECT, INSERT, UPDATE ON vehicle_state",
             "INSERT ON rejected",
+            # insight (sql/008_insight.sql): marks and trouble codes in each write, the fold after
+            "SELECT, INSERT, UPDATE, DELETE ON insight_dirty, dtc_reports, dtc_events, trips, "
+            "odometer_history, vehicle_events, vehicle_activity, insight_checkpoints",
             # revline.audit: accounting in every write, and its task's tables
             "SELECT, INSERT, UPDATE, DELETE ON audit_vehicles, audit_ranges, audit_gaps, "
             "audit_losses, audit_status, audit_broker",
