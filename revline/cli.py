@@ -32,6 +32,7 @@ COMMAND_MODULES = (
     "revline.storage.cli",
     "revline.edge.cli",
     "revline.bench.cli",
+    "revline.api.cli",
 )
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from revline.storage.notify import StateNotify
+
 if TYPE_CHECKING:
     from revline.consumer.config import ConsumerSettings
     from revline.storage.derive import Derivation
@@ -15,4 +17,4 @@ def derivations(settings: ConsumerSettings) -> list[Derivation]:
     """The derivations the consumer keeps, in the order they run in each write, from its
     settings. Each part that derives something (trips, accounting...) registers it here."""
     del settings
-    return []
+    return [StateNotify()]  # notify last: listeners re-read what the others wrote

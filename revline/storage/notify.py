@@ -1,0 +1,50 @@
+"""Live notifications: what each write committed, told to listeners after the commit.
+
+:class:`StateNotify` is a :class:`~revline.storage.derive.Derivation`: inside the write's
+transaction it queues one ``NOTIFY revline_state, '<vin> <ts>'`` per vehicle of the write (``ts``:
+its newest sample in the write, µs). PostgreSQL delivers a NOTIFY only when its transaction
+commits, and never if it rolls back, so a listener (``revline api``'s live streams) never hears of
+data that is not committed. The payload is small on purpose: listeners re-read the hot table.
+One statement per write, whatever its size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Final
+
+from revline.storage.derive import spans
+
+__all__ = ["STATE_CHANNEL", "StateNotify", "parse_state_payload"]
+
+STATE_CHANNEL: Final = "revline_state"
+
+_NOTIFY_SQL: Final = (
+    f"SELECT pg_notify('{STATE_CHANNEL}', v || ' ' || t::text) "
+    "FROM unnest($1::text[], $2::bigint[]) AS u(v, t)"
+)
+
+
+class StateNotify:
+    """Tells ``revline_state`` listeners which vehicles a write touched, after it commits."""
+
+    name = "notify"
+
+    async def prepare(self, connection: Any) -> None:
+        """Nothing to prepare."""
+
+    async def apply(self, connection: Any, rows: Sequence[tuple[Any, ...]]) -> None:
+        """One NOTIFY per vehicle of the write, queued in its transaction."""
+        found = spans(rows)
+        if found:
+            await connection.execute(
+                _NOTIFY_SQL, [s.vin for s in found], [s.ts_max for s in found]
+            )
+
+
+def parse_state_payload(payload: str) -> tuple[str, int] | None:
+    """``(vin, ts)`` of a ``revline_state`` payload; None for anything else."""
+    vin, _, ts = payload.partition(" ")
+    if not vin or not ts.isdigit():
+        return None
+    return vin, int(ts)
