@@ -23,7 +23,7 @@ from litestar.datastructures import State
 from litestar.exceptions import HTTPException
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import JsonRenderPlugin, SwaggerRenderPlugin
-from litestar.openapi.spec import Components, SecurityRequirement, SecurityScheme
+from litestar.openapi.spec import Components, SecurityScheme
 from litestar.params import Parameter
 from litestar.response import Stream
 
@@ -67,6 +67,10 @@ _SSE: Final = "text/event-stream"
 _STREAM_QUEUE: Final = 8
 """COPY chunks buffered between PostgreSQL and a slow client: beyond it, PostgreSQL waits."""
 _ACQUIRE_TIMEOUT_S: Final = 10.0
+
+
+class ExportError(Exception):
+    """An export's COPY failed after its response had started."""
 
 
 @dataclass
@@ -237,10 +241,13 @@ async def _copy_stream(
     its connection goes back to the pool."""
     queue: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=_STREAM_QUEUE)
 
+    async def put(chunk: bytes | bytearray | memoryview) -> None:
+        await queue.put(bytes(chunk))  # asyncpg may reuse its buffer: copy before it does
+
     async def produce() -> None:
         async with _connection(resources) as connection:
             options: dict[str, Any] = {"format": "csv", "header": True} if fmt == "csv" else {}
-            await connection.copy_from_query(sql, *args, output=queue.put, **options)
+            await connection.copy_from_query(sql, *args, output=put, **options)
         await queue.put(None)
 
     resources.streams += 1
@@ -251,7 +258,12 @@ async def _copy_stream(
             done, _ = await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
             if getter not in done:
                 getter.cancel()
-                task.result()  # the COPY failed: raise, which cuts the response short
+                if task.exception() is not None:
+                    # The status line is sent: cutting the response short is the only way to
+                    # tell the client (its chunked body never ends).
+                    error = describe(task.exception() or Exception())
+                    log.warning("export failed mid-stream", extra=kv(error=error))
+                    raise ExportError(error)
                 continue  # finished: what it queued is still to be read
             chunk = getter.result()
             if chunk is None:
@@ -417,7 +429,7 @@ async def odometer(
     width = "1 hour" if period == "hour" else "1 day"
     async with _connection(_res(request)) as connection:
         rows = await connection.fetch(
-            "SELECT date_bin($4::interval, bucket, timestamptz 'epoch') AS ts, "
+            "SELECT date_bin($4::text::interval, bucket, timestamptz 'epoch') AS ts, "
             "min(odometer_min) AS lo, max(odometer_max) AS hi FROM samples_1h "
             "WHERE vin = $1 AND bucket >= $2 AND bucket < $3 AND odometer_max IS NOT NULL "
             "GROUP BY 1 ORDER BY 1 LIMIT $5",
@@ -602,7 +614,7 @@ def create_app(resources: Resources) -> Litestar:
             description="Read telemetry of vehicles and post batches over HTTP. See docs/api.md.",
             path="/schema",
             render_plugins=[SwaggerRenderPlugin(path="/"), JsonRenderPlugin()],
-            security=[SecurityRequirement({"apiKey": []})],
+            security=[{"apiKey": []}],
             components=Components(
                 security_schemes={
                     "apiKey": SecurityScheme(
