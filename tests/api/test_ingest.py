@@ -52,7 +52,8 @@ def test_a_batch_posted_twice_is_stored_once_and_acked_both_times(
         assert response.headers["content-type"].startswith("application/msgpack")
         ack = decode_ack(response.content)
         assert (ack.vin, ack.batches) == (unique_vin, [first.batch])
-    as_json = _post(api, unique_vin, key, encode_json(second), **{"Content-Type": "application/json"})
+    json_type = {"Content-Type": "application/json"}
+    as_json = _post(api, unique_vin, key, encode_json(second), **json_type)
     assert decode_ack(as_json.content).batches == [second.batch]
     v2 = encode_v2(unique_vin, third.batch, columns_from_batch(third))
     assert decode_ack(_post(api, unique_vin, key, v2, **MSGPACK).content).batches == [third.batch]
