@@ -143,7 +143,7 @@ def test_a_client_that_goes_away_mid_stream_frees_its_connection(
     store(api.database_url, sim_batches(unique_vin, 60_000))
     key = make_key("read:*")
     url = f"{api.url}/v1/vehicles/{unique_vin}/telemetry"
-    params = {"from": ISO_T0, "to": ISO_END, "limit": 60_000}
+    params: dict[str, str | int] = {"from": ISO_T0, "to": ISO_END, "limit": 60_000}
     for _ in range(3):
         # A small receive buffer (no autotuning): the kernel cannot take the whole export.
         small = httpx.HTTPTransport(socket_options=[(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)])
