@@ -23,10 +23,12 @@ from revline.fields import FIELDS, Field
 
 __all__ = [
     "ACK_PREFIX",
+    "DTC_PATTERN",
     "EXTRA_KEY_PATTERN",
     "FLAG_CLOCK_UNSYNCED",
     "MAX_BATCH_SAMPLES",
     "MAX_DETAIL_CHARS",
+    "MAX_DTC_CODES",
     "MAX_PAYLOAD_BYTES",
     "NUMERIC_FIELDS",
     "SCHEMA_VERSION",
@@ -62,6 +64,12 @@ EXTRA_KEY_PATTERN: Final = "^[A-Za-z0-9_]{1,64}$"
 digits and ``_``. Anything else, control characters and NUL above all (PostgreSQL refuses a NUL
 in ``jsonb``, which turned a whole batch into ``db_error``), is refused as ``invalid``."""
 
+DTC_PATTERN: Final = "^[PCBU][0-3][0-9A-F]{3}$"
+"""A diagnostic trouble code as SAE J2012 writes it (``P0301``): what ``Sample.dtc`` holds."""
+
+MAX_DTC_CODES: Final = 128
+"""Codes in one ``Sample.dtc`` set, at most (mode 03 and 07 together rarely hold ten)."""
+
 MAX_DETAIL_CHARS: Final = 500
 """``ContractError.detail`` is cut to this: msgspec quotes unknown field names, however long."""
 
@@ -88,6 +96,8 @@ Flags = Annotated[int, msgspec.Meta(ge=0, le=2**31 - 1)]
 ExtraKey = Annotated[str, msgspec.Meta(pattern=EXTRA_KEY_PATTERN)]
 ExtraValue = Annotated[float, msgspec.Meta(ge=-1e12, le=1e12)]
 Extra = Annotated[dict[ExtraKey, ExtraValue], msgspec.Meta(max_length=MAX_EXTRA_FIELDS)]
+DtcCode = Annotated[str, msgspec.Meta(pattern=DTC_PATTERN)]
+DtcSet = Annotated[list[DtcCode], msgspec.Meta(max_length=MAX_DTC_CODES)]
 
 
 def _measurement(field: Field) -> object:
@@ -103,8 +113,10 @@ resend, and the unique key of the cold table.
 Fields: ``ts`` (UTC time of the reading, microseconds since the Unix epoch), ``seq`` (per-device
 sequence number, strictly increasing across restarts), then one optional float per measurement of
 :data:`revline.fields.FIELDS` (its unit and bounds there), ``extra`` (any other PID by its
-python-OBD name, e.g. ``{"TIMING_ADVANCE": 12.5}``) and ``flags`` (bit set:
-``FLAG_CLOCK_UNSYNCED``).
+python-OBD name, e.g. ``{"TIMING_ADVANCE": 12.5}``), ``flags`` (bit set:
+``FLAG_CLOCK_UNSYNCED``) and ``dtc``: absent, except on the sample taken when the vehicle's set
+of stored and pending trouble codes changed, which carries the full new set (``[]`` once
+cleared), sorted.
 """
 
 if TYPE_CHECKING:
@@ -117,6 +129,7 @@ if TYPE_CHECKING:
         seq: int
         extra: dict[str, float] | None = None
         flags: int = 0
+        dtc: list[str] | None = None
 
         def __init__(
             self,
@@ -125,6 +138,7 @@ if TYPE_CHECKING:
             seq: int,
             extra: dict[str, float] | None = None,
             flags: int = 0,
+            dtc: list[str] | None = None,
             **measurements: float | None,
         ) -> None: ...
 
@@ -140,6 +154,7 @@ else:
             *((field.name, _measurement(field), None) for field in FIELDS),
             ("extra", Extra | None, None),
             ("flags", Flags, 0),
+            ("dtc", DtcSet | None, None),
         ],
         module=__name__,
         namespace={"__doc__": _SAMPLE_DOC},

@@ -1,7 +1,8 @@
 """Contract v2: a batch as columns, at exactly the resolution the cold table stores.
 
 v1 sends a MessagePack map per sample with field names and doubles (about 200 B a sample). v2
-sends one MessagePack array ``[2, vin, batch, body, flags, extra]`` (``array_like``), where
+sends one MessagePack array ``[2, vin, batch, body, flags, extra, dtc]`` (``array_like``; the
+trailing elements may be left out when empty), where
 ``body`` is a binary string of unsigned LEB128 varints:
 
 - one codec byte: ``0`` the rest is raw, ``1`` the rest is raw DEFLATE (``zlib``, no header);
@@ -14,9 +15,9 @@ sends one MessagePack array ``[2, vin, batch, body, flags, extra]`` (``array_lik
 A column is ``order`` (0, 1 or 2, what the encoder found shortest) then its values as zigzag
 varints after ``order`` rounds of differencing (``[x0, x1 - x0, ...]``). A measurement's value
 is the integer ``round(value * 10 ** db_digits)``, the cold column itself, so a new entry in
-``FIELDS`` needs no codec change and both versions store identical rows. ``flags`` and ``extra``
-are rare: sparse lists of ``[sample index, value]`` in the envelope, validated by msgspec with
-the v1 types.
+``FIELDS`` needs no codec change and both versions store identical rows. ``flags``, ``extra``
+and ``dtc`` (trouble-code sets) are rare: sparse lists of ``[sample index, value]`` in the
+envelope, validated by msgspec with the v1 types.
 
 Decoding is strict and bounded: counts and lengths are checked before anything is allocated for
 them, a varint is at most 10 bytes, the inflated body at most ``MAX_PAYLOAD_BYTES``, every value
@@ -37,6 +38,7 @@ from revline.contract import (
     MAX_PAYLOAD_BYTES,
     Batch,
     ContractError,
+    DtcSet,
     Extra,
     Flags,
     Sample,
@@ -88,6 +90,11 @@ class _Envelope(msgspec.Struct, array_like=True, forbid_unknown_fields=True, omi
     extra: Annotated[
         list[tuple[SampleIndex, Extra]], msgspec.Meta(max_length=MAX_BATCH_SAMPLES)
     ] = msgspec.field(default_factory=list)
+    # Trouble-code sets (Sample.dtc), sparse like extra; an optional trailing element, so a v2
+    # batch without one is the same bytes as before it existed.
+    dtc: Annotated[
+        list[tuple[SampleIndex, DtcSet]], msgspec.Meta(max_length=MAX_BATCH_SAMPLES)
+    ] = msgspec.field(default_factory=list)
 
 
 _decoder = msgspec.msgpack.Decoder(_Envelope)
@@ -105,6 +112,8 @@ class Columns(msgspec.Struct, kw_only=True):
     sample; a field absent from every sample may be left out."""
     flags: list[int]
     extra: list[dict[str, float] | None]
+    dtc: list[list[str] | None] = msgspec.field(default_factory=list)
+    """Per sample its trouble-code set or None (may be left empty when no sample has one)."""
 
 
 # -- encoding ------------------------------------------------------------------------------------
@@ -174,8 +183,12 @@ def encode_v2(vin: str, batch_id: int, columns: Columns, *, compress: bool = Tru
         body=wire,
         flags=[(i, flags) for i, flags in enumerate(columns.flags) if flags],
         extra=[(i, extra) for i, extra in enumerate(columns.extra) if extra],
+        dtc=[(i, codes) for i, codes in enumerate(columns.dtc) if codes is not None],
     )
-    return _encoder.encode(envelope)
+    # msgspec writes every element of an array_like struct; the decoder takes a missing trailing
+    # one as its default. So a batch without trouble codes stays the bytes it was before them.
+    elements = msgspec.structs.astuple(envelope)
+    return _encoder.encode(elements if envelope.dtc else elements[:-1])
 
 
 def columns_from_batch(batch: Batch) -> Columns:
@@ -193,6 +206,7 @@ def columns_from_batch(batch: Batch) -> Columns:
         },
         flags=[sample.flags for sample in samples],
         extra=[sample.extra for sample in samples],
+        dtc=[sample.dtc for sample in samples],
     )
 
 
@@ -345,8 +359,10 @@ def decode_v2(payload: bytes) -> Batch:
         raise ContractError("invalid", f"v2 body has {len(reader.data) - reader.pos} bytes behind")
     flags = _sparse(envelope.flags, n, "flags")
     extras = _sparse(envelope.extra, n, "extra")
+    dtcs = _sparse(envelope.dtc, n, "dtc")
     samples = [
-        Sample(ts=ts[i], seq=seq[i], flags=flags.get(i, 0), extra=extras.get(i), **fields[i])
+        Sample(ts=ts[i], seq=seq[i], flags=flags.get(i, 0), extra=extras.get(i), dtc=dtcs.get(i),
+               **fields[i])
         for i in range(n)
     ]
     return Batch(v=WIRE_VERSION, vin=envelope.vin, batch=envelope.batch, samples=samples)

@@ -17,4 +17,6 @@ def derivations(settings: ConsumerSettings) -> list[Derivation]:
     """The derivations the consumer keeps, in the order they run in each write, from its
     settings. Each part that derives something (trips, accounting...) registers it here."""
     del settings
-    return [StateNotify()]  # notify last: listeners re-read what the others wrote
+    from revline.insight.store import Insight  # noqa: PLC0415 - asyncpg-side code, loaded here
+
+    return [Insight(), StateNotify()]  # notify last: listeners re-read what the others wrote

@@ -76,7 +76,7 @@ def _type(name: str) -> str:
 STAGING_DDL: Final = (
     f"CREATE TEMP TABLE IF NOT EXISTS {STAGING_TABLE} (vin text, ts bigint, seq bigint, "
     + ", ".join(f"{name} {_type(name)}" for name in NUMERIC_FIELDS)
-    + ", extra jsonb, flags integer) ON COMMIT DELETE ROWS"
+    + ", extra jsonb, flags integer, dtc text[]) ON COMMIT DELETE ROWS"
 )
 
 _TS: Final = "timestamptz 'epoch' + ts * interval '1 microsecond'"

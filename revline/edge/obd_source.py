@@ -14,7 +14,10 @@ when (``edge.pids``), keeps the connection alive and turns answers into readings
   exponential backoff (stamina), forever, until it is closed.
 - DTCs are read at each connection and again whenever the MIL or the DTC count (``STATUS``)
   changes; ``DTC_COUNT`` and ``MIL`` (1.0/0.0) go into the reading's ``extra``; the codes are
-  logged and kept in :attr:`ObdSource.dtcs` for ``revline edge status``.
+  logged and kept in :attr:`ObdSource.dtcs` for ``revline edge status``. The set of stored
+  (mode 03) and pending (mode 07, where supported) codes goes into the next reading's ``dtc``
+  whenever it differs from the set last sent (always on the first read after a start), so it
+  travels in the spooled, acked batches like any value (docs/wire.md, ``dtc``).
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ _T = TypeVar("_T")
 
 STATUS_PID: Final = "STATUS"
 DTC_PID: Final = "GET_DTC"
+PENDING_DTC_PID: Final = "GET_CURRENT_DTC"
 
 
 _ODOMETER_PID: Final = 0xA6
@@ -105,6 +109,7 @@ class _Tick:
     failed: int = 0
     """Consecutive queries without an answer at the end of this tick."""
     lost: bool = False
+    dtc: tuple[str, ...] | None = None
 
 
 class ObdSource:
@@ -157,10 +162,16 @@ class ObdSource:
         self.dtcs: list[tuple[str, str]] = []
         """Latest diagnostic trouble codes read, as ``(code, description)``."""
         self.mil: bool | None = None
+        self.pending_dtcs: list[str] = []
+        """Latest pending codes (mode 07) read, where the car supports it."""
+        self._sent_dtcs: frozenset[str] | None = None
+        """The code set last handed to the sampler (None: none yet since start)."""
         self._executor: ThreadPoolExecutor | None = None
         self._conn: Any = None
         self._status_key: tuple[bool, int] | None = None
         self._forced: set[str] = set()
+        self._dtcs_read = False
+        """Codes were read on this connection: the set in hand is the car's."""
         """Probed PIDs that answered on this connection: queried with ``force=True``."""
 
     async def __aenter__(self) -> Self:
@@ -251,6 +262,7 @@ class ObdSource:
         )
         self._conn = conn
         self._status_key = None
+        self._dtcs_read = False
         if DTC_PID in supported:
             self._read_dtcs(conn)
 
@@ -285,9 +297,9 @@ class ObdSource:
                     extra=kv(source=self.name, failed_queries=failed, port_lost=tick.lost),
                 )
                 return
-            if tick.values or tick.extra:
+            if tick.values or tick.extra or tick.dtc is not None:
                 yield Reading(mono_ns=(start_ns + end_ns) // 2, values=tick.values,
-                              extra=tick.extra)
+                              extra=tick.extra, dtc=tick.dtc)
             # Absolute deadlines keep the rate; a slow adapter just skips ahead, never bursts.
             next_ns = max(next_ns + interval_ns, time.monotonic_ns())
             await asyncio.sleep((next_ns - time.monotonic_ns()) / 1e9)
@@ -311,6 +323,11 @@ class ObdSource:
             if converted is not None:
                 key, number, is_extra = converted
                 (tick.extra if is_extra else tick.values)[key] = number
+        if self._dtcs_read:
+            codes = frozenset([*(code for code, _ in self.dtcs), *self.pending_dtcs])
+            if codes != self._sent_dtcs:
+                tick.dtc = tuple(sorted(codes))
+                self._sent_dtcs = codes
         return tick
 
     def _on_status(self, conn: Any, status: Any, tick: _Tick) -> None:
@@ -329,6 +346,12 @@ class ObdSource:
         if response.is_null():
             return
         self.dtcs = [(str(code), str(text)) for code, text in response.value]
+        pending = obd.commands[PENDING_DTC_PID]
+        if conn.supports(pending):
+            answer = conn.query(pending)
+            if not answer.is_null():
+                self.pending_dtcs = [str(code) for code, _ in answer.value]
+        self._dtcs_read = True
         log.info(
             "DTCs read",
             extra=kv(source=self.name, count=len(self.dtcs),

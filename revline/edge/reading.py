@@ -26,6 +26,9 @@ class Reading:
     extra: dict[str, float] = field(default_factory=dict)
     wall_us: int | None = None
     """A trustworthy UTC time for this instant when the source has one (GPS fix time)."""
+    dtc: tuple[str, ...] | None = None
+    """The full set of stored and pending trouble codes (``P0301``...), only on the reading taken
+    when that set changed since the source last said it (empty: cleared); else None."""
 
 
 class Source(Protocol):

@@ -13,14 +13,14 @@ import math
 import re
 from typing import Final
 
-from revline.contract import EXTRA_KEY_PATTERN
+from revline.contract import DTC_PATTERN, EXTRA_KEY_PATTERN, MAX_DTC_CODES
 from revline.edge.clock import ClockJump, ClockModel, ClockSource
 from revline.edge.reading import Reading
 from revline.edge.spool import Spool, SpoolRow, pack_values
 from revline.fields import FIELDS
 from revline.logs import kv
 
-__all__ = ["FIELD_BOUNDS", "Sampler", "clean_values"]
+__all__ = ["FIELD_BOUNDS", "Sampler", "clean_dtc", "clean_values"]
 
 log = logging.getLogger("revline.edge.sampler")
 
@@ -31,6 +31,15 @@ FIELD_BOUNDS: Final = {field.name: (field.lo, field.hi) for field in FIELDS}
 _EXTRA_LIMIT: Final = 1e12
 _MAX_EXTRA: Final = 64
 _EXTRA_KEY: Final = re.compile(EXTRA_KEY_PATTERN)
+_DTC: Final = re.compile(DTC_PATTERN)
+
+
+def clean_dtc(codes: tuple[str, ...] | None) -> list[str] | None:
+    """A trouble-code set as the contract takes it: sorted, unique, only well-formed codes (a
+    malformed one would make the whole batch invalid), at most ``MAX_DTC_CODES``."""
+    if codes is None:
+        return None
+    return sorted({code for code in codes if _DTC.fullmatch(code)})[:MAX_DTC_CODES]
 
 
 def clean_values(
@@ -111,11 +120,12 @@ class Sampler:
                 if name not in self._warned:
                     self._warned.add(name)
                     log.warning("value outside the contract's bounds dropped", extra=kv(field=name))
-        if not values and not extra:
+        dtc = clean_dtc(reading.dtc)
+        if not values and not extra and dtc is None:
             return
         ts, trusted = self.model.stamp(reading.mono_ns, self.clock.wall_ns())
         mono_us = None if trusted else reading.mono_ns // 1000
-        self._buffer.append((ts, pack_values(values, extra), mono_us))
+        self._buffer.append((ts, pack_values(values, extra, dtc), mono_us))
 
     @property
     def buffered(self) -> int:

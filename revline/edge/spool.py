@@ -78,6 +78,8 @@ present fields by their position here, so revline.fields only ever appends (old 
 readable: a field added later is simply absent from them)."""
 
 _EXTRA_BIT: Final = 1 << 15
+_DTC_BIT: Final = 1 << 48
+"""Presence of a trouble-code set (after ``extra``): far above any field's bit."""
 
 
 def _field_bit(position: int) -> int:
@@ -132,8 +134,13 @@ class DeadLetter:
     """The full length of the payload as received."""
 
 
-def pack_values(values: dict[str, float], extra: dict[str, float] | None = None) -> bytes:
-    """The compact ``data`` blob of one sample: quantised integers behind a presence mask."""
+def pack_values(
+    values: dict[str, float],
+    extra: dict[str, float] | None = None,
+    dtc: list[str] | None = None,
+) -> bytes:
+    """The compact ``data`` blob of one sample: quantised integers behind a presence mask, then
+    ``extra`` and the trouble-code set if any (``[]``, cleared, is kept too)."""
     mask = 0
     out: list[Any] = [0]
     for bit, (name, scale) in zip(_FIELD_BITS, FIELD_SCALES, strict=True):
@@ -144,6 +151,9 @@ def pack_values(values: dict[str, float], extra: dict[str, float] | None = None)
     if extra:
         mask |= _EXTRA_BIT
         out.append(extra)
+    if dtc is not None:
+        mask |= _DTC_BIT
+        out.append(dtc)
     out[0] = mask
     return _encoder.encode(out)
 
@@ -162,6 +172,9 @@ def row_to_sample(seq: int, ts: int, data: bytes, *, flagged: bool) -> Sample:
             fields[name] = q // scale if q % scale == 0 else q / scale
     if mask & _EXTRA_BIT:
         fields["extra"] = items[j]
+        j += 1
+    if mask & _DTC_BIT:
+        fields["dtc"] = items[j]
     return Sample(ts=ts, seq=seq, flags=FLAG_CLOCK_UNSYNCED if flagged else 0, **fields)
 
 
@@ -194,6 +207,7 @@ def batch_columns(batch: SpoolBatch) -> Columns:
     values: dict[int, list[int | None]] = {}
     flags = [0] * n
     extras: list[dict[str, float] | None] = [None] * n
+    dtcs: list[list[str] | None] = [None] * n
     for i, (_, _, data, boot) in enumerate(batch.rows):
         items = _decoder.decode(data)
         mask: int = items[0]
@@ -204,6 +218,9 @@ def batch_columns(batch: SpoolBatch) -> Columns:
                 j += 1
         if mask & _EXTRA_BIT:
             extras[i] = items[j]
+            j += 1
+        if mask & _DTC_BIT:
+            dtcs[i] = items[j]
         if boot is not None:
             flags[i] = FLAG_CLOCK_UNSYNCED
     return Columns(
@@ -212,6 +229,7 @@ def batch_columns(batch: SpoolBatch) -> Columns:
         values=values,
         flags=flags,
         extra=extras,
+        dtc=dtcs,
     )
 
 

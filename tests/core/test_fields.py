@@ -87,7 +87,7 @@ def test_the_contract_takes_each_field_from_the_table() -> None:
     """Sample has one optional float per field, between ts/seq and extra/flags, bounded by the
     table: both bounds pass, a step beyond either is invalid."""
     assert tuple(f.name for f in FIELDS) == NUMERIC_FIELDS
-    assert Sample.__struct_fields__ == ("ts", "seq", *NUMERIC_FIELDS, "extra", "flags")
+    assert Sample.__struct_fields__ == ("ts", "seq", *NUMERIC_FIELDS, "extra", "flags", "dtc")
     for field in FIELDS:
         for value in (field.lo, field.hi, typical(field)):
             measurement: dict[str, Any] = {field.name: value}

@@ -97,7 +97,7 @@ measurement = st.one_of(st.none(), st.floats(0, 100, allow_nan=False))
 
 @st.composite
 def batches(draw: st.DrawFn) -> Batch:
-    """Random valid batches: any subset of fields, flags and extra here and there."""
+    """Random valid batches: any subset of fields, flags, extra and trouble codes here and there."""
     n = draw(st.integers(1, 40))
     seqs = sorted(draw(st.sets(st.integers(0, 2**63 - 1), min_size=n, max_size=n)))
     samples = []
@@ -112,6 +112,7 @@ def batches(draw: st.DrawFn) -> Batch:
                 seq=seq,
                 flags=draw(st.sampled_from([0, 0, 1, 2**31 - 1])),
                 extra=draw(st.one_of(st.none(), st.just({"TIMING_ADVANCE": -12.5}))),
+                dtc=draw(st.one_of(st.none(), st.just([]), st.just(["C0035", "P0301"]))),
                 **values,
             )
         )

@@ -1,0 +1,170 @@
+"""Insight through the real writer and database: live, late, shuffled and split give one result."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from typing import Any
+
+import asyncpg
+import pytest
+
+from revline.consumer.writer import Writer
+from revline.contract import Batch, Sample
+from revline.insight.segment import segment
+from revline.insight.store import Insight
+from revline.insight.thresholds import THRESHOLDS, Thresholds
+from tests.fixtures.consumer import ConsumerFactory, PublisherFactory, query
+from tests.fixtures.services import wait_until
+from tests.insight.drives import T0, US, as_samples, drive
+from tests.insight.test_segment import KNOWN_STOPS
+
+NOW = Thresholds(settle_s=0)
+"""The shipped thresholds, recomputed as soon as a write commits (tests do not wait)."""
+
+TRIP_SQL = (
+    "SELECT extract(epoch FROM start_ts - $2) AS start_s, extract(epoch FROM end_ts - $2) AS end_s,"
+    " samples, round(distance_km::numeric, 6) AS km, distance_source, max_speed, gap_s, closed,"
+    " round(odometer_end::numeric, 6) AS odo, hard_brakes "
+    "FROM trips WHERE vin = $1 ORDER BY start_ts"
+)
+
+
+def _batches(vin: str, samples: list[Sample], size: int) -> list[Batch]:
+    return [
+        Batch(v=1, vin=vin, batch=k, samples=samples[i : i + size])
+        for k, i in enumerate(range(0, len(samples), size))
+    ]
+
+
+async def _trips(connection: Any, vin: str) -> list[tuple[Any, ...]]:
+    t0 = await connection.fetchval("SELECT timestamptz 'epoch' + $1 * interval '1 microsecond'", T0)
+    return [tuple(r) for r in await connection.fetch(TRIP_SQL, vin, t0)]
+
+
+def test_live_late_shuffled_and_split_uploads_store_the_same_trips(
+    migrated_db: str, unique_vin: str
+) -> None:
+    """The drive with known stops written live (recomputed after every write), and again under
+    another VIN shuffled, in seven pieces in random order, one resent: identical trip rows."""
+    samples = as_samples(drive(KNOWN_STOPS))
+    late_vin = unique_vin[:-1] + ("0" if unique_vin[-1] != "0" else "1")
+    insight = Insight(NOW)
+    rng = random.Random(15)
+
+    async def scenario() -> tuple[list[Any], list[Any], int]:
+        async with Writer(migrated_db, pool_size=2, derivations=[insight]) as writer:
+            for live in _batches(unique_vin, samples, 50):
+                await writer.write([live])
+                await insight.catch_up(writer.pool)
+            shuffled = list(samples)
+            rng.shuffle(shuffled)
+            pieces = _batches(late_vin, shuffled, len(shuffled) // 7 + 1)
+            rng.shuffle(pieces)
+            for piece in [*pieces, pieces[0]]:  # the first one is redelivered at the end
+                await writer.write([piece])
+                if rng.random() < 0.5:
+                    await insight.catch_up(writer.pool)
+            while await insight.catch_up(writer.pool):
+                pass
+            connection = await asyncpg.connect(migrated_db)
+            try:
+                dirty = await connection.fetchval("SELECT count(*) FROM insight_dirty")
+                return (
+                    await _trips(connection, unique_vin),
+                    await _trips(connection, late_vin),
+                    dirty,
+                )
+            finally:
+                await connection.close()
+
+    live, late, dirty = asyncio.run(scenario())
+    assert [(r[0], r[1]) for r in live] == [(0, 1619), (2220, 2519), (6120, 6419)]
+    assert late == live
+    assert dirty == 0
+    expected = segment(drive(KNOWN_STOPS), THRESHOLDS)
+    assert [r[2] for r in live] == [t.samples for t in expected]
+    assert [r[7] for r in live] == [True, True, True]
+    odometer = [float(r[8]) for r in live]
+    assert odometer == sorted(odometer)
+    assert odometer[-1] == pytest.approx(sum(float(r[3]) for r in live))  # accumulated
+
+
+def test_trouble_code_reports_become_events_and_a_resend_changes_nothing(
+    migrated_db: str, unique_vin: str
+) -> None:
+    """P0300 set then cleared is one dtc_events row with both times, and the active set is empty;
+    a code still set is active. Reports arriving late and twice give the same rows."""
+    reports = [
+        Sample(ts=T0, seq=1, speed=0.0, dtc=[]),
+        Sample(ts=T0 + 10 * US, seq=2, speed=0.0, dtc=["P0300"]),
+        Sample(ts=T0 + 20 * US, seq=3, speed=0.0, dtc=["P0300", "P0420"]),
+        Sample(ts=T0 + 30 * US, seq=4, speed=0.0, dtc=["P0420"]),
+    ]
+
+    async def scenario() -> None:
+        insight = Insight(NOW)
+        async with Writer(migrated_db, pool_size=1, derivations=[insight]) as writer:
+            await writer.write([Batch(v=1, vin=unique_vin, batch=2, samples=reports[2:])])
+            await writer.write([Batch(v=1, vin=unique_vin, batch=1, samples=reports[:2])])
+            await writer.write([Batch(v=1, vin=unique_vin, batch=2, samples=reports[2:])])
+
+    asyncio.run(scenario())
+    events = [
+        tuple(r)
+        for r in query(
+            migrated_db,
+            "SELECT code, extract(epoch FROM first_seen - to_timestamp($2))::float8,"
+            " extract(epoch FROM cleared - to_timestamp($2))::float8"
+            " FROM dtc_events WHERE vin = $1 ORDER BY first_seen",
+            unique_vin,
+            T0 / US,
+        )
+    ]
+    active = [r[0] for r in query(migrated_db, "SELECT code FROM dtc_active WHERE vin = $1",
+                                  unique_vin)]
+    assert events == [("P0300", 10, 30), ("P0420", 20, None)]
+    assert active == ["P0420"]
+
+
+def test_the_real_consumer_derives_trips_from_a_backlog_sent_in_halves_out_of_order(
+    make_consumer: ConsumerFactory,
+    make_publisher: PublisherFactory,
+    migrated_db: str,
+    unique_vin: str,
+) -> None:
+    """Through Mosquitto and `revline consumer`: the second half of the drive first (live),
+    then the first half shuffled in pieces: the trips are the expected three."""
+    make_consumer(args=["--max-age-s", str(10 * 365 * 86_400)])
+    samples = as_samples(drive(KNOWN_STOPS))
+    half = len(samples) // 2
+    first, second = samples[:half], samples[half:]
+    rng = random.Random(7)
+    rng.shuffle(first)
+    publisher = make_publisher()
+    publisher.publish_batches(_batches(unique_vin, second, 200))
+    pieces = [
+        Batch(v=1, vin=unique_vin, batch=1000 + b.batch, samples=b.samples)
+        for b in _batches(unique_vin, first, 300)
+    ]
+    rng.shuffle(pieces)
+    publisher.publish_batches(pieces)
+
+    def bounds() -> list[tuple[float, float]]:
+        rows = query(
+            migrated_db,
+            "SELECT extract(epoch FROM start_ts - to_timestamp($2))::float8,"
+            " extract(epoch FROM end_ts - to_timestamp($2))::float8"
+            " FROM trips WHERE vin = $1 ORDER BY start_ts",
+            unique_vin,
+            T0 / US,
+        )
+        return [(r[0], r[1]) for r in rows]
+
+    expected = [(0.0, 1619.0), (2220.0, 2519.0), (6120.0, 6419.0)]
+
+    def settled() -> bool:
+        dirty = query(migrated_db, "SELECT count(*) FROM insight_dirty WHERE vin = $1", unique_vin)
+        return bounds() == expected and dirty[0][0] == 0
+
+    wait_until(settled, what="the consumer to derive the three trips", timeout=90)
