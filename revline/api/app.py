@@ -35,10 +35,14 @@ from revline.api.ingest import Ingest
 from revline.api.live import Hub
 from revline.api.models import (
     STATUS_COLUMNS,
+    TRIP_COLUMNS,
+    Trip,
+    TroubleCode,
     VehicleList,
     VehicleStatus,
     VehicleSummary,
     status_from_row,
+    trip_from_row,
 )
 from revline.api.queries import (
     Key,
@@ -48,6 +52,7 @@ from revline.api.queries import (
     copy_sql,
     decode_cursor,
     encode_cursor,
+    from_us,
     parse_fields,
     parse_time,
     to_us,
@@ -55,6 +60,7 @@ from revline.api.queries import (
 from revline.contract import encode, encode_json, is_valid_vin
 from revline.logs import kv
 from revline.storage.errors import describe
+from revline.storage.notify import DTC_CHANNEL, STATE_CHANNEL
 
 __all__ = ["Resources", "create_app"]
 
@@ -180,11 +186,38 @@ async def vehicles(
 
 
 async def _statuses(connection: Any, vins: Sequence[str]) -> list[VehicleStatus]:
-    rows = await connection.fetch(
-        f"SELECT {STATUS_COLUMNS} FROM vehicle_state WHERE vin = ANY($1::text[]) ORDER BY vin",
-        list(vins),
-    )
-    return [status_from_row(row) for row in rows]
+    """The status of each of ``vins`` that has sent data: the hot row, its active trouble codes
+    and its latest trip, in one transaction (one snapshot)."""
+    wanted = list(vins)
+    async with connection.transaction(readonly=True, isolation="repeatable_read"):
+        rows = await connection.fetch(
+            f"SELECT {STATUS_COLUMNS} FROM vehicle_state WHERE vin = ANY($1::text[]) "
+            "ORDER BY vin",
+            wanted,
+        )
+        codes = await connection.fetch(
+            "SELECT vin, code, first_seen, last_seen, detected_at FROM dtc_active "
+            "WHERE vin = ANY($1::text[]) ORDER BY vin, code",
+            wanted,
+        )
+        trips = await connection.fetch(
+            f"SELECT DISTINCT ON (vin) vin, {TRIP_COLUMNS} FROM trips "
+            "WHERE vin = ANY($1::text[]) ORDER BY vin, start_ts DESC",
+            wanted,
+        )
+    active: dict[str, list[TroubleCode]] = {}
+    for c in codes:
+        active.setdefault(c["vin"], []).append(
+            TroubleCode(c["code"], c["first_seen"], c["last_seen"], None, c["detected_at"])
+        )
+    last = {t["vin"]: trip_from_row({k: v for k, v in t.items() if k != "vin"}) for t in trips}
+    found = []
+    for row in rows:
+        state = status_from_row(row)
+        state.trouble_codes = active.get(state.vin, [])
+        state.last_trip = last.get(state.vin)
+        found.append(state)
+    return found
 
 
 @get("/v1/vehicles/{vin:str}/status", tags=["vehicles"], summary="A vehicle's live status")
@@ -385,23 +418,73 @@ def _fields_of(query: TelemetryQuery) -> dict[str, Any]:
     return {name: getattr(query, name) for name in TelemetryQuery.__slots__}
 
 
-# --- odometer history (the odometer is a measurement, sql/007: read from the 1 h rollup) ---
+# --- trips, odometer history, trouble codes (insight's tables, sql/008_insight.sql) ---
+
+
+def _range(from_: str, to: str) -> tuple[datetime, datetime]:
+    try:
+        start, end = parse_time(from_, "from"), parse_time(to, "to")
+    except QueryError as exc:
+        raise ApiError(400, "bad_query", str(exc)) from None
+    if end <= start:
+        raise ApiError(400, "bad_query", "to: must be after from")
+    return start, end
+
+
+class TripList(msgspec.Struct):
+    """Trips by start time; ``next``: the ``from`` of the next page (null: the end)."""
+
+    vin: str
+    items: list[Trip]
+    next: str | None
+
+
+@get("/v1/vehicles/{vin:str}/trips", tags=["vehicles"], summary="Trips in a time range")
+async def trips(
+    request: Request[Any, Any, Any],
+    vin: str,
+    *,
+    from_: Annotated[str, Parameter(query="from", description="ISO 8601 with zone, or µs")],
+    to: Annotated[str, Parameter(description="end (exclusive): ISO 8601 with zone, or µs")],
+    limit: Annotated[int, Parameter(ge=1, le=1000)] = 100,
+) -> TripList:
+    """Trips that started in ``[from, to)``, oldest first. Recomputed when late data arrives:
+    an open trip (``closed`` false) may still grow."""
+    _check_vin(vin)
+    principal = await _principal(request)
+    principal.require_read(vin)
+    start, end = _range(from_, to)
+    async with _connection(_res(request)) as connection:
+        rows = await connection.fetch(
+            f"SELECT {TRIP_COLUMNS} FROM trips WHERE vin = $1 AND start_ts >= $2 "
+            "AND start_ts < $3 ORDER BY start_ts LIMIT $4",
+            vin, start, end, limit + 1,
+        )
+    items = [trip_from_row(r) for r in rows[:limit]]
+    more = len(rows) > limit
+    return TripList(vin, items, rows[limit]["start_ts"].isoformat() if more else None)
 
 
 class OdometerPoint(msgspec.Struct):
-    """The odometer over one period: its lowest and highest reading."""
+    """The odometer at one trip end (insight's ``odometer_history``)."""
 
     ts: datetime
-    """Start of the period (UTC)."""
-    min: float
-    max: float
+    odometer_km: float
+    """Never goes backwards: the OBD reading when plausible, else the last value plus the trip
+    distance."""
+    source: str
+    """``obd`` (read from the car) or ``distance`` (accumulated trip distance)."""
+    reading_km: float | None = None
+    """The OBD reading as taken, null if the car has none."""
+    anomaly: str | None = None
+    """``jump`` or ``rollback`` when the reading was not believed."""
+    anomaly_km: float | None = None
 
 
 class OdometerHistory(msgspec.Struct):
-    """Odometer readings per period, oldest first; ``next``: the ``from`` of the next page."""
+    """Odometer points, oldest first; ``next``: the ``from`` of the next page (null: the end)."""
 
     vin: str
-    period: str
     items: list[OdometerPoint]
     next: str | None
 
@@ -413,33 +496,53 @@ async def odometer(
     *,
     from_: Annotated[str, Parameter(query="from", description="ISO 8601 with zone, or µs")],
     to: Annotated[str, Parameter(description="end (exclusive): ISO 8601 with zone, or µs")],
-    period: Literal["hour", "day"] = "day",
     limit: Annotated[int, Parameter(ge=1, le=10_000)] = 1000,
 ) -> OdometerHistory:
-    """The lowest and highest odometer reading (km) of each hour or day with readings, from
-    the hourly rollup (sql/005_rollups*, refreshed by the consumer's maintenance or
-    TimescaleDB's policy: the current hour may not be in it yet)."""
+    """The odometer at each trip end in ``[from, to)`` (mileage verification): monotonic,
+    with implausible readings flagged rather than applied."""
     _check_vin(vin)
     principal = await _principal(request)
     principal.require_read(vin)
-    try:
-        start, end = parse_time(from_, "from"), parse_time(to, "to")
-    except QueryError as exc:
-        raise ApiError(400, "bad_query", str(exc)) from None
-    width = "1 hour" if period == "hour" else "1 day"
+    start, end = _range(from_, to)
     async with _connection(_res(request)) as connection:
         rows = await connection.fetch(
-            "SELECT date_bin($4::text::interval, bucket, timestamptz 'epoch') AS ts, "
-            "min(odometer_min) AS lo, max(odometer_max) AS hi FROM samples_1h "
-            "WHERE vin = $1 AND bucket >= $2 AND bucket < $3 AND odometer_max IS NOT NULL "
-            "GROUP BY 1 ORDER BY 1 LIMIT $5",
-            vin, start, end, width, limit + 1,
+            "SELECT ts, odometer_km, source, reading_km, anomaly, anomaly_km "
+            "FROM odometer_history WHERE vin = $1 AND ts >= $2 AND ts < $3 ORDER BY ts LIMIT $4",
+            vin, start, end, limit + 1,
         )
-    items = [OdometerPoint(r["ts"], r["lo"], r["hi"]) for r in rows[:limit]]
+    items = [OdometerPoint(**dict(r)) for r in rows[:limit]]
     more = len(rows) > limit
-    return OdometerHistory(
-        vin, period, items, rows[limit]["ts"].isoformat() if more else None
-    )
+    return OdometerHistory(vin, items, rows[limit]["ts"].isoformat() if more else None)
+
+
+class TroubleCodeList(msgspec.Struct):
+    """Trouble-code events of a vehicle, by first appearance."""
+
+    vin: str
+    items: list[TroubleCode]
+
+
+@get("/v1/vehicles/{vin:str}/trouble-codes", tags=["vehicles"], summary="Trouble-code events")
+async def trouble_codes(
+    request: Request[Any, Any, Any],
+    vin: str,
+    *,
+    active: bool = False,
+    limit: Annotated[int, Parameter(ge=1, le=10_000)] = 1000,
+) -> TroubleCodeList:
+    """Each time a code was active: first and last seen, cleared (null while active);
+    ``active=true``: only those active now. Newest first."""
+    _check_vin(vin)
+    principal = await _principal(request)
+    principal.require_read(vin)
+    where = " AND cleared IS NULL" if active else ""
+    async with _connection(_res(request)) as connection:
+        rows = await connection.fetch(
+            "SELECT code, first_seen, last_seen, cleared, detected_at FROM dtc_events "
+            f"WHERE vin = $1{where} ORDER BY first_seen DESC, code LIMIT $2",
+            vin, limit,
+        )
+    return TroubleCodeList(vin, [TroubleCode(**dict(r)) for r in rows])
 
 
 # --- live (Server-Sent Events) ---
@@ -456,7 +559,7 @@ async def _live_events(
     scopes = principal.scopes
     wants = (lambda vin: vin in vins) if vins is not None else scopes.may_read
     heartbeat = resources.settings.heartbeat_s
-    with resources.hub.subscribe(wants) as subscription:
+    with resources.hub.subscribe(STATE_CHANNEL, wants) as subscription:
         yield b"retry: 2000\n\n"
         pending: set[str] = set(vins or ())
         while True:
@@ -511,15 +614,76 @@ async def live_fleet(request: Request[Any, Any, Any], vins: str | None = None) -
     key may read) after every commit that changed it; ``event: resync`` when notifications may
     have been missed (re-read what you show)."""
     principal = await _principal(request)
-    chosen: frozenset[str] | None = None
+    return _sse_response(_live_events(_res(request), principal, _chosen(principal, vins)))
+
+
+class TroubleCodeAlert(msgspec.Struct):
+    """What changed in a vehicle's trouble codes with one commit."""
+
+    vin: str
+    new: list[str]
+    """Codes that appeared."""
+    cleared: list[str]
+    """Codes that went away."""
+    active: list[str]
+    """Every code active now."""
+
+
+async def _alerts(
+    resources: Resources, principal: Principal, vins: frozenset[str] | None
+) -> AsyncIterator[bytes]:
+    wants = (lambda vin: vin in vins) if vins is not None else principal.scopes.may_read
+    heartbeat = resources.settings.heartbeat_s
+    with resources.hub.subscribe(DTC_CHANNEL, wants) as subscription:
+        yield b"retry: 2000\n\n"
+        while True:
+            try:
+                await asyncio.wait_for(subscription.wake.wait(), timeout=heartbeat)
+            except TimeoutError:
+                yield b": keepalive\n\n"
+                continue
+            changed, resync = subscription.take()
+            if resync:
+                yield _sse("resync", b"{}")
+            for vin, since in sorted(changed.items()):
+                async with _connection(resources) as connection:
+                    rows = await connection.fetch(
+                        "SELECT code, first_seen, cleared FROM dtc_events WHERE vin = $1 "
+                        "AND (cleared IS NULL OR cleared >= $2) ORDER BY code",
+                        vin, from_us(since),
+                    )
+                since_at = from_us(since)
+                alert = TroubleCodeAlert(
+                    vin=vin,
+                    new=[r["code"] for r in rows
+                         if r["cleared"] is None and r["first_seen"] >= since_at],
+                    cleared=[r["code"] for r in rows if r["cleared"] is not None],
+                    active=[r["code"] for r in rows if r["cleared"] is None],
+                )
+                yield _sse("trouble_codes", msgspec.json.encode(alert), f"{vin}:{since}")
+
+
+@get("/v1/alerts/live", tags=["live"], summary="Trouble-code alerts (Server-Sent Events)",
+     media_type=_SSE)
+async def live_alerts(request: Request[Any, Any, Any], vins: str | None = None) -> Stream:
+    """``event: trouble_codes`` after every commit that changed a vehicle's trouble codes
+    (``vins``: comma-separated; default every vehicle this key may read): the codes that
+    appeared, those cleared, and all active now."""
+    principal = await _principal(request)
+    chosen = _chosen(principal, vins)
+    return _sse_response(_alerts(_res(request), principal, chosen))
+
+
+def _chosen(principal: Principal, vins: str | None) -> frozenset[str] | None:
     if vins:
         chosen = frozenset(v.strip() for v in vins.split(",") if v.strip())
         for vin in chosen:
             _check_vin(vin)
             principal.require_read(vin)
-    elif not principal.scopes.reads_anything:
+        return chosen
+    if not principal.scopes.reads_anything:
         raise ApiError(403, "forbidden", f"key {principal.key_id} may not read any vehicle")
-    return _sse_response(_live_events(_res(request), principal, chosen))
+    return None
 
 
 # --- ingest ---
@@ -628,8 +792,8 @@ def create_app(resources: Resources) -> Litestar:
         )
     return Litestar(
         route_handlers=[
-            health, vehicles, status, odometer, telemetry, bulk,
-            live_vehicle, live_fleet, post_batch,
+            health, vehicles, status, trips, odometer, trouble_codes, telemetry, bulk,
+            live_vehicle, live_fleet, live_alerts, post_batch,
         ],
         state=State({"revline": resources}),
         exception_handlers={

@@ -1,10 +1,11 @@
 """The live feed: one LISTEN connection, fanned out to every open live stream.
 
-The consumer's writes (and HTTP ingest's) NOTIFY ``revline_state`` with ``<vin> <ts>`` after
-commit (:mod:`revline.storage.notify`). :class:`Hub` holds one connection listening to it and to
-``revline_api_keys`` (revocations), and marks each :class:`Subscription` that cares about the vin.
-A subscription keeps only *which* vehicles changed (latest ts per vin), never a queue of events:
-a slow client costs at most one entry per vehicle, and it re-reads the hot table for what changed.
+The consumer's writes (and HTTP ingest's) NOTIFY ``revline_state`` (and ``revline_dtc`` for
+trouble-code changes) with ``<vin> <ts>`` after commit (:mod:`revline.storage.notify`).
+:class:`Hub` holds one connection listening to them and to ``revline_api_keys`` (revocations),
+and marks each :class:`Subscription` that cares about the vin. A subscription keeps only *which*
+vehicles changed (latest ts per vin), never a queue of events: a slow client costs at most one
+entry per vehicle, and it re-reads the hot table for what changed.
 
 If the listening connection is lost, notifications sent meanwhile are gone: on reconnect every
 subscription is told to resync (re-read everything it shows), and the key cache is dropped (a
@@ -25,7 +26,7 @@ from revline.api.keys import KEYS_CHANNEL
 from revline.backoff import backoff_delay
 from revline.logs import kv
 from revline.storage.errors import describe
-from revline.storage.notify import STATE_CHANNEL, parse_state_payload
+from revline.storage.notify import DTC_CHANNEL, STATE_CHANNEL, parse_state_payload
 
 __all__ = ["Hub", "Subscription"]
 
@@ -38,7 +39,8 @@ _PING_EVERY_S: Final = 10.0
 class Subscription:
     """What one live stream is waiting for: changed vehicles, and whether to resync."""
 
-    def __init__(self, wants: Callable[[str], bool]) -> None:
+    def __init__(self, channel: str, wants: Callable[[str], bool]) -> None:
+        self.channel = channel
         self.wants = wants
         self.changed: dict[str, int] = {}
         self.resync = False
@@ -70,9 +72,10 @@ class Hub:
         self.notifications = 0
 
     @contextlib.contextmanager
-    def subscribe(self, wants: Callable[[str], bool]) -> Iterator[Subscription]:
-        """A subscription for the vehicles ``wants`` accepts, removed when the block ends."""
-        subscription = Subscription(wants)
+    def subscribe(self, channel: str, wants: Callable[[str], bool]) -> Iterator[Subscription]:
+        """A subscription to ``channel`` (``revline_state`` or ``revline_dtc``) for the vehicles
+        ``wants`` accepts, removed when the block ends."""
+        subscription = Subscription(channel, wants)
         self._subscriptions.add(subscription)
         try:
             yield subscription
@@ -84,14 +87,14 @@ class Hub:
         """Live streams open now."""
         return len(self._subscriptions)
 
-    def _on_state(self, _c: Any, _pid: int, _channel: str, payload: str) -> None:
+    def _on_state(self, _c: Any, _pid: int, channel: str, payload: str) -> None:
         parsed = parse_state_payload(payload)
         if parsed is None:
             return
         self.notifications += 1
         vin, ts = parsed
         for subscription in self._subscriptions:
-            if subscription.wants(vin):
+            if subscription.channel == channel and subscription.wants(vin):
                 if ts > subscription.changed.get(vin, -1):
                     subscription.changed[vin] = ts
                 subscription.wake.set()
@@ -137,6 +140,7 @@ class Hub:
         gone = asyncio.Event()
         connection.add_termination_listener(lambda _c: gone.set())
         await connection.add_listener(STATE_CHANNEL, self._on_state)
+        await connection.add_listener(DTC_CHANNEL, self._on_state)
         await connection.add_listener(KEYS_CHANNEL, self._on_key)
         self._on_revoked(None)  # anything revoked while we were not listening
         self.listening.set()

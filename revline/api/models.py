@@ -13,12 +13,16 @@ from revline.contract import NUMERIC_FIELDS
 
 __all__ = [
     "STATUS_COLUMNS",
+    "TRIP_COLUMNS",
     "Position",
     "Reading",
+    "Trip",
+    "TroubleCode",
     "VehicleList",
     "VehicleStatus",
     "VehicleSummary",
     "status_from_row",
+    "trip_from_row",
 ]
 
 
@@ -40,6 +44,56 @@ class Position(msgspec.Struct):
     speed: float | None = None
 
 
+class TroubleCode(msgspec.Struct):
+    """One trouble code and when it was active."""
+
+    code: str
+    """SAE J2012, e.g. ``P0301``."""
+    first_seen: datetime
+    last_seen: datetime
+    cleared: datetime | None = None
+    """When a report first came without it; null while active."""
+    detected_at: datetime | None = None
+    """When the server first stored it."""
+
+
+class Trip(msgspec.Struct):
+    """One trip (insight's ``trips``: see docs/insight.md for how it is cut)."""
+
+    start_ts: datetime
+    end_ts: datetime
+    duration_s: float
+    moving_s: float
+    distance_km: float
+    distance_source: str
+    samples: int
+    completeness: float
+    closed: bool
+    start_lat: float | None = None
+    start_lon: float | None = None
+    end_lat: float | None = None
+    end_lon: float | None = None
+    avg_speed: float | None = None
+    max_speed: float | None = None
+    max_rpm: float | None = None
+    max_coolant: float | None = None
+    min_battery: float | None = None
+    fuel_used_pct: float | None = None
+    fuel_used_l: float | None = None
+    odometer_start: float | None = None
+    odometer_end: float | None = None
+    hard_brakes: int = 0
+    hard_accels: int = 0
+
+
+TRIP_COLUMNS: Final = ", ".join(f.name for f in msgspec.structs.fields(Trip))
+
+
+def trip_from_row(row: Mapping[str, Any]) -> Trip:
+    """A :class:`Trip` of a ``trips`` row (:data:`TRIP_COLUMNS`)."""
+    return msgspec.convert(dict(row), Trip, from_attributes=False)
+
+
 class VehicleStatus(msgspec.Struct):
     """A vehicle's live status, from the hot table (``vehicle_state``)."""
 
@@ -55,6 +109,10 @@ class VehicleStatus(msgspec.Struct):
     """The latest value of each measurement ever received, with its time (units: docs/wire.md)."""
     odometer: Reading | None
     extra: dict[str, float] | None = None
+    trouble_codes: list[TroubleCode] = msgspec.field(default_factory=list)
+    """Active trouble codes (insight's ``dtc_active``)."""
+    last_trip: Trip | None = None
+    """The latest trip (insight's ``trips``); ``closed`` is false while it may go on."""
 
 
 class VehicleSummary(msgspec.Struct):

@@ -28,6 +28,7 @@ from revline.consumer.config import ConsumerSettings
 from revline.consumer.derive import derivations
 from revline.consumer.writer import Writer
 from revline.logs import kv
+from revline.storage.derive import Background
 from revline.storage.errors import UnusableDatabaseError, describe, unusable_database
 
 __all__ = ["open_resources", "serve"]
@@ -113,13 +114,22 @@ async def open_resources(settings: ApiSettings) -> AsyncIterator[Resources]:
                 retry_after_s=settings.retry_after_s,
             )
             resources = Resources(settings, pool, auth, ingest, hub)
-            feed = asyncio.create_task(hub.run(), name="live-feed")
+            tasks = [asyncio.create_task(hub.run(), name="live-feed")]
+            # What HTTP ingest marks for later (insight's dirty spans) is folded in here as in
+            # the consumer; both may run: the background work locks what it recomputes.
+            tasks += [
+                asyncio.create_task(d.run(writer.pool), name=d.name)
+                for d in writer.derivations
+                if isinstance(d, Background)
+            ]
             try:
                 yield resources
             finally:
-                feed.cancel()
-                with contextlib.suppress(BaseException):
-                    await feed
+                for task in tasks:
+                    task.cancel()
+                for task in tasks:
+                    with contextlib.suppress(BaseException):
+                        await task
         finally:
             try:
                 await asyncio.wait_for(pool.close(), timeout=5)

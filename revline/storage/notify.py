@@ -6,6 +6,11 @@ its newest sample in the write, µs). PostgreSQL delivers a NOTIFY only when its
 commits, and never if it rolls back, so a listener (``revline api``'s live streams) never hears of
 data that is not committed. The payload is small on purpose: listeners re-read the hot table.
 One statement per write, whatever its size.
+
+Trouble codes: a write holding a sample that carries a trouble-code set (``Sample.dtc``: sent
+only when the set changed) also queues ``NOTIFY revline_dtc, '<vin> <ts>'`` (``ts``: the oldest
+such sample), after insight has re-derived the vehicle's ``dtc_events`` in the same transaction
+(it runs before this derivation): listeners read the events that changed since ``ts``.
 """
 
 from __future__ import annotations
@@ -13,15 +18,18 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Final
 
+from revline.contract import Sample
 from revline.storage.derive import spans
 
-__all__ = ["STATE_CHANNEL", "StateNotify", "parse_state_payload"]
+__all__ = ["DTC_CHANNEL", "STATE_CHANNEL", "StateNotify", "parse_state_payload"]
 
 STATE_CHANNEL: Final = "revline_state"
+DTC_CHANNEL: Final = "revline_dtc"
+_DTC: Final = 1 + Sample.__struct_fields__.index("dtc")
+"""Position of ``dtc`` in a staging row (the VIN, then the sample's fields)."""
 
 _NOTIFY_SQL: Final = (
-    f"SELECT pg_notify('{STATE_CHANNEL}', v || ' ' || t::text) "
-    "FROM unnest($1::text[], $2::bigint[]) AS u(v, t)"
+    "SELECT pg_notify($3, v || ' ' || t::text) FROM unnest($1::text[], $2::bigint[]) AS u(v, t)"
 )
 
 
@@ -38,7 +46,15 @@ class StateNotify:
         found = spans(rows)
         if found:
             await connection.execute(
-                _NOTIFY_SQL, [s.vin for s in found], [s.ts_max for s in found]
+                _NOTIFY_SQL, [s.vin for s in found], [s.ts_max for s in found], STATE_CHANNEL
+            )
+        reports: dict[str, int] = {}
+        for row in rows:
+            if row[_DTC] is not None and row[1] < reports.get(row[0], 2**63):
+                reports[row[0]] = row[1]
+        if reports:
+            await connection.execute(
+                _NOTIFY_SQL, list(reports), list(reports.values()), DTC_CHANNEL
             )
 
 

@@ -191,32 +191,6 @@ def test_a_bulk_query_pages_over_many_vehicles_in_vin_then_time_order(
     assert refused.status_code == 403
 
 
-def test_odometer_history_gives_each_days_lowest_and_highest_reading(
-    api: ApiProcess, make_key: KeyMaker, unique_vin: str
-) -> None:
-    """Odometer readings over two days come back as one row per day, from the hourly rollup."""
-    day = 86_400_000_000
-    t0 = 1_717_243_200_000_000
-    samples = [
-        Sample(ts=t0 + i * 3_600_000_000 + (day if i >= 3 else 0), seq=i, odometer=1000.0 + i)
-        for i in range(6)
-    ]
-    store(api.database_url, [Batch(v=1, vin=unique_vin, batch=1, samples=samples)])
-
-    async def refresh(connection: Any) -> None:
-        await connection.execute(
-            "SELECT revline_refresh_rollup('samples_1h', '1 hour'::interval, '1 hour')"
-        )
-
-    run(with_connection(api.database_url, refresh))
-    body = httpx.get(
-        f"{api.url}/v1/vehicles/{unique_vin}/odometer",
-        params={"from": ISO_T0, "to": ISO_END}, headers=auth(make_key("read:*")),
-    ).json()
-    assert [(p["min"], p["max"]) for p in body["items"]] == [(1000.0, 1002.0), (1003.0, 1005.0)]
-    assert body["next"] is None
-
-
 def test_the_openapi_document_and_its_page_are_served(api: ApiProcess) -> None:
     """/schema/openapi.json documents every /v1 route and the bearer key; /schema is a page."""
     document = httpx.get(f"{api.url}/schema/openapi.json").json()
@@ -224,7 +198,8 @@ def test_the_openapi_document_and_its_page_are_served(api: ApiProcess) -> None:
     assert {
         "/v1/vehicles", "/v1/vehicles/{vin}/status", "/v1/vehicles/{vin}/telemetry",
         "/v1/vehicles/{vin}/odometer", "/v1/telemetry/query", "/v1/vehicles/{vin}/live",
-        "/v1/live", "/v1/vehicles/{vin}/batches",
+        "/v1/live", "/v1/vehicles/{vin}/batches", "/v1/vehicles/{vin}/trips",
+        "/v1/vehicles/{vin}/trouble-codes", "/v1/alerts/live",
     } <= paths
     assert document["components"]["securitySchemes"]["apiKey"]["scheme"] == "bearer"
     page = httpx.get(f"{api.url}/schema")
