@@ -62,7 +62,7 @@ from revline.logs import kv
 from revline.storage.errors import describe
 from revline.storage.notify import DTC_CHANNEL, STATE_CHANNEL
 
-__all__ = ["Resources", "create_app"]
+__all__ = ["STATUS_SQL", "Resources", "create_app"]
 
 log = logging.getLogger("revline.api")
 
@@ -185,37 +185,27 @@ async def vehicles(
     return VehicleList(items=items, next=items[-1].vin if len(rows) > limit else None)
 
 
+STATUS_SQL: Final = (
+    f"SELECT {', '.join('s.' + c for c in STATUS_COLUMNS.split(', '))}, "
+    "(SELECT json_agg(json_build_object('code', d.code, 'first_seen', d.first_seen, "
+    "'last_seen', d.last_seen, 'detected_at', d.detected_at) ORDER BY d.code) "
+    "FROM dtc_active d WHERE d.vin = s.vin) AS trouble_codes, "
+    f"(SELECT row_to_json(t) FROM (SELECT {TRIP_COLUMNS} FROM trips "
+    "WHERE trips.vin = s.vin ORDER BY start_ts DESC LIMIT 1) t) AS last_trip "
+    "FROM vehicle_state s WHERE s.vin = ANY($1::text[]) ORDER BY s.vin"
+)
+"""A status in one statement (one snapshot, one round trip): the hot row, its active trouble
+codes and its latest trip."""
+
+
 async def _statuses(connection: Any, vins: Sequence[str]) -> list[VehicleStatus]:
-    """The status of each of ``vins`` that has sent data: the hot row, its active trouble codes
-    and its latest trip, in one transaction (one snapshot)."""
-    wanted = list(vins)
-    async with connection.transaction(readonly=True, isolation="repeatable_read"):
-        rows = await connection.fetch(
-            f"SELECT {STATUS_COLUMNS} FROM vehicle_state WHERE vin = ANY($1::text[]) "
-            "ORDER BY vin",
-            wanted,
-        )
-        codes = await connection.fetch(
-            "SELECT vin, code, first_seen, last_seen, detected_at FROM dtc_active "
-            "WHERE vin = ANY($1::text[]) ORDER BY vin, code",
-            wanted,
-        )
-        trips = await connection.fetch(
-            f"SELECT DISTINCT ON (vin) vin, {TRIP_COLUMNS} FROM trips "
-            "WHERE vin = ANY($1::text[]) ORDER BY vin, start_ts DESC",
-            wanted,
-        )
-    active: dict[str, list[TroubleCode]] = {}
-    for c in codes:
-        active.setdefault(c["vin"], []).append(
-            TroubleCode(c["code"], c["first_seen"], c["last_seen"], None, c["detected_at"])
-        )
-    last = {t["vin"]: trip_from_row({k: v for k, v in t.items() if k != "vin"}) for t in trips}
+    """The status of each of ``vins`` that has sent data."""
     found = []
-    for row in rows:
+    for row in await connection.fetch(STATUS_SQL, list(vins)):
         state = status_from_row(row)
-        state.trouble_codes = active.get(state.vin, [])
-        state.last_trip = last.get(state.vin)
+        state.trouble_codes = msgspec.convert(row["trouble_codes"] or [], list[TroubleCode])
+        if row["last_trip"] is not None:
+            state.last_trip = msgspec.convert(row["last_trip"], Trip)
         found.append(state)
     return found
 

@@ -65,6 +65,22 @@ def register(commands: Commands) -> None:
     bench.add_argument("--database-url", help="postgresql://... (env DATABASE_URL)")
     bench.add_argument("--samples", type=int, default=200_000, help="samples to write (200000)")
 
+    bench = commands.add(
+        group,
+        "api",
+        "HTTP API: live-status requests/s and p99 for 10,000 vehicles; export rows/s vs COPY",
+        _api,
+    )
+    bench.add_argument(
+        "--database-url",
+        help="a server where a scratch database is created and dropped (default: a private "
+        "PostgreSQL started for the run)",
+    )
+    bench.add_argument("--vehicles", type=int, default=10_000, help="vehicles (10000)")
+    bench.add_argument("--status-requests", type=int, default=20_000, help="status GETs (20000)")
+    bench.add_argument("--concurrency", type=int, default=32, help="clients at once (32)")
+    bench.add_argument("--export-rows", type=int, default=1_000_000, help="export rows (1000000)")
+
 
 def _edge(args: argparse.Namespace) -> int:
     from revline.bench.edge import run_bench  # noqa: PLC0415 - needs the edge extra
@@ -77,6 +93,12 @@ def _edge(args: argparse.Namespace) -> int:
 def run_bench(args: argparse.Namespace) -> int:
     """Run the consumer benchmark and print its table."""
     from revline.bench.consumer import main  # noqa: PLC0415 - needs the consumer extra
+
+    return main(args)
+
+
+def _api(args: argparse.Namespace) -> int:
+    from revline.bench.api import main  # noqa: PLC0415 - needs the api extra
 
     return main(args)
 
