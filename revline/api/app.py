@@ -17,6 +17,7 @@ from datetime import datetime
 from typing import Annotated, Any, Final, Literal
 from urllib.parse import urlencode
 
+import asyncpg
 import msgspec
 from litestar import Litestar, Request, Response, get, post
 from litestar.datastructures import State
@@ -341,6 +342,8 @@ def _telemetry_query(  # noqa: PLR0917 - the query's parts, in the URL's order
     fmt: Literal["ndjson", "csv"],
     limit: int | None,
     cursor: str | None,
+    *,
+    named: bool = False,
 ) -> TelemetryQuery:
     try:
         if limit is not None and limit > settings.max_page_rows:
@@ -354,8 +357,9 @@ def _telemetry_query(  # noqa: PLR0917 - the query's parts, in the URL's order
             format=fmt,
             limit=limit or settings.page_rows,
             after=decode_cursor(cursor) if cursor else None,
+            named=named,
         )
-        if query.after is not None and len(vins) == 1 and query.after[0]:
+        if query.after is not None and bool(query.after[0]) != query.bulk:
             raise QueryError("cursor: belongs to another query")  # noqa: TRY301
         query.check()
     except QueryError as exc:
@@ -397,15 +401,9 @@ async def bulk(request: Request[Any, Any, Any], data: BulkQuery) -> Stream:
     fields = ",".join(data.fields) if data.fields else None
     query = _telemetry_query(
         settings, data.vins, data.from_, data.to, fields, data.resolution, data.format,
-        data.limit, data.cursor,
+        data.limit, data.cursor, named=True,
     )
-    if not query.bulk:  # one vehicle: rows still name it, the cursor too
-        query = TelemetryQuery(**{**_fields_of(query), "vins": (*query.vins, query.vins[0])})
     return await _page(request, query, link=False)
-
-
-def _fields_of(query: TelemetryQuery) -> dict[str, Any]:
-    return {name: getattr(query, name) for name in TelemetryQuery.__slots__}
 
 
 # --- trips, odometer history, trouble codes (insight's tables, sql/008_insight.sql) ---
@@ -746,16 +744,18 @@ def _on_http_error(_request: Request[Any, Any, Any], exc: Exception) -> Response
 
 def _on_error(request: Request[Any, Any, Any], exc: Exception) -> Response[ErrorBody]:
     resources = _res(request)
-    # Anything the database or the network raised is an outage: the client may retry.
-    log.warning(
-        "request failed", extra=kv(path=request.url.path, error=describe(exc)[:300])
-    )
-    return _error_response(
-        ApiError(
-            503, "unavailable", "the database is not reachable now; retry later",
-            headers={"Retry-After": str(resources.settings.retry_after_s)},
+    if isinstance(exc, (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)):
+        # The database or the network: an outage, the client may retry.
+        log.warning("request failed", extra=kv(path=request.url.path, error=describe(exc)))
+        return _error_response(
+            ApiError(
+                503, "unavailable", "the database is not reachable now; retry later",
+                headers={"Retry-After": str(resources.settings.retry_after_s)},
+            )
         )
-    )
+    # A bug: said loudly (the path, never the headers: they hold the key), answered 500.
+    log.error("request failed: bug", exc_info=exc, extra=kv(path=request.url.path))
+    return _error_response(ApiError(500, "internal", "the server failed; this is a bug"))
 
 
 def create_app(resources: Resources) -> Litestar:

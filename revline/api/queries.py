@@ -139,11 +139,13 @@ class TelemetryQuery:
     format: Format = "ndjson"
     limit: int = 100_000
     after: Key | None = None
+    named: bool = False
+    """Each row names its vehicle, and the cursor too (the bulk query, even of one vehicle)."""
 
     @property
     def bulk(self) -> bool:
         """Rows of several vehicles (each row names its vehicle)."""
-        return len(self.vins) > 1 or bool(self.after and self.after[0])
+        return self.named or len(self.vins) > 1
 
     def check(self) -> None:
         """QueryError if the page is not one to answer."""

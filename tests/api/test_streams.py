@@ -186,6 +186,13 @@ def test_a_bulk_query_pages_over_many_vehicles_in_vin_then_time_order(
             break
         body["cursor"] = response.headers["x-next-cursor"]
     assert got == [(vin, seq) for vin in vins for seq in range(500)]
+    one: dict[str, Any] = {"vins": [vins[0]], "from": ISO_T0, "to": ISO_END, "limit": 300}
+    first = httpx.post(f"{api.url}/v1/telemetry/query", json=one, headers=auth(key))
+    one["cursor"] = first.headers["x-next-cursor"]
+    second = httpx.post(f"{api.url}/v1/telemetry/query", json=one, headers=auth(key))
+    assert "x-next-cursor" not in second.headers
+    rows = [json.loads(line) for line in (first.text + second.text).splitlines()]
+    assert [(r["vin"], r["seq"]) for r in rows] == [(vins[0], seq) for seq in range(500)]
     body = {"vins": [*vins, "WDB1240221J123456"], "from": ISO_T0, "to": ISO_END}
     refused = httpx.post(f"{api.url}/v1/telemetry/query", json=body, headers=auth(key))
     assert refused.status_code == 403
