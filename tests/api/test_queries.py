@@ -38,7 +38,7 @@ def test_a_cursor_names_the_key_it_was_made_from(vin: str, ts: int, seq: int) ->
 def test_anything_else_is_not_a_cursor(text: str) -> None:
     """Arbitrary text is refused with QueryError (or is, by chance, a well-formed key)."""
     try:
-        vin, ts, seq = decode_cursor(text)
+        _vin, ts, seq = decode_cursor(text)
     except QueryError:
         return
     assert ts >= 0
