@@ -294,7 +294,8 @@ def main(args: argparse.Namespace) -> int:
                 ("baseline: same SQL, asyncpg", lambda: _status_sql(
                     dsn, args.vehicles, args.status_requests, args.concurrency)),
             ]
-            for name, run in status_runs:
+            # Twice, interleaved: on a shared machine the load changes under a run.
+            for name, run in [*status_runs, *status_runs]:
                 elapsed, latencies = asyncio.run(_status(run))
                 print(f"{name:30} {len(latencies) / elapsed:10.0f} "
                       f"{statistics.median(latencies) * 1000:8.2f} "
