@@ -30,6 +30,7 @@ COMMAND_MODULES = (
     "revline.tools.devices",
     "revline.consumer.cli",
     "revline.storage.cli",
+    "revline.insight.cli",
     "revline.edge.cli",
     "revline.bench.cli",
     "revline.api.cli",

@@ -17,7 +17,8 @@ __all__ = ["register"]
 
 
 def register(commands: Commands) -> None:
-    """Add ``revline bench edge``, ``revline bench consumer`` and ``revline bench storage``."""
+    """Add ``revline bench edge``, ``revline bench consumer``, ``revline bench storage`` and
+    ``revline bench insight``."""
     group = commands.group("bench", "benchmarks that print figures against a baseline")
     bench = commands.add(
         group, "edge", "spool appends/s, backlog drain to a broker, bytes per sample", _edge
@@ -81,6 +82,22 @@ def register(commands: Commands) -> None:
     bench.add_argument("--concurrency", type=int, default=32, help="clients at once (32)")
     bench.add_argument("--export-rows", type=int, default=1_000_000, help="export rows (1000000)")
 
+    bench = commands.add(
+        group,
+        "insight",
+        "writer throughput with trip and health maintenance on vs off, same run, own database",
+        _insight,
+    )
+    bench.add_argument(
+        "--database-url",
+        default="postgresql://postgres@127.0.0.1:5432/postgres",
+        help="server where a scratch database revline_bench_insight_<pid> is created and dropped",
+    )
+    bench.add_argument("--vehicles", type=int, default=1000, help="simulated cars at 1 Hz")
+    bench.add_argument("--seconds", type=int, default=200, help="fleet seconds per round (200)")
+    bench.add_argument("--per-write", type=int, default=20_000, help="samples per write")
+    bench.add_argument("--rounds", type=int, default=2, help="rounds of each mode, alternated")
+
 
 def _edge(args: argparse.Namespace) -> int:
     from revline.bench.edge import run_bench  # noqa: PLC0415 - needs the edge extra
@@ -99,6 +116,12 @@ def run_bench(args: argparse.Namespace) -> int:
 
 def _api(args: argparse.Namespace) -> int:
     from revline.bench.api import main  # noqa: PLC0415 - needs the api extra
+
+    return main(args)
+
+
+def _insight(args: argparse.Namespace) -> int:
+    from revline.bench.insight import main  # noqa: PLC0415 - needs the consumer extra
 
     return main(args)
 

@@ -1,6 +1,6 @@
 """Health and driving events: pure detectors over one vehicle's samples in time order.
 
-- **coolant_hot**: coolant at or above ``coolant_hot_c`` for at least ``coolant_min_s``;
+- **coolant_hot**: coolant above ``coolant_hot_c`` for at least ``coolant_min_s``;
 - **battery_low**: control module voltage below ``battery_low_v`` for at least ``battery_min_s``;
 - **hard_brake** / **hard_accel**: the speed change over ``harsh_window_s`` beyond
   ``hard_brake_ms2`` / ``hard_accel_ms2``, judged only where speed comes at ``harsh_min_hz`` or
@@ -133,7 +133,7 @@ def events(points: Sequence[Point], t: Thresholds) -> list[Event]:
             points,
             "coolant_hot",
             lambda p: p.coolant,
-            lambda v: v >= t.coolant_hot_c,
+            lambda v: v > t.coolant_hot_c,
             threshold=t.coolant_hot_c,
             min_s=t.coolant_min_s,
             gap_s=t.episode_gap_s,

@@ -6,7 +6,7 @@ there) and the trouble-code reports the samples carry, from which that vehicle's
 are re-derived at once (reports are rare: a few a day).
 
 After commit, :meth:`Insight.run` recomputes each dirty vehicle once its first unfolded write is
-``settle_s`` old, in one transaction per vehicle:
+``settle_s`` old, many vehicles per transaction (each statement takes arrays of them):
 
 1. widen the span to the stored trips and events within reach of it (repeated until stable);
 2. read the cold samples of the widened span plus a margin, run the pure policies
@@ -28,6 +28,8 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Sequence
+from itertools import groupby
+from operator import itemgetter
 from typing import Any, Final
 
 from revline.contract import FLAG_CLOCK_UNSYNCED, Sample
@@ -41,7 +43,7 @@ from revline.insight.window import meets, reach_us, widen, window
 from revline.logs import kv
 from revline.storage.derive import spans
 
-__all__ = ["Insight", "recompute_vehicle"]
+__all__ = ["Insight", "recompute"]
 
 log = logging.getLogger("revline.insight")
 
@@ -98,41 +100,57 @@ CLAIM_SQL: Final = (
     "SELECT vin FROM insight_dirty WHERE dirty_since <= now() - $1 * interval '1 second' "
     "ORDER BY dirty_since LIMIT $2"
 )
-LOCK_SQL: Final = "SELECT pg_try_advisory_xact_lock($1, hashtext($2))"
-DIRTY_SQL: Final = (
-    f"SELECT {_us('ts_min')}, {_us('ts_max')}, generation FROM insight_dirty WHERE vin = $1"
+# Every statement below works on many vehicles at once: arrays of (vin, bounds) unnested, so a
+# recompute of hundreds of vehicles is a dozen round trips, not a dozen per vehicle.
+_SPANS: Final = "unnest($1::text[], $2::bigint[], $3::bigint[]) AS u (vin, lo, hi)"
+_FROM: Final = "unnest($1::text[], $2::bigint[]) AS u (vin, lo)"
+
+LOCK_DIRTY_SQL: Final = (
+    f"SELECT vin, {_us('ts_min')}, {_us('ts_max')}, generation FROM insight_dirty "
+    "WHERE vin = ANY($1::text[]) AND pg_try_advisory_xact_lock($2, hashtext(vin)) ORDER BY vin"
 )
+"""The dirty spans of the vehicles no other recompute holds, each now held by this one."""
 HULL_SQL: Final = (
-    "SELECT min(s), max(e) FROM ("
-    f"SELECT {_us('start_ts')} AS s, {_us('end_ts')} AS e FROM trips "
-    f"WHERE vin = $1 AND end_ts >= {_at('$2')} AND start_ts <= {_at('$3')} "
-    f"UNION ALL SELECT {_us('start_ts')}, {_us('end_ts')} FROM vehicle_events "
-    f"WHERE vin = $1 AND end_ts >= {_at('$2')} AND start_ts <= {_at('$3')}) AS x"
+    f"SELECT u.vin, min(x.s), max(x.e) FROM {_SPANS} CROSS JOIN LATERAL ("
+    f"SELECT {_us('t.start_ts')} AS s, {_us('t.end_ts')} AS e FROM trips t "
+    f"WHERE t.vin = u.vin AND t.end_ts >= {_at('u.lo')} AND t.start_ts <= {_at('u.hi')} "
+    f"UNION ALL SELECT {_us('v.start_ts')}, {_us('v.end_ts')} FROM vehicle_events v "
+    f"WHERE v.vin = u.vin AND v.end_ts >= {_at('u.lo')} AND v.start_ts <= {_at('u.hi')}"
+    ") AS x GROUP BY u.vin"
 )
 POINTS_SQL: Final = (
-    f"SELECT {_us('ts')}, coalesce({_value('speed')}, {_value('gps_speed')}), "
+    f"SELECT u.vin, {_us('s.ts')}, coalesce({_value('speed')}, {_value('gps_speed')}), "
     + ", ".join(
         _value(name)
         for name in ("rpm", "coolant", "battery", "fuel", "maf", "lat", "lon", "odometer")
     )
-    + f" FROM samples WHERE vin = $1 AND ts >= {_at('$2')} AND ts <= {_at('$3')} "
-    f"AND flags & {FLAG_CLOCK_UNSYNCED} = 0 ORDER BY ts, seq"
+    + f" FROM {_SPANS} JOIN samples s ON s.vin = u.vin AND s.ts >= {_at('u.lo')} "
+    f"AND s.ts <= {_at('u.hi')} WHERE s.flags & {FLAG_CLOCK_UNSYNCED} = 0 "
+    "ORDER BY u.vin, s.ts, s.seq"
 )
 """What :class:`Point` holds, from the cold table (samples of an unsynced clock left out)."""
-DATA_END_SQL: Final = f"SELECT {_us('ts')} FROM vehicle_state WHERE vin = $1"
+DATA_END_SQL: Final = (
+    f"SELECT vin, {_us('ts')} FROM vehicle_state WHERE vin = ANY($1::text[])"
+)
 PREVIOUS_ODOMETER_SQL: Final = (
-    f"SELECT odometer_km FROM odometer_history WHERE vin = $1 AND ts < {_at('$2')} "
-    "ORDER BY ts DESC LIMIT 1"
+    f"SELECT u.vin, p.odometer_km FROM {_FROM} CROSS JOIN LATERAL ("
+    "SELECT odometer_km FROM odometer_history h "
+    f"WHERE h.vin = u.vin AND h.ts < {_at('u.lo')} ORDER BY h.ts DESC LIMIT 1) AS p"
 )
 DELETE_TRIPS_SQL: Final = (
-    f"DELETE FROM trips WHERE vin = $1 AND end_ts >= {_at('$2')} AND start_ts <= {_at('$3')}"
+    f"DELETE FROM trips t USING {_SPANS} WHERE t.vin = u.vin "
+    f"AND t.end_ts >= {_at('u.lo')} AND t.start_ts <= {_at('u.hi')}"
 )
 LATER_TRIPS_SQL: Final = (
-    f"SELECT {_us('t.end_ts')}, t.distance_km, h.reading_km, {_us('t.start_ts')} FROM trips t "
+    f"SELECT t.vin, {_us('t.end_ts')}, t.distance_km, h.reading_km, {_us('t.start_ts')} "
+    f"FROM {_FROM} JOIN trips t ON t.vin = u.vin AND t.end_ts >= {_at('u.lo')} "
     "LEFT JOIN odometer_history h ON h.vin = t.vin AND h.ts = t.end_ts "
-    f"WHERE t.vin = $1 AND t.end_ts >= {_at('$2')} ORDER BY t.end_ts"
+    "ORDER BY t.vin, t.end_ts"
 )
-DELETE_HISTORY_SQL: Final = f"DELETE FROM odometer_history WHERE vin = $1 AND ts >= {_at('$2')}"
+DELETE_HISTORY_SQL: Final = (
+    f"DELETE FROM odometer_history h USING {_FROM} "
+    f"WHERE h.vin = u.vin AND h.ts >= {_at('u.lo')}"
+)
 INSERT_HISTORY_SQL: Final = (
     "INSERT INTO odometer_history (vin, ts, odometer_km, reading_km, source, anomaly, "
     f"anomaly_km) VALUES ($1, {_at('$2')}, $3, $4, $5, $6, $7)"
@@ -154,10 +172,10 @@ UPDATE_TRIP_ODOMETER_SQL: Final = (
     f"WHERE vin = $1 AND start_ts = {_at('$2')}"
 )
 DELETE_EVENTS_SQL: Final = (
-    f"DELETE FROM vehicle_events e WHERE e.vin = $1 AND e.end_ts >= {_at('$2')} "
-    f"AND e.start_ts <= {_at('$3')} AND NOT EXISTS ("
-    "SELECT 1 FROM unnest($4::text[], $5::bigint[]) AS u (kind, start) "
-    f"WHERE u.kind = e.kind AND {_at('u.start')} = e.start_ts)"
+    f"DELETE FROM vehicle_events e USING {_SPANS} WHERE e.vin = u.vin "
+    f"AND e.end_ts >= {_at('u.lo')} AND e.start_ts <= {_at('u.hi')} AND NOT EXISTS ("
+    "SELECT 1 FROM unnest($4::text[], $5::text[], $6::bigint[]) AS n (vin, kind, start) "
+    f"WHERE n.vin = e.vin AND n.kind = e.kind AND {_at('n.start')} = e.start_ts)"
 )
 UPSERT_EVENT_SQL: Final = (
     "INSERT INTO vehicle_events AS e (vin, kind, start_ts, end_ts, peak, threshold, lat, lon) "
@@ -173,12 +191,23 @@ UPSERT_ACTIVITY_SQL: Final = (
     "last_ts = excluded.last_ts, computed_at = now() WHERE a.last_ts <= excluded.last_ts"
 )
 CLOSE_TRIPS_SQL: Final = (
-    "UPDATE trips SET closed = true WHERE vin = $1 AND NOT closed "
-    f"AND end_ts < {_at('$2')} - $3 * interval '1 second'"
+    f"UPDATE trips t SET closed = true FROM {_FROM} WHERE t.vin = u.vin AND NOT t.closed "
+    f"AND t.end_ts < {_at('u.lo')} - $3 * interval '1 second'"
 )
 """Trips the newest data has left behind by more than the merge gap can no longer grow."""
-DONE_SQL: Final = "DELETE FROM insight_dirty WHERE vin = $1 AND generation = $2"
-AGAIN_SQL: Final = "UPDATE insight_dirty SET dirty_since = now() WHERE vin = $1"
+LOCK_ROWS_SQL: Final = (
+    "SELECT vin FROM insight_dirty WHERE vin = ANY($1::text[]) ORDER BY vin FOR UPDATE"
+)
+"""Row locks in VIN order, the order writers take them in: no deadlock with a write."""
+DONE_SQL: Final = (
+    "DELETE FROM insight_dirty d USING unnest($1::text[], $2::bigint[]) AS u (vin, generation) "
+    "WHERE d.vin = u.vin AND d.generation = u.generation"
+)
+AGAIN_SQL: Final = "UPDATE insight_dirty SET dirty_since = now() WHERE vin = ANY($1::text[])"
+"""Written to meanwhile (generation changed): folded again after the settle time."""
+POSTPONE_SQL: Final = (
+    "UPDATE insight_dirty SET dirty_since = now() + interval '1 minute' WHERE vin = $1"
+)
 
 
 async def record_dtc(connection: Any, reports: Sequence[tuple[str, int, int, list[str]]]) -> None:
@@ -197,77 +226,127 @@ async def record_dtc(connection: Any, reports: Sequence[tuple[str, int, int, lis
         )
 
 
-async def recompute_vehicle(connection: Any, vin: str, t: Thresholds = THRESHOLDS) -> bool:
-    """Fold one vehicle's dirty span into its trips, events, odometer and activity, in the
-    caller's transaction; False if another recompute holds the vehicle or nothing is dirty."""
-    if not await connection.fetchval(LOCK_SQL, _LOCK_CLASS, vin):
-        return False
-    dirty = await connection.fetchrow(DIRTY_SQL, vin)
-    if dirty is None:
-        return False
-    lo, hi, generation = dirty
-    await recompute_span(connection, vin, lo, hi, t)
-    if await connection.execute(DONE_SQL, vin, generation) == "DELETE 0":
-        # Written to meanwhile: its samples may have come after ours were read. Again, later.
-        await connection.execute(AGAIN_SQL, vin)
-    return True
-
-
-async def recompute_span(connection: Any, vin: str, lo: int, hi: int, t: Thresholds) -> None:
-    """Recompute what the samples of ``vin`` between ``lo`` and ``hi`` (µs) can change."""
-    reach = reach_us(t)
-    while True:
-        found = await connection.fetchrow(HULL_SQL, vin, lo - reach, hi + reach)
-        wider = widen(lo, hi, [tuple(found)])
-        if wider == (lo, hi):
-            break
-        lo, hi = wider
-    w = window(lo, hi, t)
-    core = (w.core_lo, w.core_hi)
-    rows = await connection.fetch(POINTS_SQL, vin, w.read_lo, w.read_hi)
-    points = [Point(*row) for row in rows]
-    data_end = await connection.fetchval(DATA_END_SQL, vin)
-    trips = [tr for tr in segment(points, t, data_end=data_end) if meets(*core, tr.start, tr.end)]
-    found = [ev for ev in events(points, t) if meets(*core, ev.start, ev.end)]
-    previous = await connection.fetchval(PREVIOUS_ODOMETER_SQL, vin, core[0])
-    await connection.execute(DELETE_TRIPS_SQL, vin, *core)
-    later = await connection.fetch(LATER_TRIPS_SQL, vin, core[0])
-    ends = [TripEnd(tr.end, tr.distance_km, tr.odometer_end) for tr in trips]
-    ends += [TripEnd(end, distance, reading) for end, distance, reading, _ in later]
-    points_h = history(previous, ends, t)
-    await connection.execute(DELETE_HISTORY_SQL, vin, core[0])
-    await connection.executemany(
-        INSERT_HISTORY_SQL,
-        [(vin, p.ts, p.odometer_km, p.reading_km, p.source, p.anomaly, p.anomaly_km)
-         for p in points_h],
+async def recompute(connection: Any, vins: Sequence[str], t: Thresholds = THRESHOLDS) -> int:
+    """Fold the dirty spans of ``vins`` into their trips, events, odometer and activity, in the
+    caller's transaction; how many vehicles were folded (those another recompute holds, or
+    with nothing dirty, are left alone)."""
+    dirty = await connection.fetch(LOCK_DIRTY_SQL, sorted(set(vins)), _LOCK_CLASS)
+    if not dirty:
+        return 0
+    span = await _widened(connection, {vin: (lo, hi) for vin, lo, hi, _ in dirty}, t)
+    order = sorted(span)
+    windows = {vin: window(*span[vin], t) for vin in order}
+    core_lo = [windows[v].core_lo for v in order]
+    core_hi = [windows[v].core_hi for v in order]
+    points: dict[str, list[Point]] = {}
+    rows = await connection.fetch(
+        POINTS_SQL, order, [windows[v].read_lo for v in order], [windows[v].read_hi for v in order]
     )
-    starts = [_odometer_start(previous, points_h, i, ends) for i in range(len(ends))]
-    await connection.executemany(
-        INSERT_TRIP_SQL,
-        [_trip_row(vin, tr, found, starts[i], points_h[i]) for i, tr in enumerate(trips)],
+    for vin, group in groupby(rows, itemgetter(0)):
+        points[vin] = [Point(*row[1:]) for row in group]
+    data_end = dict(await connection.fetch(DATA_END_SQL, order))
+    trips: dict[str, list[Trip]] = {}
+    found: dict[str, list[Event]] = {}
+    for vin in order:
+        w, read = windows[vin], points.get(vin, [])
+        trips[vin] = [
+            tr for tr in segment(read, t, data_end=data_end.get(vin))
+            if meets(w.core_lo, w.core_hi, tr.start, tr.end)
+        ]
+        found[vin] = [ev for ev in events(read, t) if meets(w.core_lo, w.core_hi, ev.start, ev.end)]
+    previous = dict(await connection.fetch(PREVIOUS_ODOMETER_SQL, order, core_lo))
+    await connection.execute(DELETE_TRIPS_SQL, order, core_lo, core_hi)
+    await _store_trips(
+        connection, order=order, core_lo=core_lo, trips=trips, found=found, previous=previous,
+        t=t,
     )
-    await connection.executemany(
-        UPDATE_TRIP_ODOMETER_SQL,
-        [
-            (vin, start_us, starts[len(trips) + k], points_h[len(trips) + k].odometer_km)
-            for k, (*_, start_us) in enumerate(later)
-        ],
-    )
+    kept = [(vin, ev) for vin in order for ev in found[vin]]
     await connection.execute(
-        DELETE_EVENTS_SQL, vin, *core, [ev.kind for ev in found], [ev.start for ev in found]
+        DELETE_EVENTS_SQL, order, core_lo, core_hi,
+        [vin for vin, _ in kept], [ev.kind for _, ev in kept], [ev.start for _, ev in kept],
     )
     await connection.executemany(
         UPSERT_EVENT_SQL,
-        [(vin, ev.kind, ev.start, ev.end, ev.peak, ev.threshold, ev.lat, ev.lon) for ev in found],
+        [(vin, ev.kind, ev.start, ev.end, ev.peak, ev.threshold, ev.lat, ev.lon)
+         for vin, ev in kept],
     )
-    if data_end is not None:
-        await connection.execute(CLOSE_TRIPS_SQL, vin, data_end, t.merge_gap_s)
-    if points and (data_end is None or w.read_hi >= data_end):
-        state = activity(points, t)
-        if state is not None:
-            await connection.execute(
-                UPSERT_ACTIVITY_SQL, vin, state.state, state.since, state.last_ts
-            )
+    ended = [vin for vin in order if data_end.get(vin) is not None]
+    await connection.execute(CLOSE_TRIPS_SQL, ended, [data_end[v] for v in ended], t.merge_gap_s)
+    states = []
+    for vin in order:
+        end = data_end.get(vin)
+        if points.get(vin) and (end is None or windows[vin].read_hi >= end):
+            state = activity(points[vin], t)
+            if state is not None:
+                states.append((vin, state.state, state.since, state.last_ts))
+    await connection.executemany(UPSERT_ACTIVITY_SQL, states)
+    await connection.fetch(LOCK_ROWS_SQL, order)
+    generation = {vin: gen for vin, _, _, gen in dirty}
+    await connection.execute(DONE_SQL, order, [generation[v] for v in order])
+    await connection.execute(AGAIN_SQL, order)
+    return len(order)
+
+
+async def _widened(
+    connection: Any, span: dict[str, tuple[int, int]], t: Thresholds
+) -> dict[str, tuple[int, int]]:
+    """Each span grown over the stored trips and events within reach, until none is left."""
+    reach = reach_us(t)
+    pending = sorted(span)
+    while pending:
+        found = await connection.fetch(
+            HULL_SQL, pending, [span[v][0] - reach for v in pending],
+            [span[v][1] + reach for v in pending],
+        )
+        pending = []
+        for vin, start, end in found:
+            wider = widen(*span[vin], [(start, end)])
+            if wider != span[vin]:
+                span[vin] = wider
+                pending.append(vin)
+    return span
+
+
+async def _store_trips(
+    connection: Any,
+    *,
+    order: list[str],
+    core_lo: list[int],
+    trips: dict[str, list[Trip]],
+    found: dict[str, list[Event]],
+    previous: dict[str, float],
+    t: Thresholds,
+) -> None:
+    """Insert the new trips, and the odometer history from the first of them on (the stored
+    trips after them included: their odometer follows from the new ones)."""
+    later: dict[str, list[Any]] = {}
+    for vin, group in groupby(await connection.fetch(LATER_TRIPS_SQL, order, core_lo),
+                              itemgetter(0)):
+        later[vin] = list(group)
+    history_rows: list[tuple[Any, ...]] = []
+    trip_rows: list[tuple[Any, ...]] = []
+    updates: list[tuple[Any, ...]] = []
+    for vin in order:
+        new, after = trips[vin], later.get(vin, [])
+        ends = [TripEnd(tr.end, tr.distance_km, tr.odometer_end) for tr in new]
+        ends += [TripEnd(end, distance, reading) for _, end, distance, reading, _ in after]
+        points = history(previous.get(vin), ends, t)
+        history_rows += [
+            (vin, p.ts, p.odometer_km, p.reading_km, p.source, p.anomaly, p.anomaly_km)
+            for p in points
+        ]
+        starts = [_odometer_start(previous.get(vin), points, i, ends) for i in range(len(ends))]
+        trip_rows += [
+            _trip_row(vin, tr, found[vin], starts[i], points[i]) for i, tr in enumerate(new)
+        ]
+        updates += [
+            (vin, row[4], starts[len(new) + k], points[len(new) + k].odometer_km)
+            for k, row in enumerate(after)
+        ]
+    await connection.execute(DELETE_HISTORY_SQL, order, core_lo)
+    await connection.executemany(INSERT_HISTORY_SQL, history_rows)
+    await connection.executemany(INSERT_TRIP_SQL, trip_rows)
+    await connection.executemany(UPDATE_TRIP_ODOMETER_SQL, updates)
 
 
 def _odometer_start(
@@ -304,12 +383,14 @@ class Insight:
         thresholds: Thresholds = THRESHOLDS,
         *,
         poll_s: float = 1.0,
-        claim: int = 500,
+        claim: int = 2000,
+        chunk: int = 250,
         workers: int = 2,
     ) -> None:
         self.thresholds = thresholds
         self.poll_s = poll_s
         self.claim = claim
+        self.chunk = chunk
         self.workers = workers
         self.recomputed = 0
         """Vehicles recomputed so far (for logs, tests and the benchmark)."""
@@ -332,24 +413,48 @@ class Insight:
             await record_dtc(connection, reports)
 
     async def catch_up(self, pool: Any, *, settle_s: float | None = None) -> int:
-        """Recompute the vehicles whose dirty span has settled (one claim); how many were."""
+        """Recompute the vehicles whose dirty span has settled (one claim, in chunks of
+        ``chunk`` vehicles per transaction); how many were."""
         settle = self.thresholds.settle_s if settle_s is None else settle_s
         vins = [row[0] for row in await pool.fetch(CLAIM_SQL, settle, self.claim)]
+        chunks = [vins[k : k + self.chunk] for k in range(0, len(vins), self.chunk)]
         done = 0
-        queue = list(vins)
 
         async def worker() -> None:
             nonlocal done
-            while queue:
-                vin = queue.pop()
-                async with pool.acquire() as connection, connection.transaction():
-                    if await recompute_vehicle(connection, vin, self.thresholds):
-                        done += 1
+            while chunks:
+                folded = await self._fold(pool, chunks.pop())
+                done += folded  # not `done += await ...`: that reads done before the await
 
         async with asyncio.TaskGroup() as tg:
-            for k in range(min(self.workers, len(vins))):
+            for k in range(min(self.workers, len(chunks))):
                 tg.create_task(worker(), name=f"insight-worker-{k}")
         self.recomputed += done
+        return done
+
+    async def _fold(self, pool: Any, vins: list[str]) -> int:
+        """One chunk in one transaction; if it fails while the database answers, each vehicle
+        alone, so that one vehicle's trouble (a bug, a value the tables refuse) holds up only
+        itself: it is logged and retried a minute later."""
+        try:
+            async with pool.acquire() as connection, connection.transaction():
+                return await recompute(connection, vins, self.thresholds)
+        except Exception:
+            await pool.fetchval("SELECT 1")  # an outage raises here: the caller waits it out
+            if len(vins) == 1:
+                raise
+        done = 0
+        for vin in vins:
+            try:
+                async with pool.acquire() as connection, connection.transaction():
+                    done += await recompute(connection, [vin], self.thresholds)
+            except Exception as exc:  # noqa: BLE001 - one vehicle: said, postponed, not fatal
+                await pool.fetchval("SELECT 1")
+                log.warning(
+                    "insight recompute of one vehicle failed; retrying in a minute",
+                    extra=kv(vin=vin, error=f"{type(exc).__name__}: {exc}"),
+                )
+                await pool.execute(POSTPONE_SQL, vin)
         return done
 
     async def run(self, pool: Any) -> None:

@@ -42,7 +42,7 @@ class Thresholds(msgspec.Struct, frozen=True, kw_only=True):
     harsh_window_s: _Positive = 1.0
     """Acceleration is the speed change over this window (smooths the 1 km/h OBD steps)."""
     coolant_hot_c: float = 110.0
-    """Coolant at or above this (°C) is over temperature."""
+    """Coolant above this (°C) is over temperature."""
     coolant_min_s: _NonNegative = 10.0
     """An over-temperature episode lasts at least this long."""
     battery_low_v: _Positive = 11.8
@@ -61,7 +61,7 @@ class Thresholds(msgspec.Struct, frozen=True, kw_only=True):
     """Alerts on the latest coolant/battery value only while it is this fresh."""
     new_code_minutes: _Positive = 15.0
     """Alert: a trouble code the server first stored within this many minutes."""
-    settle_s: _NonNegative = 5.0
+    settle_s: _NonNegative = 30.0
     """The background recompute waits this long after a vehicle's first unfolded write, so that
     a driving car is recomputed once per interval, not once per write."""
 

@@ -15,17 +15,7 @@ from revline.insight.odometer import TripEnd, history
 from revline.insight.segment import Point, Trip, activity, segment
 from revline.insight.thresholds import THRESHOLDS, Thresholds
 from revline.insight.window import meets, reach_us, widen, window
-from tests.insight.drives import T0, US, Leg, drive, move, off, ramp, stop
-
-KNOWN_STOPS = [
-    move(600), stop(120),  # a red light: the trip goes on
-    move(300), stop(400),  # longer than the idle timeout, back within the resume window
-    move(200), stop(600),  # longer than both: the trip ended at its last moving sample
-    move(300), off(3600),  # parked, device off an hour
-    move(300), stop(1000),
-    move(30), stop(100),  # moved 30 s in the driveway: not a trip
-]
-"""Three trips: [0, 1619] s, [2220, 2519] s and [6120, 6419] s after T0."""
+from tests.fixtures.insight import KNOWN_STOPS, T0, US, Leg, drive, move, off, ramp, stop
 
 
 def _bounds(trips: list[Trip]) -> list[tuple[float, float]]:
@@ -150,8 +140,12 @@ class _Store:
         lo, hi = min(p.ts for p in chunk), max(p.ts for p in chunk)
         reach = reach_us(self.t)
         while True:
-            found = [(x.start, x.end) for x in [*self.trips, *self.events]
-                     if meets(lo - reach, hi + reach, x.start, x.end)]
+            extents = [(x.start, x.end) for x in self.trips] + [
+                (x.start, x.end) for x in self.events
+            ]
+            found: list[tuple[int | None, int | None]] = [
+                (s, e) for s, e in extents if meets(lo - reach, hi + reach, s, e)
+            ]
             wider = widen(lo, hi, found)
             if wider == (lo, hi):
                 break

@@ -13,14 +13,10 @@ from revline.consumer.writer import Writer
 from revline.contract import Batch, Sample
 from revline.insight.segment import segment
 from revline.insight.store import Insight
-from revline.insight.thresholds import THRESHOLDS, Thresholds
+from revline.insight.thresholds import THRESHOLDS
 from tests.fixtures.consumer import ConsumerFactory, PublisherFactory, query
+from tests.fixtures.insight import KNOWN_STOPS, NOW, T0, US, as_samples, drive
 from tests.fixtures.services import wait_until
-from tests.insight.drives import T0, US, as_samples, drive
-from tests.insight.test_segment import KNOWN_STOPS
-
-NOW = Thresholds(settle_s=0)
-"""The shipped thresholds, recomputed as soon as a write commits (tests do not wait)."""
 
 TRIP_SQL = (
     "SELECT extract(epoch FROM start_ts - $2) AS start_s, extract(epoch FROM end_ts - $2) AS end_s,"
