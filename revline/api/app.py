@@ -563,6 +563,8 @@ async def _live_events(
             except TimeoutError:
                 yield b": keepalive\n\n"
                 continue
+            if subscription.closed:
+                return
             changed, resync = subscription.take()
             pending = set(changed)
             if resync:
@@ -630,6 +632,8 @@ async def _alerts(
             except TimeoutError:
                 yield b": keepalive\n\n"
                 continue
+            if subscription.closed:
+                return
             changed, resync = subscription.take()
             if resync:
                 yield _sse("resync", b"{}")

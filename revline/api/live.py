@@ -44,6 +44,8 @@ class Subscription:
         self.wants = wants
         self.changed: dict[str, int] = {}
         self.resync = False
+        self.closed = False
+        """The server is stopping: end the stream."""
         self.wake = asyncio.Event()
 
     def take(self) -> tuple[dict[str, int], bool]:
@@ -81,6 +83,12 @@ class Hub:
             yield subscription
         finally:
             self._subscriptions.discard(subscription)
+
+    def close_streams(self) -> None:
+        """Tell every live stream to end (the server is stopping)."""
+        for subscription in self._subscriptions:
+            subscription.closed = True
+            subscription.wake.set()
 
     @property
     def subscribers(self) -> int:

@@ -11,7 +11,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+import signal
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import asyncpg
@@ -139,6 +140,33 @@ async def open_resources(settings: ApiSettings) -> AsyncIterator[Resources]:
         await writer.__aexit__(None, None, None)
 
 
+class _Server(uvicorn.Server):
+    """uvicorn's server, stopped by SIGTERM/SIGINT through the event loop: it returns (and the
+    resources close in order) instead of re-raising the signal once it has shut down, and live
+    streams are ended at once instead of holding the shutdown for its whole grace period."""
+
+    def __init__(self, config: uvicorn.Config, *, on_stop: Callable[[], None]) -> None:
+        super().__init__(config)
+        self._on_stop = on_stop
+
+    def _stop(self) -> None:
+        if self.should_exit:
+            self.force_exit = True  # a second signal: do not wait for connections
+        self.should_exit = True
+        self._on_stop()
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stop)
+        try:
+            yield
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+
+
 async def _serve(settings: ApiSettings) -> None:
     async with open_resources(settings) as resources:
         app = create_app(resources)
@@ -152,12 +180,13 @@ async def _serve(settings: ApiSettings) -> None:
             timeout_graceful_shutdown=5,
             proxy_headers=True,
         )
-        server = uvicorn.Server(config)
+        server = _Server(config, on_stop=resources.hub.close_streams)
         log.info(
             "api ready",
             extra=kv(host=settings.host, port=settings.port, docs=settings.docs),
         )
         await server.serve()
+    log.info("api stopped")
 
 
 def serve(settings: ApiSettings) -> int:

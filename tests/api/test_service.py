@@ -1,0 +1,57 @@
+"""Starting and stopping ``revline api``: one line for what stops it, a clean stop on SIGTERM."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import httpx
+
+from tests.fixtures.api import ROOT, ApiFactory, KeyMaker
+from tests.fixtures.services import PostgresService
+
+
+def _api(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "revline.cli", "api", *args],
+        cwd=ROOT, capture_output=True, text=True, timeout=60, check=False,
+    )
+
+
+def test_bad_settings_stop_the_api_with_one_line_naming_the_key() -> None:
+    """A bad port or URL stops it at start, exit 2, one line naming the key."""
+    for args, key in ((["--port", "-1"], "port"), (["--database-url", "mysql://x"],
+                                                   "database_url")):
+        done = _api(*args)
+        assert done.returncode == 2
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1, done.stderr
+        assert key in lines[0]
+
+
+def test_a_database_that_cannot_be_used_stops_the_api_with_one_line(
+    postgres: PostgresService,
+) -> None:
+    """A database that does not exist (waiting cannot cure it) stops it with one line, no
+    traceback."""
+    done = _api("--database-url", postgres.database_url("revline_no_such_database"))
+    assert done.returncode == 2
+    assert "Traceback" not in done.stdout + done.stderr
+    assert "revline_no_such_database" in done.stdout + done.stderr
+
+
+def test_sigterm_stops_the_api_cleanly_ending_live_streams(
+    make_api: ApiFactory, make_key: KeyMaker
+) -> None:
+    """SIGTERM ends an open live stream and the server, exit 0, no traceback in its log."""
+    api = make_api()
+    assert api.process is not None
+    headers = {"Authorization": f"Bearer {make_key('read:*')}"}
+    with httpx.stream("GET", f"{api.url}/v1/live", headers=headers, timeout=30) as live:
+        lines = live.iter_lines()
+        assert next(lines).startswith("retry:")
+        api.process.terminate()
+        assert list(lines) == [""]  # the stream ends: the rest of the event, then nothing
+    assert api.process.wait(timeout=30) == 0
+    assert "Traceback" not in api.log_text()
+    assert "api stopped" in api.log_text()
