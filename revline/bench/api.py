@@ -8,7 +8,9 @@
 3. Live status: ``--status-requests`` GETs of random vehicles' status from ``--concurrency``
    clients at once (a minimal keep-alive HTTP client); requests/s and latency percentiles.
    Baseline: the status's one statement straight from asyncpg, same concurrency.
-4. Export: the big vehicle's telemetry, all rows in one page, as NDJSON and as CSV; rows/s.
+4. The live notifications' cost to the consumer: its writer with and without
+   :class:`~revline.storage.notify.StateNotify`, alternated.
+5. Export: the big vehicle's telemetry, all rows in one page, as NDJSON and as CSV; rows/s.
    Baseline: ``COPY (SELECT <the same columns> ...) TO STDOUT`` of the same rows through asyncpg.
 
 The client runs on the same machine as the server and the database: on a small box the
@@ -35,6 +37,7 @@ from typing import Final
 
 import asyncpg
 import httpx
+import msgspec
 
 from revline.api.app import STATUS_SQL
 from revline.api.keys import add_key
@@ -43,6 +46,7 @@ from revline.consumer.writer import Writer
 from revline.contract import NUMERIC_FIELDS, Batch
 from revline.edge.sim import simulate_samples
 from revline.storage.migrate import MigrateSettings, migrate_dsn
+from revline.storage.notify import StateNotify
 from revline.tools.localservices import PostgresService, free_port, wait_until
 
 __all__ = ["main"]
@@ -264,9 +268,38 @@ async def _boundary(dsn: str, rows: int) -> tuple[float, int, int]:
         await connection.close()
 
 
+async def _notify_cost(dsn: str, rounds: int = 3) -> list[tuple[str, float]]:
+    """Samples/s of the consumer's writer with and without the live notifications, alternated:
+    what the API's NOTIFY costs every write (100 vehicles, writes of 20,000 samples)."""
+    results: list[tuple[str, float]] = []
+    base = _T0_US + 400 * 86_400_000_000
+    batches = [
+        Batch(v=1, vin=f"NOTIFY{v:011d}", batch=1,
+              samples=list(simulate_samples(v, base, 2000, 10.0)))
+        for v in range(100)
+    ]
+    for r in range(rounds):
+        for name, derivations in (("writer alone", []), ("writer + NOTIFY", [StateNotify()])):
+            shifted = [
+                Batch(v=1, vin=b.vin, batch=b.batch, samples=[
+                    msgspec.structs.replace(s, ts=s.ts + (r * 2 + len(derivations)) * 10**9)
+                    for s in b.samples
+                ])
+                for b in batches
+            ]
+            async with Writer(dsn, pool_size=1, derivations=derivations) as writer:
+                started = time.perf_counter()
+                for k in range(0, len(shifted), 10):
+                    await writer.write(shifted[k : k + 10])
+                elapsed = time.perf_counter() - started
+            results.append((name, 200_000 / elapsed))
+    return results
+
+
 def main(args: argparse.Namespace) -> int:
     """Run the benchmark; print its table."""
     logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request otherwise
+    logging.getLogger("revline.consumer.writer").setLevel(logging.WARNING)
     with _database(args.database_url) as dsn:
         started = time.perf_counter()
         asyncio.run(migrate_dsn(dsn, MigrateSettings(database_url=dsn)))
@@ -283,6 +316,9 @@ def main(args: argparse.Namespace) -> int:
                 await connection.close()
             return key
 
+        print(f"{'consumer writer (200000 samples)':30} {'samples/s':>10}")
+        for name, rate in asyncio.run(_notify_cost(dsn)):
+            print(f"{name:30} {rate:10.0f}")
         key = asyncio.run(make_key())
         with _api(dsn) as url:
             print(f"api on {url}; {args.concurrency} clients; {os.cpu_count()} cores shared by "

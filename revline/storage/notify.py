@@ -16,17 +16,20 @@ such sample), after insight has re-derived the vehicle's ``dtc_events`` in the s
 from __future__ import annotations
 
 from collections.abc import Sequence
+from itertools import compress, groupby, repeat
+from operator import is_not, itemgetter
 from typing import Any, Final
 
 from revline.contract import Sample
-from revline.storage.derive import spans
 
 __all__ = ["DTC_CHANNEL", "STATE_CHANNEL", "StateNotify", "parse_state_payload"]
 
 STATE_CHANNEL: Final = "revline_state"
 DTC_CHANNEL: Final = "revline_dtc"
-_DTC: Final = 1 + Sample.__struct_fields__.index("dtc")
-"""Position of ``dtc`` in a staging row (the VIN, then the sample's fields)."""
+_DTC_OF: Final = itemgetter(1 + Sample.__struct_fields__.index("dtc"))
+"""The ``dtc`` of a staging row (the VIN, then the sample's fields)."""
+_VIN: Final = itemgetter(0)
+_TS: Final = itemgetter(1)
 
 _NOTIFY_SQL: Final = (
     "SELECT pg_notify($3, v || ' ' || t::text) FROM unnest($1::text[], $2::bigint[]) AS u(v, t)"
@@ -43,14 +46,19 @@ class StateNotify:
 
     async def apply(self, connection: Any, rows: Sequence[tuple[Any, ...]]) -> None:
         """One NOTIFY per vehicle of the write, queued in its transaction."""
-        found = spans(rows)
-        if found:
+        # At C speed (map, max, compress): this runs in every write of the consumer.
+        newest: dict[str, int] = {}
+        for vin, group in groupby(rows, _VIN):
+            ts = max(map(_TS, group))
+            if ts > newest.get(vin, -1):
+                newest[vin] = ts
+        if newest:
             await connection.execute(
-                _NOTIFY_SQL, [s.vin for s in found], [s.ts_max for s in found], STATE_CHANNEL
+                _NOTIFY_SQL, list(newest), list(newest.values()), STATE_CHANNEL
             )
         reports: dict[str, int] = {}
-        for row in rows:
-            if row[_DTC] is not None and row[1] < reports.get(row[0], 2**63):
+        for row in compress(rows, map(is_not, map(_DTC_OF, rows), repeat(None))):
+            if row[1] < reports.get(row[0], 2**63):
                 reports[row[0]] = row[1]
         if reports:
             await connection.execute(
