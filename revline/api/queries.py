@@ -247,12 +247,17 @@ def copy_sql(query: TelemetryQuery, last: Key | None) -> tuple[str, list[object]
             placeholders.append(f"${len(args)}")
         where += f" AND ({', '.join(key)}) <= ({', '.join(placeholders)})"
     cols = _columns(query)
-    if query.format == "ndjson":
-        pairs = ", ".join(f"'{name}', {expr}" for expr, name in cols)
-        select = f"json_build_object({pairs})::text"
-    else:
-        select = ", ".join(f"{expr} AS {name}" for expr, name in cols)
-    return f"SELECT {select} FROM {relation} WHERE {where} ORDER BY {_order(query)}", args
+    select = ", ".join(f"{expr} AS {name}" for expr, name in cols)
+    rows = f"SELECT {select} FROM {relation} WHERE {where} ORDER BY {_order(query)}"
+    if query.format == "csv":
+        return rows, args
+    # row_to_json of the row: ~1.5x the rows/s of json_build_object (measured), and compact.
+    # The outer ORDER BY is the inner one under the output names: the same index scan.
+    key = ["vin", "ts", "seq"] if query.bulk else ["ts", "seq"]
+    if query.resolution != "raw":
+        key.remove("seq")
+    order = ", ".join(f"t.{name}" for name in key)
+    return f"SELECT row_to_json(t)::text FROM ({rows}) AS t ORDER BY {order}", args
 
 
 def csv_header(query: TelemetryQuery) -> Sequence[str]:

@@ -77,7 +77,8 @@ def test_the_sql_reads_after_the_cursor_up_to_the_page_end() -> None:
     assert args[:3] == [VIN, start, end]
     sql, args = copy_sql(query, ("", 50, 1))
     assert "(ts, seq) <= ($6, $7)" in sql
-    assert sql.startswith("SELECT json_build_object('ts', ts, 'seq', seq, 'speed', speed)")
+    assert sql.startswith("SELECT row_to_json(t)::text FROM (SELECT ts AS ts, seq AS seq, speed")
+    assert sql.endswith("ORDER BY t.ts, t.seq")
     rollup = TelemetryQuery(vins=(VIN,), start=start, end=end, fields=("speed",),
                             resolution="1h", format="csv")
     sql, _ = copy_sql(rollup, None)
