@@ -115,9 +115,10 @@ def test_a_body_over_the_limit_is_refused_before_it_is_read(
 def test_a_batch_posted_while_the_database_is_down_gets_503_and_is_stored_when_retried(
     api: ApiProcess, make_key: KeyMaker, unique_vin: str, fresh_postgres: PostgresService
 ) -> None:
-    """With the database stopped a post is answered 503 with Retry-After and nothing is
-    dead-lettered; posted again after it is back, every sample is stored once."""
+    """With the database stopped a post (and a read) is answered 503 with Retry-After and nothing
+    is dead-lettered; posted again after it is back, every sample is stored once."""
     key = make_key(f"ingest:{unique_vin}")
+    reader = make_key("read:*")
     batches = sim_batches(unique_vin, 200, per_batch=100)
     assert _post(api, unique_vin, key, encode(batches[0]), **MSGPACK).status_code == 200
     fresh_postgres.stop()
@@ -126,6 +127,9 @@ def test_a_batch_posted_while_the_database_is_down_gets_503_and_is_stored_when_r
         assert down.status_code == 503, down.text
         assert down.json()["error"] == "unavailable"
         assert int(down.headers["retry-after"]) >= 1
+        read = httpx.get(f"{api.url}/v1/vehicles/{unique_vin}/status", headers=auth(reader))
+        assert read.status_code == 503, read.text
+        assert "retry-after" in read.headers
     finally:
         fresh_postgres.start()
     answers: list[httpx.Response] = []
