@@ -177,7 +177,8 @@ class HttpPublisher:
             self._bad(exc.reason, exc.detail, answer)
             return
         if ack.vin != self.vin or batch_id not in ack.batches:
-            self._bad("vin_mismatch", f"ack for {ack.vin} {ack.batches[:5]}", answer)
+            reason = "vin_mismatch" if ack.vin != self.vin else "unknown_batch"
+            self._bad(reason, f"ack for {ack.vin} {ack.batches[:5]}", answer)
             return
         self.window.puback(self._mid)
         self.window.ack([batch_id], self.spool.next_batch)
@@ -188,6 +189,7 @@ class HttpPublisher:
 
     def _bad(self, reason: str, detail: str, answer: bytes) -> None:
         # Not believed: the batch stays unacked and is sent again after the ack timeout.
+        self.window.refused(self._mid)
         self.stats.dead_letters += 1
         self._log_bad(reason=reason, detail=printable(detail, 200))
         letter = DeadLetter(
