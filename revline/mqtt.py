@@ -9,18 +9,22 @@ import time
 from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit
 
+import msgspec
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from revline.settings import ConfigError
+from revline.settings import ConfigError, check_fields
 
 __all__ = [
     "BrokerAddress",
     "Client",
-    "FailureLog",
+    "ConnectError",
+    "MqttClientSettings",
+    "connect_blocking",
     "connect_error_reason",
+    "connect_problem",
     "drop_session",
     "make_client",
     "parse_mqtt_url",
@@ -179,32 +183,83 @@ def connect_error_reason(exc: BaseException | None, address: BrokerAddress) -> s
     return reason
 
 
-class FailureLog:
-    """Which failed connection attempts to log: the first at once, then at most one line every
-    ``every_s`` seconds saying how many failed since the last line. Pure: the caller passes the
-    clock (monotonic seconds)."""
+class MqttClientSettings(msgspec.Struct, frozen=True, kw_only=True):
+    """How a tool (``revline tail``, ``revline simulate``) reaches the broker: the same keys,
+    flags and environment variables as the services' (``MQTT_URL``, ``REVLINE_CA_FILE``...)."""
 
-    def __init__(self, every_s: float = 30.0) -> None:
-        self.every_s = every_s
-        self.failures = 0
-        """Failed attempts since the last successful connection."""
-        self._unlogged = 0
-        self._logged_at: float | None = None
+    mqtt_url: str = "mqtt://127.0.0.1:1883"
+    """Broker URL, mqtt:// or mqtts://user:pass@host:port."""
+    ca_file: str = ""
+    """CA bundle for mqtts:// (empty: the system's)."""
+    cert_file: str = ""
+    """Client certificate for mqtts://, if the broker wants one."""
+    key_file: str = ""
+    """Client key for mqtts://."""
 
-    def failed(self, now: float) -> int:
-        """Count a failed attempt; the attempts to report in a log line now, or 0 for none."""
-        self.failures += 1
-        self._unlogged += 1
-        if self._logged_at is not None and now - self._logged_at < self.every_s:
-            return 0
-        self._logged_at = now
-        count, self._unlogged = self._unlogged, 0
-        return count
+    def __post_init__(self) -> None:
+        check_fields(self)
+        parse_mqtt_url(self.mqtt_url)
+        if self.key_file and not self.cert_file:
+            raise ConfigError("key_file", "", "set without cert_file")
 
-    def connected(self) -> int:
-        """A connection succeeded: how many attempts had failed before it (then reset)."""
-        failures, self.failures, self._unlogged, self._logged_at = self.failures, 0, 0, None
-        return failures
+    @property
+    def address(self) -> BrokerAddress:
+        """The parsed ``mqtt_url``."""
+        return parse_mqtt_url(self.mqtt_url)
+
+    def client(self, client_id: str) -> Client:
+        """A client for this broker with these TLS files (a bad file: ConfigError naming it)."""
+        return make_client(
+            self.address,
+            client_id,
+            ca_file=self.ca_file or None,
+            cert_file=self.cert_file or None,
+            key_file=self.key_file or None,
+        )
+
+
+class ConnectError(Exception):
+    """A connection attempt failed or the broker refused us; the message is one line."""
+
+
+def connect_blocking(client: Client, address: BrokerAddress, *, timeout_s: float = 10.0) -> None:
+    """Connect and wait for the broker's answer (CONNACK); raise :class:`ConnectError` with one
+    line saying why if the attempt fails (refused, unresolvable, TLS, timeout) or the broker
+    refuses the login. For tools that have nothing to do without a broker; the services retry."""
+    answer: list[str] = []
+
+    def on_connect(_c: paho.Client, _u: object, _f: object, rc: object, _p: object = None) -> None:
+        answer.append("" if not getattr(rc, "is_failure", False) else str(rc))
+
+    previous = client.on_connect
+    client.on_connect = on_connect
+    try:
+        try:
+            client.connect(address.host, address.port)
+        except OSError as exc:
+            raise ConnectError(connect_error_reason(exc, address)) from exc
+        deadline = time.monotonic() + timeout_s
+        while not answer:
+            if time.monotonic() > deadline:
+                raise ConnectError(connect_error_reason(TimeoutError(), address))
+            if client.loop(timeout=0.1) != paho.MQTT_ERR_SUCCESS and not answer:
+                raise ConnectError(f"{address.host}:{address.port} closed the connection")
+    finally:
+        client.on_connect = previous
+    if answer[0]:
+        raise ConnectError(f"broker {address} refused the connection: {answer[0]}")
+
+
+def connect_problem(settings: MqttClientSettings, client_id: str) -> str | None:
+    """Connect once and leave: None if the broker lets us in, else one line saying why (for
+    tools that check a broker before they start work on it)."""
+    client = settings.client(client_id)
+    try:
+        connect_blocking(client, settings.address)
+    except ConnectError as exc:
+        return str(exc)
+    client.disconnect()
+    return None
 
 
 def drop_session(

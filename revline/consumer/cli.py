@@ -8,46 +8,43 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from revline.consumer.config import load_settings, startup_warnings
+from revline.consumer.config import ConsumerSettings, load_settings, startup_warnings
+from revline.settings import add_flags, flag_values
 
 if TYPE_CHECKING:
     from revline.cli import Commands
 
 __all__ = ["register"]
 
-# Flags map one to one onto ConsumerSettings keys; an unset flag (None) leaves the key to the
-# TOML file, the environment or the default.
-_FLAGS: tuple[tuple[str, type, str], ...] = (
-    ("mqtt_url", str, "broker URL, mqtt:// or mqtts://user:pass@host:port (env MQTT_URL)"),
-    ("database_url", str, "PostgreSQL URL (env DATABASE_URL)"),
-    ("client_id", str, "fixed MQTT client id (default: the login, else revline-consumer-<host>)"),
-    ("group", str, "shared-subscription group: consumers in one group split the load"),
-    ("session_expiry_s", int, "broker keeps our session this long while away (86400; group 60)"),
-    ("receive_maximum", int, "unacked messages the broker may send us at once (1000)"),
-    ("keepalive_s", int, "MQTT keepalive (30)"),
-    ("max_inflight_mb", int, "memory bound: MiB held for received, unacked messages (64)"),
-    ("ca_file", str, "CA bundle for mqtts://"),
-    ("cert_file", str, "client certificate for mqtts://"),
-    ("key_file", str, "client key for mqtts://"),
-    ("batch_max_samples", int, "close a write batch at this many samples (20000)"),
-    ("batch_max_age_ms", int, "... or when its first message is this old (200)"),
-    ("max_future_s", float, "reject samples further ahead of our clock than this (300)"),
-    ("max_age_s", float, "reject samples older than this, inside the raw retention (358 d)"),
-    ("pool_size", int, "database connections (4)"),
-    ("write_concurrency", int, "batches written at once, acked in order (2)"),
-    ("statement_timeout_s", float, "database statement timeout (30)"),
-    ("retry_initial_s", float, "first retry delay after a database error (0.2)"),
-    ("retry_max_s", float, "longest retry delay (15)"),
-    ("shutdown_timeout_s", float, "on SIGTERM, commit what is in hand within this (10)"),
-    ("log_every_s", float, "summary log line interval (10)"),
-    (
-        "maintenance_every_s",
-        float,
-        "plain PostgreSQL: partitions/retention/rollups pass every so often (300); 0: never",
-    ),
-    ("metrics_host", str, "address of /metrics and /healthz (0.0.0.0)"),
-    ("metrics_port", int, "port of /metrics and /healthz; 0 disables (9108)"),
-)
+# A flag for every ConsumerSettings key (revline.settings.add_flags), with this help; an unset
+# flag (None) leaves the key to the TOML file, the environment or the default.
+_HELP: dict[str, str] = {
+    "mqtt_url": "broker URL, mqtt:// or mqtts://user:pass@host:port",
+    "database_url": "PostgreSQL URL",
+    "client_id": "fixed MQTT client id (default: the login, else revline-consumer-<host>)",
+    "group": "shared-subscription group: consumers in one group split the load",
+    "session_expiry_s": "broker keeps our session this long while away (unset: 86400; group 60)",
+    "receive_maximum": "unacked messages the broker may send us at once",
+    "keepalive_s": "MQTT keepalive",
+    "max_inflight_mb": "memory bound: MiB held for received, unacked messages",
+    "ca_file": "CA bundle for mqtts://",
+    "cert_file": "client certificate for mqtts://",
+    "key_file": "client key for mqtts://",
+    "batch_max_samples": "close a write batch at this many samples",
+    "batch_max_age_ms": "... or when its first message is this old",
+    "max_future_s": "reject samples further ahead of our clock than this",
+    "max_age_s": "reject samples older than this, inside the raw retention (358 d)",
+    "pool_size": "database connections",
+    "write_concurrency": "batches written at once, acked in order",
+    "statement_timeout_s": "database statement timeout",
+    "retry_initial_s": "first retry delay after a database error",
+    "retry_max_s": "longest retry delay",
+    "shutdown_timeout_s": "on SIGTERM, commit what is in hand within this",
+    "log_every_s": "summary log line interval",
+    "maintenance_every_s": "plain PostgreSQL: partitions/retention/rollups pass period; 0: never",
+    "metrics_host": "address of /metrics and /healthz",
+    "metrics_port": "port of /metrics and /healthz; 0 disables",
+}
 
 
 def register(commands: Commands) -> None:
@@ -59,14 +56,13 @@ def register(commands: Commands) -> None:
         run,
     )
     parser.add_argument("--config", type=Path, help="TOML file with settings")
-    for key, kind, help_text in _FLAGS:
-        parser.add_argument(f"--{key.replace('_', '-')}", dest=key, type=kind, help=help_text)
+    add_flags(parser, ConsumerSettings, help_text=_HELP)
 
 
 
 def run(args: argparse.Namespace) -> int:
     """Load settings (a bad value stops here with one line), then serve until SIGTERM/SIGINT."""
-    flags = {key: getattr(args, key) for key, _, _ in _FLAGS}
+    flags = flag_values(args, ConsumerSettings)
     settings = load_settings(config=args.config, flags=flags)
     for warning in startup_warnings(settings):
         logging.getLogger("revline.consumer").warning(warning)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import socket
 from collections.abc import Mapping
 from pathlib import Path
@@ -135,12 +134,9 @@ def load_settings(
 ) -> ConsumerSettings:
     """Defaults < TOML < ``MQTT_URL``/``DATABASE_URL`` < ``REVLINE_*`` < flags, checked by
     :class:`ConsumerSettings` itself."""
-    env = dict(os.environ if environ is None else environ)
-    # The conventional unprefixed names work too; the REVLINE_ ones win if both are set.
-    for plain in ("MQTT_URL", "DATABASE_URL"):
-        if plain in env:
-            env.setdefault(f"REVLINE_{plain}", env[plain])
-    return load(ConsumerSettings, toml_path=config, environ=env, flags=flags)
+    # The conventional unprefixed names work too (revline.settings.PLAIN_ENV); the REVLINE_ ones
+    # win if both are set.
+    return load(ConsumerSettings, toml_path=config, environ=environ, flags=flags)
 
 
 def startup_warnings(settings: ConsumerSettings) -> list[str]:

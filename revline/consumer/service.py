@@ -52,7 +52,7 @@ from revline.consumer.pipeline import (
 from revline.consumer.subscriber import Inbound, Subscriber
 from revline.consumer.writer import Rejected, Writer, WriteResult
 from revline.contract import Batch, ack_topic, encode
-from revline.logs import kv
+from revline.logs import Throttle, kv
 from revline.mqtt import parse_mqtt_url, tls_context
 from revline.storage.derive import Background
 from revline.storage.errors import UnusableDatabaseError, describe, sqlstate
@@ -103,33 +103,6 @@ _OUTAGE_LOG_EVERY_S = 10.0
 _OUTAGE_LINE = "database outage: retrying the same batch, acking nothing"
 
 
-class _Throttle:
-    """Rate limit for a repeating log line: each kind of fault (``key``) at most once per
-    ``every`` seconds, a new kind at once; counts what it held back. Pure: time is passed in."""
-
-    def __init__(self, every: float) -> None:
-        self.every = every
-        self._last: dict[str, float] = {}
-        self.held = 0
-
-    def __call__(self, key: str, now: float) -> bool:
-        """Whether to log a line about ``key`` now."""
-        last = self._last.get(key)
-        if last is not None and now - last < self.every:
-            self.held += 1
-            return False
-        if len(self._last) >= 64:  # keys are SQLSTATEs and type names: a few, but bounded anyway
-            self._last.clear()
-        self._last[key] = now
-        return True
-
-    def reset(self) -> int:
-        """Forget every key (the fault is over); return how many lines were held back."""
-        held, self.held = self.held, 0
-        self._last.clear()
-        return held
-
-
 class Consumer:
     """The ingest service; ``await Consumer(settings).run(stop)`` until ``stop`` is set."""
 
@@ -144,9 +117,9 @@ class Consumer:
         self._failing = 0
         """Database calls currently failing and being retried: health stays red while > 0."""
         self._outage_since: float | None = None
-        self._outage_log = _Throttle(_OUTAGE_LOG_EVERY_S)
-        self._health_log = _Throttle(_OUTAGE_LOG_EVERY_S)
-        self._maintenance_log = _Throttle(_OUTAGE_LOG_EVERY_S)
+        self._outage_log = Throttle(_OUTAGE_LOG_EVERY_S)
+        self._health_log = Throttle(_OUTAGE_LOG_EVERY_S)
+        self._maintenance_log = Throttle(_OUTAGE_LOG_EVERY_S)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Run until ``stop`` is set, then shut down within ``shutdown_timeout_s``."""
@@ -541,7 +514,7 @@ class Consumer:
         m.db_error_codes.labels(code).inc()
         m.outage_seconds.set(now - self._outage_since)
         m.set_up("database", up=False)
-        if self._outage_log(code, now):
+        if self._outage_log.event(now, code):
             # A server error: its SQLSTATE and message; any other: its type and message.
             server = getattr(exc, "sqlstate", None)
             error = describe(exc)
@@ -588,7 +561,7 @@ class Consumer:
             except Exception as exc:  # noqa: BLE001 - whatever it is, the database is not usable
                 self.metrics.set_up("database", up=False)
                 # While writes fail they say so themselves; this line is for an idle consumer.
-                if not self._failing and self._health_log(sqlstate(exc), time.monotonic()):
+                if not self._failing and self._health_log.event(time.monotonic(), sqlstate(exc)):
                     log.error(  # noqa: TRY400 - one line; a traceback would tell nothing more
                         "database unreachable", extra=kv(error=describe(exc))
                     )
@@ -604,7 +577,7 @@ class Consumer:
             try:
                 await writer.maintain()
             except Exception as exc:  # noqa: BLE001 - never a reason to stop ingesting
-                if self._maintenance_log(sqlstate(exc), time.monotonic()):
+                if self._maintenance_log.event(time.monotonic(), sqlstate(exc)):
                     log.warning("storage maintenance postponed", extra=kv(error=describe(exc)))
             else:
                 self._maintenance_log.reset()

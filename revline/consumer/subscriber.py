@@ -39,8 +39,8 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from revline.consumer.budget import ByteBudget, return_memory, tune_allocator
-from revline.logs import kv
-from revline.mqtt import BrokerAddress, Client, FailureLog, connect_error_reason, make_client
+from revline.logs import Throttle, kv
+from revline.mqtt import BrokerAddress, Client, connect_error_reason, make_client
 
 __all__ = ["Inbound", "Subscriber"]
 
@@ -125,7 +125,7 @@ class Subscriber:
         self.budget = ByteBudget(max_inflight_bytes)
         self._room = asyncio.Event()
         self._trim: asyncio.TimerHandle | None = None
-        self._failures = FailureLog()
+        self._failures = Throttle(30.0)
         self._attempt_failed = False
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -231,7 +231,8 @@ class Subscriber:
         # subscriptions (session_present false); on a kept session this is a harmless no-op.
         client.subscribe(self.subscription, qos=1)
         self._set_connected(value=True)
-        failed = self._failures.connected()
+        failed = self._failures.total
+        self._failures.reset()
         log.info(
             "connected to broker",
             extra=kv(
@@ -257,7 +258,7 @@ class Subscriber:
         if self._attempt_failed:
             return
         self._attempt_failed = True
-        count = self._failures.failed(time.monotonic())
+        count = self._failures.event(time.monotonic())
         if count:
             log.warning(
                 "cannot connect to broker; retrying",

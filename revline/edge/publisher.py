@@ -58,7 +58,7 @@ from revline.edge.spool import (
     encode_batch,
 )
 from revline.edge.window import BACKLOG, SendWindow, resend_timeout
-from revline.logs import kv
+from revline.logs import ThrottledLog, kv
 from revline.mqtt import make_client, parse_mqtt_url
 
 __all__ = [
@@ -83,58 +83,6 @@ _DEAD_LETTER_FLUSH_S: Final = 1.0
 _DEAD_LETTER_QUEUE_MAX: Final = 100
 
 _P = ParamSpec("_P")
-
-
-class ThrottledLog:
-    """One log line per ``every_s`` for a recurring event, saying how often it happened.
-
-    The first event is logged at once; later ones are counted and reported with the next line,
-    which :meth:`tick` also writes once the interval has passed, so a burst's count is never lost.
-    """
-
-    def __init__(
-        self,
-        logger: logging.Logger,
-        level: int,
-        message: str,
-        *,
-        every_s: float = LOG_EVERY_S,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self.logger = logger
-        self.level = level
-        self.message = message
-        self.every_s = every_s
-        self.clock = clock
-        self.total = 0
-        self._count = 0
-        self._fields: dict[str, Any] = {}
-        self._exc_info: BaseException | None = None
-        self._last: float | None = None
-
-    def __call__(self, exc: BaseException | None = None, **fields: Any) -> None:
-        """Count one event; log it (with ``fields`` of the latest event) if the interval allows."""
-        self.total += 1
-        self._count += 1
-        self._fields = fields
-        self._exc_info = exc
-        self.tick()
-
-    def tick(self, *, force: bool = False) -> None:
-        """Write the pending count if the interval has passed since the last line (or ``force``)."""
-        if not self._count:
-            return
-        now = self.clock()
-        if not force and self._last is not None and now - self._last < self.every_s:
-            return
-        # A forced line (at stop) reports events that may be long over: say so, or a count of
-        # old connection failures reads like a failure happening now.
-        message = f"{self.message} (earlier, not reported yet)" if force else self.message
-        fields = kv(count=self._count, **self._fields)
-        self.logger.log(self.level, message, exc_info=self._exc_info, extra=fields)
-        self._last = now
-        self._count = 0
-        self._exc_info = None
 
 
 def guarded(

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import re
 import sys
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Final
 
 from revline.contract import is_valid_vin
+from revline.settings import env_value
 
 if TYPE_CHECKING:
     from revline.cli import Commands
@@ -52,7 +52,9 @@ def register(commands: Commands) -> None:
         "--since", default="30d", help="trips ending after this: 7d, 12h, or an ISO time (30d)"
     )
     parser.add_argument("--limit", type=int, default=200, help="at most this many trips (200)")
-    parser.add_argument("--database-url", help="postgresql://... (env DATABASE_URL)")
+    parser.add_argument(
+        "--database-url", help="postgresql://... (env REVLINE_DATABASE_URL, DATABASE_URL)"
+    )
     parser = commands.add(
         commands.top,
         "vehicle",
@@ -60,14 +62,15 @@ def register(commands: Commands) -> None:
         _vehicle,
     )
     parser.add_argument("vin", help="the vehicle's VIN")
-    parser.add_argument("--database-url", help="postgresql://... (env DATABASE_URL)")
+    parser.add_argument(
+        "--database-url", help="postgresql://... (env REVLINE_DATABASE_URL, DATABASE_URL)"
+    )
 
 
 def _database_url(args: argparse.Namespace) -> str:
     url: str = (
         args.database_url
-        or os.environ.get("REVLINE_DATABASE_URL")
-        or os.environ.get("DATABASE_URL")
+        or env_value("database_url")
         or "postgresql://postgres@127.0.0.1:5432/postgres"
     )
     if not url.startswith(("postgres://", "postgresql://")):

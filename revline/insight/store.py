@@ -97,9 +97,15 @@ DELETE_STALE_DTC_SQL: Final = (
 )
 
 CLAIM_SQL: Final = (
-    "SELECT vin FROM insight_dirty WHERE dirty_since <= now() - $1 * interval '1 second' "
-    "ORDER BY dirty_since LIMIT $2"
+    "SELECT d.vin FROM insight_dirty d LEFT JOIN LATERAL ("
+    "SELECT t.start_ts FROM trips t WHERE t.vin = d.vin AND NOT t.closed "
+    "ORDER BY t.start_ts DESC LIMIT 1) AS o ON d.ts_max > now() - $3 * interval '1 second' "
+    "WHERE d.dirty_since <= now() - greatest($1 * interval '1 second', "
+    "$4 * (d.ts_max - o.start_ts)) "
+    "ORDER BY d.dirty_since LIMIT $2"
 )
+"""Vehicles due: settled, and a live open trip not refolded more often than a fraction of its
+length (greatest() ignores the NULL of a vehicle without one)."""
 # Every statement below works on many vehicles at once: arrays of (vin, bounds) unnested, so a
 # recompute of hundreds of vehicles is a dozen round trips, not a dozen per vehicle.
 _SPANS: Final = "unnest($1::text[], $2::bigint[], $3::bigint[]) AS u (vin, lo, hi)"
@@ -414,9 +420,13 @@ class Insight:
 
     async def catch_up(self, pool: Any, *, settle_s: float | None = None) -> int:
         """Recompute the vehicles whose dirty span has settled (one claim, in chunks of
-        ``chunk`` vehicles per transaction); how many were."""
+        ``chunk`` vehicles per transaction); how many were. ``settle_s`` given: that settle
+        time alone, no fraction of an open trip (everything due now)."""
         settle = self.thresholds.settle_s if settle_s is None else settle_s
-        vins = [row[0] for row in await pool.fetch(CLAIM_SQL, settle, self.claim)]
+        t = self.thresholds
+        fraction = t.settle_fraction if settle_s is None else 0.0
+        rows = await pool.fetch(CLAIM_SQL, settle, self.claim, t.live_s, fraction)
+        vins = [row[0] for row in rows]
         chunks = [vins[k : k + self.chunk] for k in range(0, len(vins), self.chunk)]
         done = 0
 

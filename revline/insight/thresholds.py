@@ -64,6 +64,13 @@ class Thresholds(msgspec.Struct, frozen=True, kw_only=True):
     settle_s: _NonNegative = 30.0
     """The background recompute waits this long after a vehicle's first unfolded write, so that
     a driving car is recomputed once per interval, not once per write."""
+    settle_fraction: _NonNegative = 0.25
+    """... and, for live data (the write's newest sample within ``live_s`` of now) extending an
+    open trip, at least this fraction of the trip's length so far: each fold re-reads the open
+    trip, so this bounds the re-reading to about 1 / fraction times the samples of a long drive.
+    Late uploads are folded after ``settle_s`` alone."""
+    live_s: _Positive = 300.0
+    """A write whose newest sample is this close to now is live data."""
 
     @property
     def merge_gap_s(self) -> float:

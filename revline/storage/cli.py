@@ -11,21 +11,26 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from revline.cli import Commands
+from revline.settings import add_flags, flag_values
+from revline.storage.migrate import MigrateSettings
 
 if TYPE_CHECKING:
-    from revline.storage.migrate import MigrateSettings
+    from revline.cli import Commands
 
 __all__ = ["register"]
 
-_INTERVAL_FLAGS = (
-    ("chunk_interval", "TimescaleDB chunk interval (default: 1 day)"),
-    ("compress_after", "TimescaleDB: compress chunks older than this (default: 7 days)"),
-    ("raw_retention", "drop raw samples older than this, or 'forever' (default: 12 months)"),
-    ("rollup_1m_retention", "drop 1-minute rollups older than this (default: 2 years)"),
-    ("rollup_1h_retention", "drop 1-hour rollups older than this (default: forever)"),
-    ("rollup_refresh_window", "rollups pick up late samples this old (default: 7 days)"),
-)
+# A flag for every MigrateSettings key (revline.settings.add_flags), with this help.
+_HELP: dict[str, str] = {
+    "database_url": "postgresql://...",
+    "mode": "storage mode; auto: timescaledb if the extension is available",
+    "chunk_interval": "TimescaleDB chunk interval",
+    "compress_after": "TimescaleDB: compress chunks older than this",
+    "raw_retention": "drop raw samples older than this, or 'forever'",
+    "rollup_1m_retention": "drop 1-minute rollups older than this",
+    "rollup_1h_retention": "drop 1-hour rollups older than this",
+    "rollup_refresh_window": "rollups pick up late samples this old",
+    "partitions_ahead": "plain PostgreSQL: daily partitions created ahead of today",
+}
 
 
 def register(commands: Commands) -> None:
@@ -33,24 +38,9 @@ def register(commands: Commands) -> None:
     parser = commands.add(
         commands.top, "migrate", "create or update the database schema (safe to re-run)", _run
     )
-    parser.add_argument("--database-url", help="postgresql://... (env DATABASE_URL)")
-    parser.add_argument(
-        "--mode",
-        choices=["auto", "timescaledb", "postgres"],
-        help="storage mode (default: timescaledb if the extension is available)",
-    )
-    for name, help_text in _INTERVAL_FLAGS:
-        parser.add_argument(f"--{name.replace('_', '-')}", help=help_text)
-    parser.add_argument(
-        "--partitions-ahead", type=int, help="plain PostgreSQL: daily partitions ahead (7)"
-    )
+    add_flags(parser, MigrateSettings, help_text=_HELP)
     parser.add_argument("--migrations-dir", type=Path, help="directory of NNN_*.sql files")
 
-
-
-def _flags(args: argparse.Namespace) -> dict[str, object]:
-    names = ["database_url", "mode", "partitions_ahead", *(n for n, _ in _INTERVAL_FLAGS)]
-    return {name: getattr(args, name, None) for name in names}
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -59,7 +49,7 @@ def _run(args: argparse.Namespace) -> int:
     from revline.storage.errors import describe, unusable_database  # noqa: PLC0415
     from revline.storage.migrate import MigrationError, load_settings  # noqa: PLC0415
 
-    settings = load_settings(flags=_flags(args))
+    settings = load_settings(flags=flag_values(args, MigrateSettings))
     try:
         _migrate(settings, args.migrations_dir)
     except MigrationError as exc:

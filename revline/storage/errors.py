@@ -3,11 +3,19 @@ used as configured, or an outage to wait out. Shared by the consumer and ``revli
 
 from __future__ import annotations
 
+import asyncio
 from typing import Final
 
 import asyncpg
 
-__all__ = ["UnusableDatabaseError", "describe", "is_data_error", "sqlstate", "unusable_database"]
+__all__ = [
+    "UnusableDatabaseError",
+    "connect_problem",
+    "describe",
+    "is_data_error",
+    "sqlstate",
+    "unusable_database",
+]
 
 
 # The only database errors that are about the values written, never about the deployment:
@@ -66,4 +74,20 @@ def unusable_database(exc: BaseException) -> UnusableDatabaseError | None:
         )
     if isinstance(exc, asyncpg.exceptions.ClientConfigurationError):
         return UnusableDatabaseError(f"database_url: {text}")
+    return None
+
+
+def connect_problem(url: str, *, timeout_s: float = 10.0) -> str | None:
+    """Connect to ``url`` once, outside any event loop: None if it answers and lets us in, else
+    one line saying why (for tools that check a database before they start work on it)."""
+
+    async def probe() -> None:
+        connection = await asyncpg.connect(url, timeout=timeout_s)
+        await connection.close()
+
+    try:
+        asyncio.run(probe())
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        line = unusable_database(exc)
+        return str(line) if line is not None else f"database unreachable: {describe(exc)}"
     return None

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.resources
-import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -95,10 +94,7 @@ def load_settings(
     environ: Mapping[str, str] | None = None,
 ) -> MigrateSettings:
     """Defaults < ``DATABASE_URL`` < ``REVLINE_*`` < flags, checked by :class:`MigrateSettings`."""
-    env = dict(os.environ if environ is None else environ)
-    if "DATABASE_URL" in env:
-        env.setdefault("REVLINE_DATABASE_URL", env["DATABASE_URL"])
-    return load(MigrateSettings, environ=env, flags=flags)
+    return load(MigrateSettings, environ=environ, flags=flags)
 
 
 class MigrationError(Exception):

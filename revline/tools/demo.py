@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import signal
 import sys
 import tempfile
@@ -28,9 +29,13 @@ from revline.consumer.service import Consumer
 from revline.edge.config import EdgeSettings
 from revline.edge.service import run_edge
 from revline.edge.status import read_status
-from revline.mqtt import make_client, parse_mqtt_url
+from revline.mqtt import MqttClientSettings, make_client, parse_mqtt_url
+from revline.mqtt import connect_problem as broker_problem
+from revline.settings import flag_values, load
+from revline.storage.errors import connect_problem as database_problem
 from revline.storage.maintenance import maintain_dsn
 from revline.storage.migrate import MigrateSettings, migrate_dsn
+from revline.tools.cli import DemoSettings
 from revline.tools.localservices import MosquittoService, PostgresService
 
 __all__ = ["DEMO_VINS", "run"]
@@ -61,18 +66,19 @@ class _Stack:
 
 
 @contextlib.contextmanager
-def _services(args: argparse.Namespace) -> Iterator[_Stack]:
-
+def _services(settings: DemoSettings) -> Iterator[_Stack]:
     with contextlib.ExitStack() as stack:
         broker = None
-        if args.mqtt_url:
-            mqtt_url = args.mqtt_url
+        if settings.mqtt_url:
+            mqtt_url = settings.mqtt_url
+            _say(f"using the broker {parse_mqtt_url(mqtt_url)}")
         else:
             _say("starting Mosquitto (local binary, temporary directory) ...")
             broker = stack.enter_context(MosquittoService(use_docker=False))
             mqtt_url = broker.url
-        if args.database_url:
-            database_url = args.database_url
+        if settings.database_url:
+            database_url = settings.database_url
+            _say("using your PostgreSQL (--database-url, REVLINE_DATABASE_URL or DATABASE_URL)")
         else:
             _say("starting PostgreSQL (initdb + pg_ctl, temporary directory) ...")
             server = stack.enter_context(PostgresService(use_docker=False))
@@ -261,7 +267,19 @@ async def _verdict(database_url: str, spools: dict[str, Path]) -> int:
 
 def run(args: argparse.Namespace) -> int:
     """Run the demo; exit 0 only if every spooled sample is in the cold table exactly once."""
-    with tempfile.TemporaryDirectory(prefix="revline-demo-") as tmp, _services(args) as stack:
+    settings = load(DemoSettings, flags=flag_values(args, DemoSettings))
+    # Services we were given are checked first: a closed port or a refused login is one line
+    # now, not a minute of retries and then a failed check.
+    problem = None
+    if settings.mqtt_url:
+        broker = MqttClientSettings(mqtt_url=settings.mqtt_url)
+        problem = broker_problem(broker, f"revline-demo-probe-{os.getpid()}")
+    if problem is None and settings.database_url:
+        problem = database_problem(settings.database_url)
+    if problem is not None:
+        print(f"revline demo: {problem}", file=sys.stderr)
+        return 1
+    with tempfile.TemporaryDirectory(prefix="revline-demo-") as tmp, _services(settings) as stack:
         failure: BaseException | None = None
         try:
             return asyncio.run(_demo(args, stack, Path(tmp)))

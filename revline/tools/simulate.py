@@ -19,7 +19,8 @@ from paho.mqtt.client import MQTT_ERR_SUCCESS
 
 from revline.contract import SCHEMA_VERSION, Batch, Sample, encode, telemetry_topic
 from revline.edge.sim import DriveSimulator
-from revline.mqtt import make_client, parse_mqtt_url
+from revline.mqtt import ConnectError, MqttClientSettings, connect_blocking
+from revline.settings import flag_values, load
 
 __all__ = ["fleet_vins", "run"]
 
@@ -68,11 +69,16 @@ def run(args: argparse.Namespace) -> int:
     if args.vehicles < 1 or args.hz <= 0 or args.batch_s <= 0:
         print("revline simulate: --vehicles, --hz and --batch-s must be positive", file=sys.stderr)
         return 2
-    address = parse_mqtt_url(args.mqtt_url)
-    client = make_client(address, f"revline-simulate-{args.seed}")
+    settings = load(MqttClientSettings, flags=flag_values(args, MqttClientSettings))
+    address = settings.address
+    client = settings.client(f"revline-simulate-{args.seed}")
     inflight: set[int] = set()
     client.on_publish = lambda _c, _u, mid, _rc, _p: inflight.discard(mid)
-    client.connect(address.host, address.port)
+    try:
+        connect_blocking(client, address)
+    except ConnectError as exc:
+        print(f"revline simulate: {exc}", file=sys.stderr)
+        return 1
 
     def pump(timeout: float) -> None:
         if client.loop(timeout=timeout) != MQTT_ERR_SUCCESS:

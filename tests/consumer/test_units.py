@@ -26,7 +26,6 @@ from revline.contract import (
     encode_json,
     telemetry_topic,
 )
-from revline.mqtt import FailureLog
 from revline.settings import ConfigError
 
 VIN = "1HGCM82633A004352"
@@ -275,12 +274,3 @@ def test_byte_budget_lets_a_message_larger_than_the_limit_through_alone() -> Non
     budget.release(2_000)
     assert budget.may_decode()
     assert budget.admit(1, timeout=0)
-
-
-def test_failure_log_says_the_first_failure_at_once_then_one_line_per_interval() -> None:
-    """Attempts every second for 95 s: lines at 0, 30, 60 and 90 s, each counting its attempts."""
-    failures = FailureLog(every_s=30.0)
-    lines = [(t, n) for t in range(96) if (n := failures.failed(float(t)))]
-    assert lines == [(0, 1), (30, 30), (60, 30), (90, 30)]
-    assert failures.connected() == 96
-    assert failures.failed(200.0) == 1  # after a success the next failure is news again

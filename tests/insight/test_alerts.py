@@ -14,6 +14,7 @@ import re
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
@@ -24,6 +25,7 @@ from revline.contract import Batch, Sample
 from revline.insight.alerts import DATASOURCE_UID, provisioning, rules
 from revline.insight.store import Insight
 from revline.insight.thresholds import THRESHOLDS, Thresholds
+from revline.tools.init import set_role_passwords
 from tests.conftest import random_vin
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -100,8 +102,8 @@ def _sample(ts_us: int, seq: int, **values: Any) -> Sample:
 
 def test_each_rule_query_returns_the_firing_rows_and_nothing_else(migrated_db: str) -> None:
     """On crafted vehicles (recency is what these rules test, so times are relative to now):
-    each query returns exactly the vehicles that should fire, with a value its threshold
-    expression passes."""
+    each query, run as Grafana's read-only role, returns exactly the vehicles that should fire,
+    with a value its threshold expression passes."""
     now = time.time_ns() // 1000
     minute = 60_000_000
     hot, cool, stale_hot = random_vin(), random_vin(), random_vin()
@@ -129,13 +131,23 @@ def test_each_rule_query_returns_the_firing_rows_and_nothing_else(migrated_db: s
         async with Writer(migrated_db, derivations=[Insight()]) as writer:
             for vin, samples in crafted.items():
                 await writer.write([Batch(v=1, vin=vin, batch=1, samples=samples)])
-        connection = await asyncpg.connect(migrated_db)
+        owner = await asyncpg.connect(migrated_db)
         try:
             # Stored by the server a day ago: no longer new.
-            await connection.execute(
+            await owner.execute(
                 "UPDATE dtc_events SET detected_at = now() - interval '1 day' WHERE vin = $1",
                 old_code,
             )
+        finally:
+            await owner.close()
+        # Grafana evaluates the rules through its data source: as the read-only role.
+        await set_role_passwords(migrated_db, {"revline_grafana": "alert-test"})
+        parts = urlsplit(migrated_db)
+        grafana = urlunsplit(
+            parts._replace(netloc=f"revline_grafana@{parts.netloc.rsplit('@', 1)[-1]}")
+        )
+        connection = await asyncpg.connect(grafana)
+        try:
             return {r.uid: [tuple(x) for x in await connection.fetch(r.sql)] for r in rules()}
         finally:
             await connection.close()

@@ -1,5 +1,6 @@
-"""The Trips and Vehicle health dashboards: every SQL panel and variable runs on the real schema
-and finds the data a drive leaves (trips, track, events, codes, rollups).
+"""The Trips and Vehicle health dashboards: every SQL panel and variable runs on the real schema,
+as Grafana's read-only role, and finds the data a drive leaves (trips, track, events, codes,
+rollups); every panel has a description and is explained in docs/insight.md.
 
 No Grafana runs here: the SQL is expanded the way Grafana's PostgreSQL data source does for the
 macros these dashboards use (``$__timeFilter``, ``$vin``, ``$trip``; any other fails the test).
@@ -15,6 +16,7 @@ import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
@@ -22,9 +24,11 @@ from revline.consumer.writer import Writer
 from revline.contract import Batch, Sample
 from revline.insight.store import Insight
 from revline.storage.maintenance import maintain_dsn
+from revline.tools.init import set_role_passwords
 from tests.fixtures.insight import NOW, US, Leg, as_samples, drive, move, ramp, stop
 
-DASHBOARDS = Path(__file__).resolve().parents[2] / "grafana" / "dashboards"
+ROOT = Path(__file__).resolve().parents[2]
+DASHBOARDS = ROOT / "grafana" / "dashboards"
 BOARDS = ("trips.json", "health.json")
 
 
@@ -52,11 +56,28 @@ def _expand(sql: str, values: dict[str, str]) -> str:
     return sql
 
 
+def _as(dsn: str, user: str) -> str:
+    parts = urlsplit(dsn)
+    return urlunsplit(parts._replace(netloc=f"{user}@{parts.netloc.rsplit('@', 1)[-1]}"))
+
+
+def test_every_panel_is_described_and_explained_in_the_docs() -> None:
+    """A description on every panel, the provisioned data source, and a row in docs/insight.md."""
+    docs = (ROOT / "docs" / "insight.md").read_text()
+    for name in BOARDS:
+        board = json.loads((DASHBOARDS / name).read_text())
+        assert board["title"] in docs
+        for panel in board["panels"]:
+            assert panel.get("description"), f"{name}: {panel['title']}"
+            assert panel["title"] in docs, f"docs/insight.md does not explain {panel['title']!r}"
+            assert {t["datasource"]["uid"] for t in panel["targets"]} == {"revline"}
+
+
 def test_every_panel_of_the_trips_and_health_dashboards_finds_the_data(
     migrated_db: str, unique_vin: str
 ) -> None:
     """A 5 Hz drive ending now, with a hard brake, a hot engine, a low battery and a trouble
-    code: every panel and variable of both dashboards returns rows."""
+    code: every panel and variable of both dashboards returns rows, read as revline_grafana."""
     # Recency is what the panels show (the dashboard range): the drive ends now.
     legs = [
         move(120, 60), ramp(3, 60, 0), stop(30), move(60, 50),
@@ -80,7 +101,8 @@ def test_every_panel_of_the_trips_and_health_dashboards_finds_the_data(
             while await insight.catch_up(writer.pool):
                 pass
         await maintain_dsn(migrated_db)  # refresh the rollups
-        connection = await asyncpg.connect(migrated_db)
+        await set_role_passwords(migrated_db, {"revline_grafana": "dashboard-test"})
+        connection = await asyncpg.connect(_as(migrated_db, "revline_grafana"))
         try:
             trips = _queries("trips.json")
             trip = await connection.fetch(_expand(trips["$trip"], {"vin": unique_vin}))

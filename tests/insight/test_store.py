@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
+import time
 from typing import Any
 
 import asyncpg
@@ -13,10 +15,10 @@ from revline.consumer.writer import Writer
 from revline.contract import Batch, Sample
 from revline.insight.segment import segment
 from revline.insight.store import Insight
-from revline.insight.thresholds import THRESHOLDS
+from revline.insight.thresholds import THRESHOLDS, Thresholds
 from tests.fixtures.consumer import ConsumerFactory, PublisherFactory, query
-from tests.fixtures.insight import KNOWN_STOPS, NOW, T0, US, as_samples, drive
-from tests.fixtures.services import wait_until
+from tests.fixtures.insight import KNOWN_STOPS, NOW, T0, US, as_samples, drive, move
+from tests.fixtures.services import PostgresService, wait_until
 
 TRIP_SQL = (
     "SELECT extract(epoch FROM start_ts - $2) AS start_s, extract(epoch FROM end_ts - $2) AS end_s,"
@@ -164,3 +166,72 @@ def test_the_real_consumer_derives_trips_from_a_backlog_sent_in_halves_out_of_or
         return bounds() == expected and dirty[0][0] == 0
 
     wait_until(settled, what="the consumer to derive the three trips", timeout=90)
+
+
+def test_a_live_open_trip_is_refolded_only_after_a_fraction_of_its_length(
+    migrated_db: str, unique_vin: str
+) -> None:
+    """Live data extending a 20-minute open trip waits a quarter of it (5 min) before the next
+    fold, which re-reads the trip; the same drive uploaded late is folded at once."""
+    t = Thresholds(settle_s=0, settle_fraction=0.25)
+    late_vin = unique_vin[:-1] + ("0" if unique_vin[-1] != "0" else "1")
+    # What is tested is "live": the drive ends now (and the late one in 2024).
+    now = time.time_ns() // 1000
+    live = as_samples(drive([move(1200)], start=now - 1205 * US))
+    late = as_samples(drive([move(1200)]))
+
+    async def scenario() -> list[int]:
+        insight = Insight(t)
+        folded = []
+        async with Writer(migrated_db, derivations=[insight]) as writer:
+            for vin, samples in ((unique_vin, live), (late_vin, late)):
+                await writer.write([Batch(v=1, vin=vin, batch=1, samples=samples[:-5])])
+                folded.append(await insight.catch_up(writer.pool))  # no trip yet: at once
+                await writer.write([Batch(v=1, vin=vin, batch=2, samples=samples[-5:])])
+                folded.append(await insight.catch_up(writer.pool))
+        return folded
+
+    assert asyncio.run(scenario()) == [1, 0, 1, 1]
+
+
+def test_the_background_task_waits_out_a_database_outage_and_catches_up(
+    fresh_postgres: PostgresService,
+    migrated_db: str,
+    unique_vin: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Dirty spans committed before the database stops are folded once it is back: the task
+    says so once, retries, and never ends."""
+    samples = as_samples(drive(KNOWN_STOPS))
+
+    async def scenario() -> int:
+        insight = Insight(NOW, poll_s=0.05)
+        async with Writer(migrated_db, derivations=[insight]) as writer:
+            await writer.write([Batch(v=1, vin=unique_vin, batch=1, samples=samples)])
+            await asyncio.to_thread(fresh_postgres.stop)
+            task = asyncio.create_task(insight.run(writer.pool))
+            await asyncio.sleep(1.5)
+            assert not task.done()
+            await asyncio.to_thread(fresh_postgres.start)
+            try:
+                async with asyncio.timeout(60):
+                    while True:
+                        try:
+                            found = await writer.pool.fetchval(
+                                "SELECT count(*) FROM trips WHERE vin = $1", unique_vin
+                            )
+                        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+                            found = 0
+                        if found == 3 or task.done():
+                            break
+                        await asyncio.sleep(0.1)
+                assert not task.done()
+            finally:
+                task.cancel()
+            return int(found)
+
+    with caplog.at_level(logging.INFO, logger="revline.insight"):
+        assert asyncio.run(scenario()) == 3
+    said = [r.getMessage() for r in caplog.records if r.name == "revline.insight"]
+    assert said.count("insight recompute failed; retrying") == 1
+    assert "insight recompute works again" in said

@@ -88,6 +88,21 @@ def test_a_device_cannot_publish_another_cars_telemetry(broker: ShippedBroker) -
         _close(consumer, car_a)
 
 
+def test_the_consumer_cannot_publish_telemetry(broker: ShippedBroker) -> None:
+    """A consumer login's publish on telemetry/<vin> reaches nobody: it may only send acks."""
+    observer = broker.client(OBSERVER)
+    consumer = broker.client(CONSUMER)
+    car = broker.client(CAR_A)
+    try:
+        observer.subscribe("telemetry/#")
+        consumer.publish(f"telemetry/{CAR_A}", b"forged by the consumer")
+        car.publish(f"telemetry/{CAR_A}", b"the car's own")
+        wait_until(lambda: bool(observer.received), what="the car's telemetry", timeout=10)
+        assert observer.payloads() == [b"the car's own"]
+    finally:
+        _close(observer, consumer, car)
+
+
 def test_a_device_with_the_consumers_client_id_neither_drops_it_nor_wipes_its_session(
     broker: ShippedBroker,
 ) -> None:

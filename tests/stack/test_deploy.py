@@ -11,30 +11,28 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import yaml
-
 from revline.cli import build_parser
 from revline.edge.config import load_edge_settings
 from revline.tools.devices import COMPOSE_CONSUMER_LOGIN, COMPOSE_PASSWORD_VARIABLE
 from tests.fixtures.broker import stage
+from tests.fixtures.compose import example_env, load_compose
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def _compose() -> dict[str, Any]:
-    data: dict[str, Any] = yaml.safe_load((ROOT / "compose.yaml").read_text())
-    return data
+    return load_compose()
 
 
 def test_compose_commands_are_valid_revline_invocations() -> None:
-    """Every service built from this repo runs a revline command the CLI accepts."""
+    """Every service running the image built from this repo runs a revline command the CLI
+    accepts."""
     parser = build_parser()
-    built = {
-        n: s
-        for n, s in _compose()["services"].items()
-        if s.get("build") == {"context": ".", "dockerfile": "consumer/Dockerfile"}
-    }
-    assert set(built) >= {"migrate", "consumer"}
+    services = _compose()["services"]
+    image = services["migrate"]["image"]
+    assert services["migrate"]["build"] == {"context": ".", "dockerfile": "consumer/Dockerfile"}
+    built = {n: s for n, s in services.items() if s.get("image") == image}
+    assert set(built) >= {"migrate", "roles", "consumer", "broker-stats"}
     for service in built.values():
         args = parser.parse_args(service["command"])
         assert callable(args.run)
@@ -87,7 +85,7 @@ def test_the_compose_consumer_logs_in_with_a_login_the_acl_grants() -> None:
     consumer = _compose()["services"]["consumer"]
     url = urlsplit(consumer["environment"]["MQTT_URL"])
     assert url.username == COMPOSE_CONSUMER_LOGIN
-    assert url.password == f"${{{COMPOSE_PASSWORD_VARIABLE}:-}}"
+    assert url.password == example_env()[COMPOSE_PASSWORD_VARIABLE]
     acl = (ROOT / "broker" / "acl").read_text().splitlines()
     block = acl[acl.index(f"user {COMPOSE_CONSUMER_LOGIN}") :][:3]
     assert block[1:] == ["topic read telemetry/+", "topic write ack/+"]
@@ -108,10 +106,12 @@ def test_the_broker_start_script_refuses_to_start_without_logins(tmp_path: Path)
 
 
 def test_broker_secrets_are_ignored_by_git_and_docker() -> None:
-    """The default password file and .env never reach a commit or an image."""
+    """The logins, TLS key, CA key and .env never reach a commit or an image."""
     assert "/broker/secrets/" in (ROOT / ".gitignore").read_text().splitlines()
+    assert "/ca/" in (ROOT / ".gitignore").read_text().splitlines()
     assert ".env" in (ROOT / ".gitignore").read_text().splitlines()
-    assert "broker/secrets" in (ROOT / ".dockerignore").read_text().splitlines()
+    for path in ("broker/secrets", "ca", ".env"):
+        assert path in (ROOT / ".dockerignore").read_text().splitlines()
 
 
 def test_systemd_unit_runs_a_valid_edge_command() -> None:
@@ -129,6 +129,19 @@ def test_example_edge_config_loads() -> None:
     """edge/edge.toml.example is a valid configuration as shipped."""
     settings = load_edge_settings(ROOT / "edge" / "edge.toml.example", environ={})
     assert settings.vin == "1HGCM82633A004352"
+
+
+def test_example_edge_config_logs_in_as_the_acl_expects_over_tls() -> None:
+    """The example's login is its VIN (the ACL's %u), on the published TLS port, with the CA
+    file `revline init` makes."""
+    settings = load_edge_settings(ROOT / "edge" / "edge.toml.example", environ={})
+    url = urlsplit(settings.mqtt_url)
+    assert url.username == settings.vin
+    assert (url.scheme, url.port) == ("mqtts", 8883)
+    assert settings.ca_file.endswith("/ca.crt")
+    acl = (ROOT / "broker" / "acl").read_text().splitlines()
+    assert "pattern write telemetry/%u" in acl
+    assert "pattern read ack/%u" in acl
 
 
 def test_server_image_leaves_out_the_edge_and_its_cli_still_works() -> None:

@@ -93,3 +93,17 @@ def test_a_consumer_login_needs_an_acl_to_be_granted_in(tmp_path: Path) -> None:
     args = ["c1", "--service", "--passwd-file", str(passwd), "--acl-file", str(tmp_path / "no")]
     assert main(["device", "add", *args]) == 2
     assert not passwd.exists()
+
+
+def test_device_add_takes_the_broker_as_mqtt_url_like_every_command(tmp_path: Path) -> None:
+    """`--mqtt-url mqtts://host:port` (as everywhere else) puts the new login into that URL;
+    the older `--broker host:port` still works and means mqtts://."""
+    passwd = tmp_path / "passwd"
+    code, out = _add(VIN, "--passwd-file", str(passwd), "--password", "pw",
+                     "--mqtt-url", "mqtts://mqtt.example.org:8883")  # fmt: skip
+    assert code == 0
+    assert f'mqtt_url = "mqtts://{VIN}:pw@mqtt.example.org:8883"' in out
+    code, out = _add(VIN, "--passwd-file", str(passwd), "--password", "pw",
+                     "--broker", "mqtt.example.org:8883")  # fmt: skip
+    assert code == 0
+    assert f'mqtt_url = "mqtts://{VIN}:pw@mqtt.example.org:8883"' in out

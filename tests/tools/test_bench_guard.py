@@ -1,0 +1,113 @@
+"""Benchmarks write only into services of their own unless told --yes-really."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from revline.bench.guard import BenchSettings, refusal
+from revline.cli import EXIT_CONFIG
+from tests.fixtures.consumer import query
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _bench(*argv: str, **env: str) -> subprocess.CompletedProcess[str]:
+    clean = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in {"MQTT_URL", "DATABASE_URL"} and not k.startswith("REVLINE_")
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "revline.cli", "bench", *argv],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+        cwd=ROOT,
+        env=clean | env,
+    )
+
+
+def _tables(url: str) -> list[str]:
+    rows = query(url, "SELECT relname FROM pg_class WHERE relkind IN ('r', 'p') ORDER BY 1")
+    return [row["relname"] for row in rows]
+
+
+def _state(url: str) -> tuple[list[str], int]:
+    """The tables of a database and its vehicles."""
+    return _tables(url), int(query(url, "SELECT count(*) FROM vehicle_state")[0][0])
+
+
+def test_the_guard_refuses_given_services_unless_told_they_are_scratch() -> None:
+    """No URL: the benchmark's own services, fine. A URL: refused, unless --yes-really. The
+    refusal never prints a password."""
+    assert refusal(BenchSettings(), uses=("mqtt_url", "database_url"), yes_really=False) is None
+    given = BenchSettings(
+        mqtt_url="mqtt://user:s3cret@broker:1883", database_url="postgresql://u:s3cret@db/revline"
+    )
+    line = refusal(given, uses=("mqtt_url", "database_url"), yes_really=False)
+    assert line is not None
+    assert "broker mqtt://user@broker:1883" in line
+    assert "database postgresql://u@db/revline" in line
+    assert "s3cret" not in line
+    assert "\n" not in line
+    assert refusal(given, uses=("mqtt_url",), yes_really=True) is None
+    assert refusal(BenchSettings(database_url=given.database_url), uses=("mqtt_url",),
+                   yes_really=False) is None  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("argv", "env"),
+    [
+        (["storage", "--database-url", "{db}"], {}),
+        (["storage"], {"DATABASE_URL": "{db}"}),
+        (["storage"], {"REVLINE_DATABASE_URL": "{db}"}),
+        (["consumer", "--samples", "1000"], {"DATABASE_URL": "{db}"}),
+    ],
+    ids=["flag", "DATABASE_URL", "REVLINE_DATABASE_URL", "consumer"],
+)
+def test_a_benchmark_leaves_a_database_it_did_not_make_untouched(
+    migrated_db: str, argv: list[str], env: dict[str, str]
+) -> None:
+    """Given a database (flag or environment) without --yes-really, a benchmark refuses in one
+    line, exit 2, and the database has not a row or a table more."""
+    before = _state(migrated_db)
+    done = _bench(
+        *(a.format(db=migrated_db) for a in argv),
+        **{k: v.format(db=migrated_db) for k, v in env.items()},
+    )
+    assert done.returncode == EXIT_CONFIG, done.stderr
+    assert len(done.stderr.splitlines()) == 1, done.stderr
+    assert "refusing to write benchmark data into the database" in done.stderr
+    assert done.stdout == ""
+    assert _state(migrated_db) == before
+
+
+@pytest.mark.parametrize("what", ["edge", "consumer"])
+def test_a_benchmark_refuses_a_broker_named_in_mqtt_url(mqtt_url: str, what: str) -> None:
+    """MQTT_URL (as compose sets it) is refused too: the fake telemetry of a benchmark never
+    reaches a broker that a real consumer might read."""
+    done = _bench(what, MQTT_URL=mqtt_url)
+    assert done.returncode == EXIT_CONFIG, done.stderr
+    assert "refusing to write benchmark data into the broker" in done.stderr
+
+
+def test_a_scratch_database_said_so_gets_the_benchmark(migrated_db: str) -> None:
+    """--yes-really on a scratch database: the storage benchmark runs there and prints figures."""
+    done = _bench("storage", "--database-url", migrated_db, "--yes-really", "--samples", "20000")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "writer:" in done.stdout
+    assert query(migrated_db, "SELECT count(*) FROM vehicle_state")[0][0] > 0
+
+
+def test_the_storage_benchmark_starts_its_own_database_by_default() -> None:
+    """Without a URL the storage benchmark migrates a PostgreSQL of its own and measures there."""
+    done = _bench("storage", "--samples", "20000")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "private PostgreSQL" in done.stderr
+    assert "writer:" in done.stdout
