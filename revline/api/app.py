@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Annotated, Any, Final, Literal
 from urllib.parse import urlencode
@@ -34,6 +34,7 @@ from revline.api.config import ApiSettings
 from revline.api.errors import ApiError, ErrorBody
 from revline.api.ingest import Ingest
 from revline.api.live import Hub
+from revline.api.metrics import ApiMetrics
 from revline.api.models import (
     STATUS_COLUMNS,
     TRIP_COLUMNS,
@@ -91,7 +92,7 @@ class Resources:
     hub: Hub
     streams: int = 0
     """Exports streaming now."""
-    tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    metrics: ApiMetrics | None = None
 
 
 def _res(request: Request[Any, Any, Any]) -> Resources:
@@ -155,6 +156,26 @@ async def health(request: Request[Any, Any, Any]) -> Response[Health]:
         live_streams=resources.hub.subscribers,
     )
     return Response(body, status_code=200 if ok else 503)
+
+
+@get("/metrics", tags=["service"], summary="Prometheus metrics (no key needed)",
+     media_type="text/plain; version=0.0.4", include_in_schema=False)
+async def metrics(request: Request[Any, Any, Any]) -> Response[bytes]:
+    """Requests by handler and status, open streams, ingest outcomes."""
+    resources = _res(request)
+    assert resources.metrics is not None
+    return Response(resources.metrics.render(), media_type="text/plain; version=0.0.4")
+
+
+def _count_response(message: Any, scope: Any) -> None:
+    """Litestar's before_send hook: one count per response, by handler name and status."""
+    if message["type"] != "http.response.start":
+        return
+    handler = scope.get("route_handler")
+    resources: Resources | None = scope["litestar_app"].state.get("revline")
+    if resources is not None and resources.metrics is not None:
+        name = getattr(handler, "handler_name", None) or "none"
+        resources.metrics.requests.labels(name, str(message["status"])).inc()
 
 
 # --- vehicles ---
@@ -709,7 +730,16 @@ async def post_batch(request: Request[Any, Any, Any], vin: str) -> Response[byte
             raise ApiError(413, "too_large", f"body over {limit} bytes; not read further")
         chunks.append(chunk)
     payload = b"".join(chunks)
-    outcome = await resources.ingest.post(vin, payload)
+    try:
+        outcome = await resources.ingest.post(vin, payload)
+    except ApiError as exc:
+        if resources.metrics is not None:
+            resources.metrics.ingest_refused.labels(exc.error).inc()
+        raise
+    if resources.metrics is not None:
+        resources.metrics.ingested_batches.inc()
+        resources.metrics.ingested_samples.inc(outcome.samples)
+        resources.metrics.ingested_new.inc(outcome.inserted)
     log.debug(
         "ingest: batch committed",
         extra=kv(vin=vin, samples=outcome.samples, new=outcome.inserted, key=principal.key_id),
@@ -764,6 +794,10 @@ def _on_error(request: Request[Any, Any, Any], exc: Exception) -> Response[Error
 
 def create_app(resources: Resources) -> Litestar:
     """The application, serving ``resources``."""
+    if resources.metrics is None:
+        resources.metrics = ApiMetrics(
+            lambda: resources.streams, lambda: resources.hub.subscribers
+        )
     openapi = None
     if resources.settings.docs:
         openapi = OpenAPIConfig(
@@ -786,7 +820,7 @@ def create_app(resources: Resources) -> Litestar:
         )
     return Litestar(
         route_handlers=[
-            health, vehicles, status, trips, odometer, trouble_codes, telemetry, bulk,
+            health, metrics, vehicles, status, trips, odometer, trouble_codes, telemetry, bulk,
             live_vehicle, live_fleet, live_alerts, post_batch,
         ],
         state=State({"revline": resources}),
@@ -796,6 +830,7 @@ def create_app(resources: Resources) -> Litestar:
             Exception: _on_error,
         },
         openapi_config=openapi,
+        before_send=[_count_response],
         logging_config=None,
         debug=False,
     )

@@ -16,9 +16,10 @@ if TYPE_CHECKING:
 __all__ = ["register"]
 
 _FLAGS: tuple[tuple[str, type, str], ...] = (
-    ("database_url", str, "PostgreSQL URL (env DATABASE_URL)"),
+    ("database_url", str, "PostgreSQL URL for reads (env DATABASE_URL); read-only is enough"),
+    ("ingest_database_url", str, "PostgreSQL URL HTTP ingest writes to (default: database_url)"),
     ("host", str, "address to listen on (127.0.0.1; TLS belongs to the reverse proxy)"),
-    ("port", int, "port to listen on (8080)"),
+    ("port", int, "port to listen on (8000)"),
     ("pool_size", int, "database connections for reads (10)"),
     ("ingest_pool_size", int, "database connections for HTTP ingest (4)"),
     ("statement_timeout_s", float, "database statement timeout (30)"),

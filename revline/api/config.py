@@ -21,10 +21,14 @@ class ApiSettings(msgspec.Struct, frozen=True, kw_only=True):
     """Everything ``revline api`` can be told; see ``docs/api.md`` for each key."""
 
     database_url: str = "postgresql://postgres@127.0.0.1:5432/postgres"
+    """Reads, keys and the live feed: the read-only role ``revline_api`` (sql/011_roles.sql)
+    is enough."""
+    ingest_database_url: str = ""
+    """HTTP ingest writes as the consumer does (a login that may write); default: database_url."""
     host: str = "127.0.0.1"
     """Address to listen on. TLS is the reverse proxy's job (docs/api.md): listen on loopback or
     a private network behind it."""
-    port: Annotated[int, msgspec.Meta(ge=0, le=65_535)] = 8080
+    port: Annotated[int, msgspec.Meta(ge=0, le=65_535)] = 8000
     pool_size: Annotated[int, msgspec.Meta(ge=1, le=100)] = 10
     """Connections for reads (a streamed export holds one while it streams)."""
     ingest_pool_size: Annotated[int, msgspec.Meta(ge=1, le=100)] = 4
@@ -59,12 +63,19 @@ class ApiSettings(msgspec.Struct, frozen=True, kw_only=True):
     docs: bool = True
     """Serve the OpenAPI document (``/schema/openapi.json``) and its page (``/schema``)."""
 
+    @property
+    def writer_url(self) -> str:
+        """Where HTTP ingest writes."""
+        return self.ingest_database_url or self.database_url
+
     def __post_init__(self) -> None:
         check_fields(self)
-        if not self.database_url.startswith(("postgres://", "postgresql://")):
-            raise ConfigError(
-                "database_url", "", f"expected postgresql://..., got {self.database_url!r}"
-            )
+        for key in ("database_url", "ingest_database_url"):
+            url = getattr(self, key)
+            if (url or key == "database_url") and not url.startswith(
+                ("postgres://", "postgresql://")
+            ):
+                raise ConfigError(key, "", f"expected postgresql://..., got {url!r}")
         if self.page_rows > self.max_page_rows:
             raise ConfigError("page_rows", "", "expected at most max_page_rows")
 

@@ -88,7 +88,7 @@ async def _with_retry(what: str, open_: Any) -> Any:
 async def open_resources(settings: ApiSettings) -> AsyncIterator[Resources]:
     """The handlers' resources, open; closed (live feed stopped) when the block ends."""
     consumer = ConsumerSettings(
-        database_url=settings.database_url,
+        database_url=settings.writer_url,
         max_future_s=settings.max_future_s,
         max_age_s=settings.max_age_s,
         pool_size=settings.ingest_pool_size,
@@ -96,7 +96,7 @@ async def open_resources(settings: ApiSettings) -> AsyncIterator[Resources]:
         metrics_port=0,
     )
     writer = Writer(
-        settings.database_url,
+        settings.writer_url,
         pool_size=settings.ingest_pool_size,
         statement_timeout_s=settings.statement_timeout_s,
         derivations=derivations(consumer),

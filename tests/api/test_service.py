@@ -7,7 +7,7 @@ import sys
 
 import httpx
 
-from tests.fixtures.api import ROOT, ApiFactory, KeyMaker
+from tests.fixtures.api import ROOT, ApiFactory, ApiProcess, KeyMaker
 from tests.fixtures.services import PostgresService
 
 
@@ -55,3 +55,18 @@ def test_sigterm_stops_the_api_cleanly_ending_live_streams(
     assert api.process.wait(timeout=30) == 0
     assert "Traceback" not in api.log_text()
     assert "api stopped" in api.log_text()
+
+
+def test_metrics_count_requests_by_handler_and_ingest_outcomes(
+    api: ApiProcess, make_key: KeyMaker, unique_vin: str
+) -> None:
+    """/metrics counts responses by handler and status, and HTTP ingest's refusals by reason."""
+    key = make_key(f"ingest:{unique_vin}")
+    httpx.post(f"{api.url}/v1/vehicles/{unique_vin}/batches", content=b"{", headers={
+        "Authorization": f"Bearer {key}"})
+    httpx.get(f"{api.url}/v1/vehicles")
+    text = httpx.get(f"{api.url}/metrics").text
+    assert 'revline_api_requests_total{handler="vehicles",status="401"} 1.0' in text
+    assert 'revline_api_requests_total{handler="post_batch",status="400"} 1.0' in text
+    assert 'revline_api_ingest_refused_total{reason="undecodable"} 1.0' in text
+    assert "revline_api_live_streams 0.0" in text
