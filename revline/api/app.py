@@ -799,7 +799,7 @@ def create_app(resources: Resources) -> Litestar:
             lambda: resources.streams, lambda: resources.hub.subscribers
         )
     openapi = None
-    if resources.settings.docs:
+    if resources.settings.docs == "on":
         openapi = OpenAPIConfig(
             title="Revline API",
             version=__version__,

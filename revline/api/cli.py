@@ -10,31 +10,19 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from revline.api.config import ENV_PREFIX, ApiSettings, load_settings
+from revline.settings import add_flags, flag_values
+
 if TYPE_CHECKING:
     from revline.cli import Commands
 
 __all__ = ["register"]
 
-_FLAGS: tuple[tuple[str, type, str], ...] = (
-    ("database_url", str, "PostgreSQL URL for reads (env DATABASE_URL); read-only is enough"),
-    ("ingest_database_url", str, "PostgreSQL URL HTTP ingest writes to (default: database_url)"),
-    ("host", str, "address to listen on (127.0.0.1; TLS belongs to the reverse proxy)"),
-    ("port", int, "port to listen on (8000)"),
-    ("pool_size", int, "database connections for reads (10)"),
-    ("ingest_pool_size", int, "database connections for HTTP ingest (4)"),
-    ("statement_timeout_s", float, "database statement timeout (30)"),
-    ("rate_per_s", float, "requests a second per key, unless the key says otherwise (20)"),
-    ("burst", int, "requests a key may make at once, unless the key says otherwise (40)"),
-    ("key_cache_s", float, "believe a checked key this long (30; revocations are pushed)"),
-    ("max_body_bytes", int, "largest ingest body (2 MiB)"),
-    ("page_rows", int, "telemetry rows of a page when no limit is given (100000)"),
-    ("max_page_rows", int, "largest limit a caller may ask for (1000000)"),
-    ("max_bulk_vins", int, "vehicles of one bulk query, at most (1000)"),
-    ("max_future_s", float, "ingest: refuse samples further ahead of our clock (300)"),
-    ("max_age_s", float, "ingest: refuse samples older than this (358 d)"),
-    ("retry_after_s", int, "Retry-After of a 503 (5)"),
-    ("heartbeat_s", float, "live streams: a comment this often (15)"),
-)
+_HELP: dict[str, str] = {
+    "database_url": "PostgreSQL URL for reads, keys and the live feed (read-only is enough)",
+    "ingest_database_url": "PostgreSQL URL HTTP ingest writes to (unset: database_url)",
+    "host": "address to listen on (TLS belongs to the reverse proxy)",
+}
 
 
 def register(commands: Commands) -> None:
@@ -42,10 +30,7 @@ def register(commands: Commands) -> None:
     parser = commands.add(commands.top, "api", "serve the HTTP API (reads, live streams, ingest)",
                           _run)
     parser.add_argument("--config", type=Path, help="TOML file with settings")
-    for key, kind, help_text in _FLAGS:
-        parser.add_argument(f"--{key.replace('_', '-')}", dest=key, type=kind, help=help_text)
-    parser.add_argument("--no-docs", dest="docs", action="store_const", const=False,
-                        help="do not serve the OpenAPI document and its page")
+    add_flags(parser, ApiSettings, env_prefix=ENV_PREFIX, help_text=_HELP)
 
     keys = commands.group("api-key", "manage API keys (stored hashed; shown once when made)")
     add = commands.add(keys, "add", "make a key; prints it once", _add)
@@ -66,11 +51,7 @@ def register(commands: Commands) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from revline.api.config import load_settings  # noqa: PLC0415
-
-    flags: dict[str, object] = {key: getattr(args, key) for key, _, _ in _FLAGS}
-    flags["docs"] = args.docs
-    settings = load_settings(config=args.config, flags=flags)
+    settings = load_settings(config=args.config, flags=flag_values(args, ApiSettings))
     from revline.api.service import serve  # noqa: PLC0415 - Litestar, uvicorn: not for --help
 
     return serve(settings)

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Final, Literal
 
 import msgspec
 
 from revline.contract import MAX_PAYLOAD_BYTES
 from revline.settings import ConfigError, check_fields, load
 
-__all__ = ["ApiSettings", "load_settings"]
+__all__ = ["ENV_PREFIX", "ApiSettings", "load_settings"]
+
+ENV_PREFIX: Final = "REVLINE_API_"
+"""Environment variables of ``revline api``: ``REVLINE_API_<KEY>`` (and ``DATABASE_URL``)."""
 
 Seconds = Annotated[float, msgspec.Meta(gt=0)]
 
@@ -60,7 +62,7 @@ class ApiSettings(msgspec.Struct, frozen=True, kw_only=True):
     heartbeat_s: Seconds = 15.0
     """Live streams send a comment this often, so proxies keep them open and a gone client is
     noticed."""
-    docs: bool = True
+    docs: Literal["on", "off"] = "on"
     """Serve the OpenAPI document (``/schema/openapi.json``) and its page (``/schema``)."""
 
     @property
@@ -87,7 +89,4 @@ def load_settings(
     environ: Mapping[str, str] | None = None,
 ) -> ApiSettings:
     """Defaults < TOML < ``DATABASE_URL`` < ``REVLINE_API_*`` < flags."""
-    env = dict(os.environ if environ is None else environ)
-    if "DATABASE_URL" in env:
-        env.setdefault("REVLINE_API_DATABASE_URL", env["DATABASE_URL"])
-    return load(ApiSettings, toml_path=config, env_prefix="REVLINE_API_", environ=env, flags=flags)
+    return load(ApiSettings, toml_path=config, env_prefix=ENV_PREFIX, environ=environ, flags=flags)
