@@ -1,7 +1,7 @@
 """``revline bench api``: the HTTP API against baselines measured in the same run.
 
-1. Starts a private PostgreSQL (local ``initdb`` in a temporary directory; ``--database-url``: a
-   scratch database ``revline_bench_api_<pid>`` on that server instead), migrates it, and writes
+1. Makes a scratch database ``revline_bench_api_<pid>`` on a private PostgreSQL (revline.bench.cli
+   starts it; ``--database-url ... --yes-really``: on that server instead), migrates it, and writes
    simulator data through the consumer's writer: a few samples for each of ``--vehicles``
    vehicles (their hot rows) and ``--export-rows`` samples of one vehicle at 10 Hz.
 2. Starts ``revline api`` (uvicorn) on a free port, with a key whose rate limit is out of reach.
@@ -86,12 +86,9 @@ async def _load(dsn: str, vehicles: int, export_rows: int) -> None:
 
 
 @contextlib.contextmanager
-def _database(server_url: str | None) -> Iterator[str]:
+def _database(server_url: str) -> Iterator[str]:
+    """A scratch database ``revline_bench_api_<pid>`` on ``server_url``, dropped after."""
     name = f"revline_bench_api_{os.getpid()}"
-    if server_url is None:
-        with PostgresService(use_docker=False) as server:
-            yield server.create_database(name)
-        return
     service = PostgresService(url=server_url)
     url = service.create_database(name)
     try:

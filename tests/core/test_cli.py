@@ -35,6 +35,7 @@ COMMANDS: list[tuple[list[str], type[msgspec.Struct], str, frozenset[str] | None
     (["bench", "consumer"], BenchSettings, "REVLINE_", None),
     (["bench", "edge"], BenchSettings, "REVLINE_", frozenset({"mqtt_url"})),
     (["bench", "storage"], BenchSettings, "REVLINE_", frozenset({"database_url"})),
+    (["bench", "api"], BenchSettings, "REVLINE_", frozenset({"database_url"})),
     (["api"], ApiSettings, "REVLINE_API_", None),
 ]
 _IDS = [" ".join(command) for command, *_ in COMMANDS]
