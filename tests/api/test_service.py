@@ -2,12 +2,25 @@
 
 from __future__ import annotations
 
+import secrets
 import subprocess
 import sys
+from urllib.parse import urlsplit
 
+import asyncpg
 import httpx
 
-from tests.fixtures.api import ROOT, ApiFactory, ApiProcess, KeyMaker
+from revline.contract import encode
+from tests.fixtures.api import (
+    ACCEPT_T0,
+    ROOT,
+    ApiFactory,
+    ApiProcess,
+    KeyMaker,
+    auth,
+    run,
+    sim_batches,
+)
 from tests.fixtures.services import PostgresService
 
 
@@ -70,3 +83,41 @@ def test_metrics_count_requests_by_handler_and_ingest_outcomes(
     assert 'revline_api_requests_total{handler="post_batch",status="400"} 1.0' in text
     assert 'revline_api_ingest_refused_total{reason="undecodable"} 1.0' in text
     assert "revline_api_live_streams 0.0" in text
+
+
+def test_the_api_reads_as_a_read_only_role_and_ingests_as_the_writer(
+    migrated_db: str, make_key: KeyMaker, unique_vin: str
+) -> None:
+    """Run as compose runs it: reads, keys and the live feed as a member of revline_reader with
+    read-only transactions (as revline_api, sql/011_roles.sql), HTTP ingest as the owner."""
+    role = f"t_api_{secrets.token_hex(4)}"
+
+    async def admin(sql: str) -> None:
+        connection = await asyncpg.connect(migrated_db)
+        try:
+            await connection.execute(sql)
+        finally:
+            await connection.close()
+
+    run(admin(f"CREATE ROLE {role} LOGIN IN ROLE revline_reader"))
+    run(admin(f"ALTER ROLE {role} SET default_transaction_read_only = on"))
+    reader_url = urlsplit(migrated_db)._replace(
+        netloc=f"{role}@{urlsplit(migrated_db).hostname}:{urlsplit(migrated_db).port}"
+    ).geturl()
+    api = ApiProcess(reader_url, [*ACCEPT_T0, "--ingest-database-url", migrated_db])
+    try:
+        api.start()
+        key = make_key(f"read:{unique_vin}", f"ingest:{unique_vin}")
+        batch = encode(sim_batches(unique_vin, 20)[0])
+        posted = httpx.post(f"{api.url}/v1/vehicles/{unique_vin}/batches", content=batch,
+                            headers={**auth(key), "Content-Type": "application/msgpack"})
+        assert posted.status_code == 200, posted.text
+        status = httpx.get(f"{api.url}/v1/vehicles/{unique_vin}/status", headers=auth(key))
+        assert status.json()["seq"] == 19
+        telemetry = httpx.get(f"{api.url}/v1/vehicles/{unique_vin}/telemetry",
+                              params={"from": "0", "to": "2000000000000000"}, headers=auth(key))
+        assert len(telemetry.text.splitlines()) == 20
+    finally:
+        api.close()
+        run(admin(f"DROP OWNED BY {role}"))
+        run(admin(f"DROP ROLE {role}"))
