@@ -61,7 +61,7 @@ from revline.api.queries import (
 )
 from revline.contract import encode, encode_json, is_valid_vin
 from revline.logs import kv
-from revline.storage.errors import describe
+from revline.storage.errors import describe, is_data_error
 from revline.storage.notify import DTC_CHANNEL, STATE_CHANNEL
 
 __all__ = ["STATUS_SQL", "Resources", "create_app"]
@@ -193,6 +193,8 @@ async def vehicles(
     scopes = principal.scopes
     if not scopes.reads_anything:
         raise ApiError(403, "forbidden", f"key {principal.key_id} may not read any vehicle")
+    if after and not is_valid_vin(after):
+        raise ApiError(400, "bad_query", "after: a VIN (the `next` of the previous page)")
     args: list[object] = [after or "", limit + 1]
     where = "vin > $1"
     if not scopes.read_all:
@@ -625,7 +627,9 @@ async def live_fleet(request: Request[Any, Any, Any], vins: str | None = None) -
     key may read) after every commit that changed it; ``event: resync`` when notifications may
     have been missed (re-read what you show)."""
     principal = await _principal(request)
-    return _sse_response(_live_events(_res(request), principal, _chosen(principal, vins)))
+    resources = _res(request)
+    chosen = _chosen(principal, vins, resources.settings.max_bulk_vins)
+    return _sse_response(_live_events(resources, principal, chosen))
 
 
 class TroubleCodeAlert(msgspec.Struct):
@@ -683,13 +687,18 @@ async def live_alerts(request: Request[Any, Any, Any], vins: str | None = None) 
     (``vins``: comma-separated; default every vehicle this key may read): the codes that
     appeared, those cleared, and all active now."""
     principal = await _principal(request)
-    chosen = _chosen(principal, vins)
-    return _sse_response(_alerts(_res(request), principal, chosen))
+    resources = _res(request)
+    chosen = _chosen(principal, vins, resources.settings.max_bulk_vins)
+    return _sse_response(_alerts(resources, principal, chosen))
 
 
-def _chosen(principal: Principal, vins: str | None) -> frozenset[str] | None:
+def _chosen(
+    principal: Principal, vins: str | None, most: int
+) -> frozenset[str] | None:
     if vins:
         chosen = frozenset(v.strip() for v in vins.split(",") if v.strip())
+        if len(chosen) > most:
+            raise ApiError(400, "bad_query", f"vins: at most {most} vehicles")
         for vin in chosen:
             _check_vin(vin)
             principal.require_read(vin)
@@ -778,6 +787,9 @@ def _on_http_error(_request: Request[Any, Any, Any], exc: Exception) -> Response
 
 def _on_error(request: Request[Any, Any, Any], exc: Exception) -> Response[ErrorBody]:
     resources = _res(request)
+    if is_data_error(exc):
+        # A value of the request the database cannot take (e.g. a NUL): the caller's fault.
+        return _error_response(ApiError(400, "bad_query", describe(exc)[:300]))
     if isinstance(exc, (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)):
         # The database or the network: an outage, the client may retry.
         log.warning("request failed", extra=kv(path=request.url.path, error=describe(exc)))

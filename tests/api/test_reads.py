@@ -146,3 +146,24 @@ def _refresh_rollups(dsn: str) -> None:
             )
 
     run(with_connection(dsn, refresh))
+
+
+def test_hostile_query_values_get_400_saying_why(
+    api: ApiProcess, make_key: KeyMaker, unique_vin: str
+) -> None:
+    """A NUL, a bad cursor, an unknown field, a range backwards or a limit too large is a 400
+    naming the parameter, never a 5xx."""
+    key = make_key("read:*")
+    url = f"{api.url}/v1/vehicles/{unique_vin}/telemetry"
+    cases: list[tuple[str, dict[str, Any]]] = [
+        (f"{api.url}/v1/vehicles", {"after": "A\x00B"}),
+        (url, {"from": ISO_T0, "to": ISO_END, "cursor": "bm90IGEgY3Vyc29y"}),
+        (url, {"from": ISO_T0, "to": ISO_END, "fields": "speed,\x00"}),
+        (url, {"from": ISO_END, "to": ISO_T0}),
+        (url, {"from": ISO_T0, "to": ISO_END, "limit": 10**9}),
+        (url, {"from": "\x00", "to": ISO_END}),
+    ]
+    for target, params in cases:
+        response = httpx.get(target, params=params, headers=auth(key))
+        assert response.status_code == 400, (params, response.text)
+        assert response.json()["error"] in {"bad_query", "bad_request"}
