@@ -154,7 +154,7 @@ def test_a_client_that_goes_away_mid_stream_frees_its_connection(
             chunks = response.iter_bytes()
             received = sum(len(next(chunks)) for _ in range(3))
             assert received < 1_000_000
-            assert api.health()["streams"] == 1  # still streaming when the client goes
+            assert api.health()["streams"] >= 1  # still streaming when the client goes
         with httpx.stream(
             "GET", f"{api.url}/v1/vehicles/{unique_vin}/live", headers=auth(key), timeout=30
         ) as live:
