@@ -111,15 +111,19 @@ def _check_vin(vin: str) -> None:
 
 @contextlib.asynccontextmanager
 async def _connection(resources: Resources) -> AsyncIterator[Any]:
+    """A connection of the read pool; 503 ``busy`` if none is free in time. Given back however
+    the block ends (a client gone mid-stream cancels it: asyncpg's release resets it)."""
     try:
-        connection_cm = resources.pool.acquire(timeout=_ACQUIRE_TIMEOUT_S)
-        async with connection_cm as connection:
-            yield connection
+        connection = await resources.pool.acquire(timeout=_ACQUIRE_TIMEOUT_S)
     except TimeoutError:
         raise ApiError(
             503, "busy", "no database connection free; retry",
             headers={"Retry-After": str(resources.settings.retry_after_s)},
         ) from None
+    try:
+        yield connection
+    finally:
+        await resources.pool.release(connection)
 
 
 # --- health ---
