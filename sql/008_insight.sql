@@ -192,3 +192,17 @@ SELECT
 FROM trips
 GROUP BY vin, date_trunc('week', start_ts AT TIME ZONE 'UTC');
 COMMENT ON VIEW weekly_summary IS 'Per vehicle and ISO week (UTC, Monday): trips, distance, hours, worst values, events.';
+
+-- Where the fold of each vehicle stopped: the state of the trip machine and detectors after its
+-- newest folded sample (revline/insight/stream.py). New samples all after it (a live car) are
+-- folded on from here, without reading the open trip again; anything earlier is recomputed by
+-- window, which writes a new one.
+CREATE TABLE insight_checkpoints (
+    vin text PRIMARY KEY,
+    last_ts timestamptz NOT NULL,
+    state jsonb NOT NULL,
+    updated_at timestamptz NOT NULL DEFAULT now()
+);
+COMMENT ON TABLE insight_checkpoints IS 'Resumable fold state per vehicle (internal to revline.insight).';
+COMMENT ON COLUMN insight_checkpoints.last_ts IS 'Newest sample the state has seen; every older sample was folded into it.';
+COMMENT ON COLUMN insight_checkpoints.state IS 'revline.insight.stream.Fold as JSON.';

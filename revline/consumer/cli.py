@@ -42,6 +42,7 @@ _HELP: dict[str, str] = {
     "shutdown_timeout_s": "on SIGTERM, commit what is in hand within this",
     "log_every_s": "summary log line interval",
     "maintenance_every_s": "plain PostgreSQL: partitions/retention/rollups pass period; 0: never",
+    "insight_fold": "fold trips/events/odometer here after commits (false: revline insight fold)",
     "metrics_host": "address of /metrics and /healthz",
     "metrics_port": "port of /metrics and /healthz; 0 disables",
 }

@@ -76,6 +76,9 @@ class ConsumerSettings(msgspec.Struct, frozen=True, kw_only=True):
     (first pass at start; 0 disables, e.g. when a cron job runs
     ``python -m revline.storage.maintenance``). TimescaleDB's own jobs do this there, so the pass
     is a no-op."""
+    insight_fold: bool = True
+    """Fold trips, events and odometer (docs/insight.md) in this process, after its commits. Off:
+    the writes still mark what to fold, and ``revline insight fold`` does it elsewhere."""
     metrics_host: str = "0.0.0.0"  # noqa: S104 - Prometheus scrapes from another host
     metrics_port: Annotated[int, msgspec.Meta(ge=0, le=65_535)] = 9108
     """Port of ``/metrics`` and ``/healthz``; 0 disables the endpoint."""

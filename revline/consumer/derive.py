@@ -16,7 +16,7 @@ __all__ = ["derivations"]
 def derivations(settings: ConsumerSettings) -> list[Derivation]:
     """The derivations the consumer keeps, in the order they run in each write, from its
     settings. Each part that derives something (trips, accounting...) registers it here."""
-    del settings
-    from revline.insight.store import Insight  # noqa: PLC0415 - asyncpg-side code, loaded here
+    from revline.insight.store import Insight, InsightMarks  # noqa: PLC0415 - loaded here
 
-    return [Insight(), StateNotify()]  # notify last: listeners re-read what the others wrote
+    insight = Insight() if settings.insight_fold else InsightMarks()
+    return [insight, StateNotify()]  # notify last: listeners re-read what the others wrote

@@ -1,4 +1,4 @@
-"""``revline trips VIN [--since]`` and ``revline vehicle VIN``: insight in a terminal.
+"""``revline trips VIN [--since]``, ``revline vehicle VIN`` and ``revline insight fold``.
 
 Only the standard library and the core at top level (see revline/cli.py); asyncpg and rich are
 imported when a command runs. Every failure is one line on stderr.
@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import re
 import sys
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Final
 
 from revline.contract import is_valid_vin
+from revline.logs import kv
 from revline.settings import env_value
 
 if TYPE_CHECKING:
@@ -65,6 +67,49 @@ def register(commands: Commands) -> None:
     parser.add_argument(
         "--database-url", help="postgresql://... (env REVLINE_DATABASE_URL, DATABASE_URL)"
     )
+    group = commands.group("insight", "trips, events and odometer kept up to date")
+    parser = commands.add(
+        group,
+        "fold",
+        "fold what the consumers' writes marked into trips, events and odometer, until stopped "
+        "(for consumers run with --insight-fold false; any number of these may run)",
+        _fold,
+    )
+    parser.add_argument(
+        "--database-url", help="postgresql://... (env REVLINE_DATABASE_URL, DATABASE_URL)"
+    )
+    parser.add_argument("--pool-size", type=int, default=4, help="database connections (4)")
+
+
+def _fold(args: argparse.Namespace) -> int:
+    def body() -> int:
+        url = _database_url(args)
+        if args.pool_size < 2:
+            raise CommandError(f"--pool-size: expected at least 2, got {args.pool_size}")
+        asyncio.run(_folding(url, args.pool_size))
+        return 0
+
+    return _run("insight fold", body)
+
+
+async def _folding(url: str, pool_size: int) -> None:
+    import asyncpg  # noqa: PLC0415 - heavy imports only when the command runs
+
+    from revline.insight.store import Insight, setup_connection  # noqa: PLC0415
+
+    pool = await asyncpg.create_pool(
+        url, min_size=0, max_size=pool_size, init=setup_connection,
+        server_settings={"application_name": "revline-insight"},
+    )
+    try:
+        if await pool.fetchval("SELECT to_regclass('insight_dirty')") is None:
+            raise CommandError(
+                "database is not migrated: run `revline migrate` with the same database_url"
+            )
+        logging.getLogger("revline.insight").info("folding", extra=kv(pool_size=pool_size))
+        await Insight().run(pool)
+    finally:
+        await pool.close()
 
 
 def _database_url(args: argparse.Namespace) -> str:

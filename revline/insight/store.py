@@ -28,22 +28,26 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from itertools import groupby
 from operator import itemgetter
 from typing import Any, Final
 
+import msgspec
+
 from revline.contract import FLAG_CLOCK_UNSYNCED, Sample
 from revline.fields import FIELD_BY_NAME
 from revline.insight.dtc import dtc_events
-from revline.insight.episodes import Event, events
+from revline.insight.episodes import Event
 from revline.insight.odometer import OdometerPoint, TripEnd, history
-from revline.insight.segment import Point, Trip, activity, segment
+from revline.insight.segment import Trip, trip_of
+from revline.insight.stream import EventOut, Fold, Point, TripOut
 from revline.insight.thresholds import THRESHOLDS, Thresholds
 from revline.insight.window import meets, reach_us, widen, window
 from revline.logs import kv
 from revline.storage.derive import spans
 
-__all__ = ["Insight", "recompute"]
+__all__ = ["Insight", "InsightMarks", "mark", "recompute", "setup_connection"]
 
 log = logging.getLogger("revline.insight")
 
@@ -135,6 +139,36 @@ POINTS_SQL: Final = (
     "ORDER BY u.vin, s.ts, s.seq"
 )
 """What :class:`Point` holds, from the cold table (samples of an unsynced clock left out)."""
+POINTS_AFTER_SQL: Final = (
+    f"SELECT u.vin, {_us('s.ts')}, coalesce({_value('speed')}, {_value('gps_speed')}), "
+    + ", ".join(
+        _value(name)
+        for name in ("rpm", "coolant", "battery", "fuel", "maf", "lat", "lon", "odometer")
+    )
+    + f" FROM {_FROM} JOIN samples s ON s.vin = u.vin AND s.ts > {_at('u.lo')} "
+    f"WHERE s.flags & {FLAG_CLOCK_UNSYNCED} = 0 ORDER BY u.vin, s.ts, s.seq"
+)
+"""The samples after a checkpoint: all a live car's fold reads."""
+CHECKPOINTS_SQL: Final = (
+    f"SELECT vin, {_us('last_ts')}, state FROM insight_checkpoints WHERE vin = ANY($1::text[])"
+)
+SAVE_CHECKPOINT_SQL: Final = (
+    f"INSERT INTO insight_checkpoints (vin, last_ts, state) VALUES ($1, {_at('$2')}, $3) "
+    "ON CONFLICT (vin) DO UPDATE SET last_ts = excluded.last_ts, state = excluded.state, "
+    "updated_at = now()"
+)
+DROP_CHECKPOINTS_SQL: Final = "DELETE FROM insight_checkpoints WHERE vin = ANY($1::text[])"
+COUNT_EVENTS_SQL: Final = (
+    "UPDATE trips t SET hard_brakes = c.brakes, hard_accels = c.accels FROM ("
+    "SELECT x.vin, x.start_ts, count(e.kind) FILTER (WHERE e.kind = 'hard_brake') AS brakes, "
+    "count(e.kind) FILTER (WHERE e.kind = 'hard_accel') AS accels "
+    f"FROM {_FROM} JOIN trips x ON x.vin = u.vin AND x.end_ts >= {_at('u.lo')} "
+    "LEFT JOIN vehicle_events e ON e.vin = x.vin AND e.kind IN ('hard_brake', 'hard_accel') "
+    "AND e.start_ts BETWEEN x.start_ts AND x.end_ts GROUP BY x.vin, x.start_ts) AS c "
+    "WHERE t.vin = c.vin AND t.start_ts = c.start_ts "
+    "AND (t.hard_brakes, t.hard_accels) IS DISTINCT FROM (c.brakes, c.accels)"
+)
+"""Each trip's hard brakes and accelerations, from the events stored (whichever fold made them)."""
 DATA_END_SQL: Final = (
     f"SELECT vin, {_us('ts')} FROM vehicle_state WHERE vin = ANY($1::text[])"
 )
@@ -232,65 +266,159 @@ async def record_dtc(connection: Any, reports: Sequence[tuple[str, int, int, lis
         )
 
 
+_FOREVER: Final = 2**62
+
+
+@dataclass
+class _Plan:
+    """What one fold of a chunk found, per vehicle, before it is written."""
+
+    trips: dict[str, list[Trip]] = field(default_factory=dict)
+    events: dict[str, list[Event]] = field(default_factory=dict)
+    trips_from: dict[str, tuple[int, int]] = field(default_factory=dict)
+    """The range whose stored trips are replaced (and odometer re-derived from its start)."""
+    events_from: dict[str, tuple[int, int]] = field(default_factory=dict)
+    """The range whose stored events are replaced (a resumed fold only adds and extends)."""
+    folds: dict[str, Fold] = field(default_factory=dict)
+    """Checkpoints to store: the fold reached the vehicle's newest sample."""
+    stale: list[str] = field(default_factory=list)
+    """Checkpoints to drop: a window that did not reach the newest sample."""
+
+
+def _run(fold: Fold, points: Sequence[Point], t: Thresholds, data_end: int | None) -> tuple[
+    list[Trip], list[Event]
+]:
+    trips: list[TripOut] = []
+    found: list[EventOut] = []
+    for point in points:
+        fold.feed(point, t, trips, found)
+    open_trips, open_events = fold.finish(t, data_end)
+    return [trip_of(x) for x in trips + open_trips], found + open_events
+
+
 async def recompute(connection: Any, vins: Sequence[str], t: Thresholds = THRESHOLDS) -> int:
     """Fold the dirty spans of ``vins`` into their trips, events, odometer and activity, in the
     caller's transaction; how many vehicles were folded (those another recompute holds, or
-    with nothing dirty, are left alone)."""
+    with nothing dirty, are left alone). A vehicle whose new samples all come after its
+    checkpoint is folded on from it; any other is recomputed by window."""
     dirty = await connection.fetch(LOCK_DIRTY_SQL, sorted(set(vins)), _LOCK_CLASS)
     if not dirty:
         return 0
-    span = await _widened(connection, {vin: (lo, hi) for vin, lo, hi, _ in dirty}, t)
-    order = sorted(span)
-    windows = {vin: window(*span[vin], t) for vin in order}
-    core_lo = [windows[v].core_lo for v in order]
-    core_hi = [windows[v].core_hi for v in order]
-    points: dict[str, list[Point]] = {}
-    rows = await connection.fetch(
-        POINTS_SQL, order, [windows[v].read_lo for v in order], [windows[v].read_hi for v in order]
-    )
-    for vin, group in groupby(rows, itemgetter(0)):
-        points[vin] = [Point(*row[1:]) for row in group]
+    order = [row[0] for row in dirty]
+    checkpoints = {
+        vin: (last, state) for vin, last, state in await connection.fetch(CHECKPOINTS_SQL, order)
+    }
     data_end = dict(await connection.fetch(DATA_END_SQL, order))
-    trips: dict[str, list[Trip]] = {}
-    found: dict[str, list[Event]] = {}
-    for vin in order:
-        w, read = windows[vin], points.get(vin, [])
-        trips[vin] = [
-            tr for tr in segment(read, t, data_end=data_end.get(vin))
-            if meets(w.core_lo, w.core_hi, tr.start, tr.end)
-        ]
-        found[vin] = [ev for ev in events(read, t) if meets(w.core_lo, w.core_hi, ev.start, ev.end)]
-    previous = dict(await connection.fetch(PREVIOUS_ODOMETER_SQL, order, core_lo))
-    await connection.execute(DELETE_TRIPS_SQL, order, core_lo, core_hi)
-    await _store_trips(
-        connection, order=order, core_lo=core_lo, trips=trips, found=found, previous=previous,
-        t=t,
-    )
-    kept = [(vin, ev) for vin in order for ev in found[vin]]
-    await connection.execute(
-        DELETE_EVENTS_SQL, order, core_lo, core_hi,
-        [vin for vin, _ in kept], [ev.kind for _, ev in kept], [ev.start for _, ev in kept],
-    )
-    await connection.executemany(
-        UPSERT_EVENT_SQL,
-        [(vin, ev.kind, ev.start, ev.end, ev.peak, ev.threshold, ev.lat, ev.lon)
-         for vin, ev in kept],
-    )
-    ended = [vin for vin in order if data_end.get(vin) is not None]
-    await connection.execute(CLOSE_TRIPS_SQL, ended, [data_end[v] for v in ended], t.merge_gap_s)
-    states = []
-    for vin in order:
-        end = data_end.get(vin)
-        if points.get(vin) and (end is None or windows[vin].read_hi >= end):
-            state = activity(points[vin], t)
-            if state is not None:
-                states.append((vin, state.state, state.since, state.last_ts))
-    await connection.executemany(UPSERT_ACTIVITY_SQL, states)
+    live = [vin for vin, lo, _, _ in dirty if vin in checkpoints and lo > checkpoints[vin][0]]
+    plan = _Plan()
+    windowed = sorted(set(order) - set(live))
+    if windowed:
+        await _by_window(connection, {v: (lo, hi) for v, lo, hi, _ in dirty if v in windowed},
+                         data_end, plan, t)
+    if live:
+        after = [checkpoints[v][0] for v in live]
+        rows = await connection.fetch(POINTS_AFTER_SQL, live, after)
+        points = {vin: [Point(*row[1:]) for row in group]
+                  for vin, group in groupby(rows, itemgetter(0))}
+
+
+        def fold_live() -> None:
+            for vin in live:
+                fold = msgspec.convert(checkpoints[vin][1], Fold)
+                s = fold.trips
+                since = s.start if s.phase != "idle" else checkpoints[vin][0] + 1
+                plan.trips[vin], plan.events[vin] = _run(
+                    fold, points.get(vin, []), t, data_end.get(vin)
+                )
+                plan.trips_from[vin] = (since, _FOREVER)
+                plan.folds[vin] = fold
+
+        # Pure Python over many samples: off the event loop, which the consumer's writes and
+        # acks share (the GIL still shares the CPU; the loop stays responsive).
+        await asyncio.to_thread(fold_live)
+    await _write(connection, order, plan, data_end, t)
     await connection.fetch(LOCK_ROWS_SQL, order)
     generation = {vin: gen for vin, _, _, gen in dirty}
     await connection.execute(DONE_SQL, order, [generation[v] for v in order])
     await connection.execute(AGAIN_SQL, order)
     return len(order)
+
+
+async def _by_window(
+    connection: Any,
+    dirty: dict[str, tuple[int, int]],
+    data_end: dict[str, int],
+    plan: _Plan,
+    t: Thresholds,
+) -> None:
+    """The windowed recompute: widen each span over what is stored within reach, read it with
+    its margin, keep what meets the span plus a reach."""
+    span = await _widened(connection, dirty, t)
+    order = sorted(span)
+    windows = {vin: window(*span[vin], t) for vin in order}
+    rows = await connection.fetch(
+        POINTS_SQL, order, [windows[v].read_lo for v in order], [windows[v].read_hi for v in order]
+    )
+    points = {vin: [Point(*row[1:]) for row in group]
+              for vin, group in groupby(rows, itemgetter(0))}
+
+    def fold_windows() -> None:
+        for vin in order:
+            w, read = windows[vin], points.get(vin, [])
+            fold = Fold()
+            trips, found = _run(fold, read, t, data_end.get(vin))
+            plan.trips[vin] = [tr for tr in trips if meets(w.core_lo, w.core_hi, tr.start, tr.end)]
+            plan.events[vin] = [
+                ev for ev in found if meets(w.core_lo, w.core_hi, ev.start, ev.end)
+            ]
+            plan.trips_from[vin] = plan.events_from[vin] = (w.core_lo, w.core_hi)
+            end = data_end.get(vin)
+            if read and (end is None or w.read_hi >= end):
+                plan.folds[vin] = fold  # it saw everything up to the newest sample: resumable
+            else:
+                plan.stale.append(vin)
+
+    await asyncio.to_thread(fold_windows)  # off the event loop, as for a live fold
+
+
+async def _write(
+    connection: Any, order: list[str], plan: _Plan, data_end: dict[str, int], t: Thresholds
+) -> None:
+    """Replace the stored rows the plan recomputed; store or drop the checkpoints."""
+    lo = [plan.trips_from[v][0] for v in order]
+    hi = [plan.trips_from[v][1] for v in order]
+    previous = dict(await connection.fetch(PREVIOUS_ODOMETER_SQL, order, lo))
+    await connection.execute(DELETE_TRIPS_SQL, order, lo, hi)
+    await _store_trips(
+        connection, order=order, core_lo=lo, trips=plan.trips, previous=previous, t=t
+    )
+    replaced = sorted(plan.events_from)
+    kept = [(vin, ev) for vin in replaced for ev in plan.events[vin]]
+    await connection.execute(
+        DELETE_EVENTS_SQL, replaced, [plan.events_from[v][0] for v in replaced],
+        [plan.events_from[v][1] for v in replaced],
+        [vin for vin, _ in kept], [ev.kind for _, ev in kept], [ev.start for _, ev in kept],
+    )
+    await connection.executemany(
+        UPSERT_EVENT_SQL,
+        [(vin, ev.kind, ev.start, ev.end, ev.peak, ev.threshold, ev.lat, ev.lon)
+         for vin in order for ev in plan.events[vin]],
+    )
+    await connection.execute(COUNT_EVENTS_SQL, order, lo)
+    ended = [vin for vin in order if data_end.get(vin) is not None]
+    await connection.execute(CLOSE_TRIPS_SQL, ended, [data_end[v] for v in ended], t.merge_gap_s)
+    states = []
+    for vin, fold in plan.folds.items():
+        state = fold.state(t)
+        if state is not None:
+            states.append((vin, *state))
+    await connection.executemany(UPSERT_ACTIVITY_SQL, states)
+    await connection.executemany(
+        SAVE_CHECKPOINT_SQL,
+        [(vin, fold.last_ts, fold) for vin, fold in sorted(plan.folds.items())
+         if fold.last_ts is not None],
+    )
+    await connection.execute(DROP_CHECKPOINTS_SQL, plan.stale)
 
 
 async def _widened(
@@ -319,7 +447,6 @@ async def _store_trips(
     order: list[str],
     core_lo: list[int],
     trips: dict[str, list[Trip]],
-    found: dict[str, list[Event]],
     previous: dict[str, float],
     t: Thresholds,
 ) -> None:
@@ -343,7 +470,7 @@ async def _store_trips(
         ]
         starts = [_odometer_start(previous.get(vin), points, i, ends) for i in range(len(ends))]
         trip_rows += [
-            _trip_row(vin, tr, found[vin], starts[i], points[i]) for i, tr in enumerate(new)
+            _trip_row(vin, tr, starts[i], points[i]) for i, tr in enumerate(new)
         ]
         updates += [
             (vin, row[4], starts[len(new) + k], points[len(new) + k].odometer_km)
@@ -363,19 +490,55 @@ def _odometer_start(
     return max(start, before) if before is not None else max(start, 0.0)
 
 
-def _trip_row(
-    vin: str, trip: Trip, found: Sequence[Event], start_km: float, end: OdometerPoint
-) -> tuple[Any, ...]:
-    inside = [ev for ev in found if trip.start <= ev.start <= trip.end]
+def _trip_row(vin: str, trip: Trip, start_km: float, end: OdometerPoint) -> tuple[Any, ...]:
     return (
         vin, trip.start, trip.end, trip.start_lat, trip.start_lon, trip.end_lat, trip.end_lon,
         trip.duration_s, trip.moving_s, trip.distance_km, trip.distance_source, trip.avg_speed,
         trip.max_speed, trip.max_rpm, trip.max_coolant, trip.min_battery, trip.fuel_used_pct,
         trip.fuel_used_l, min(start_km, end.odometer_km), end.odometer_km, trip.samples,
-        trip.gap_s, trip.completeness,
-        sum(1 for ev in inside if ev.kind == "hard_brake"),
-        sum(1 for ev in inside if ev.kind == "hard_accel"),
-        trip.closed,
+        trip.gap_s, trip.completeness, 0, 0, trip.closed,  # event counts: COUNT_EVENTS_SQL
+    )
+
+
+class InsightMarks:
+    """The in-write half alone (a :class:`revline.storage.derive.Derivation`): marks what to
+    fold and stores trouble codes; the folding runs elsewhere (``revline insight fold``)."""
+
+    name = "insight"
+
+    async def prepare(self, connection: Any) -> None:
+        """Nothing per connection: the statements are plain."""
+        del connection
+
+    async def apply(self, connection: Any, rows: Sequence[tuple[Any, ...]]) -> None:
+        """Mark each vehicle's span dirty; store trouble-code reports and their events."""
+        await mark(connection, rows)
+
+
+async def mark(connection: Any, rows: Sequence[tuple[Any, ...]]) -> None:
+    """What a write records for insight, in its transaction: the dirty span of each vehicle
+    and the trouble-code reports."""
+    found = sorted(spans(rows), key=lambda s: s.vin)  # one lock order for every write
+    await connection.execute(
+        MARK_DIRTY_SQL,
+        [s.vin for s in found],
+        [s.ts_min for s in found],
+        [s.ts_max for s in found],
+    )
+    reports = [(r[0], r[1], r[2], r[_DTC]) for r in rows if r[_DTC] is not None]
+    if reports:
+        await record_dtc(connection, reports)
+
+
+async def setup_connection(connection: Any) -> None:
+    """What a connection of a pool of its own needs for the fold: ``jsonb`` as msgspec JSON
+    (the consumer's writer sets the same codec on its connections)."""
+    await connection.set_type_codec(
+        "jsonb",
+        schema="pg_catalog",
+        encoder=lambda value: b"\x01" + msgspec.json.encode(value),
+        decoder=lambda data: msgspec.json.decode(data[1:]),
+        format="binary",
     )
 
 
@@ -407,16 +570,7 @@ class Insight:
 
     async def apply(self, connection: Any, rows: Sequence[tuple[Any, ...]]) -> None:
         """Mark each vehicle's span dirty; store trouble-code reports and their events."""
-        found = sorted(spans(rows), key=lambda s: s.vin)  # one lock order for every write
-        await connection.execute(
-            MARK_DIRTY_SQL,
-            [s.vin for s in found],
-            [s.ts_min for s in found],
-            [s.ts_max for s in found],
-        )
-        reports = [(r[0], r[1], r[2], r[_DTC]) for r in rows if r[_DTC] is not None]
-        if reports:
-            await record_dtc(connection, reports)
+        await mark(connection, rows)
 
     async def catch_up(self, pool: Any, *, settle_s: float | None = None) -> int:
         """Recompute the vehicles whose dirty span has settled (one claim, in chunks of

@@ -63,12 +63,12 @@ class Thresholds(msgspec.Struct, frozen=True, kw_only=True):
     """Alert: a trouble code the server first stored within this many minutes."""
     settle_s: _NonNegative = 30.0
     """The background recompute waits this long after a vehicle's first unfolded write, so that
-    a driving car is recomputed once per interval, not once per write."""
-    settle_fraction: _NonNegative = 0.25
+    a driving car is folded once per interval, not once per write."""
+    settle_fraction: _NonNegative = 0.0
     """... and, for live data (the write's newest sample within ``live_s`` of now) extending an
-    open trip, at least this fraction of the trip's length so far: each fold re-reads the open
-    trip, so this bounds the re-reading to about 1 / fraction times the samples of a long drive.
-    Late uploads are folded after ``settle_s`` alone."""
+    open trip, at least this fraction of the trip's length so far (0: no such wait). A live
+    car's samples are folded on from its checkpoint without re-reading the trip, so this is
+    only worth raising when many live writes come before the checkpoint (late data)."""
     live_s: _Positive = 300.0
     """A write whose newest sample is this close to now is live data."""
 

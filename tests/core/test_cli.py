@@ -65,6 +65,8 @@ def _candidates(cls: type[msgspec.Struct], key: str) -> list[str]:
     if typing.get_origin(kind) is list:
         return ["RPM,SPEED"]
     default = _default(cls, key)
+    if kind is bool:
+        return ["false", "true"]
     if kind is int or kind is float:
         base = default if isinstance(default, int | float) else 10
         return [str(kind(v)) for v in (base + 1, base - 1, 2, 38400)]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 from dataclasses import replace
 
+import msgspec
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -12,7 +13,8 @@ from hypothesis import strategies as st
 from revline.insight.dtc import DtcEvent, dtc_events
 from revline.insight.episodes import Event, events
 from revline.insight.odometer import TripEnd, history
-from revline.insight.segment import Point, Trip, activity, segment
+from revline.insight.segment import Point, Trip, activity, segment, trip_of
+from revline.insight.stream import EventOut, Fold, TripOut
 from revline.insight.thresholds import THRESHOLDS, Thresholds
 from revline.insight.window import meets, reach_us, widen, window
 from tests.fixtures.insight import KNOWN_STOPS, T0, US, Leg, drive, move, off, ramp, stop
@@ -126,18 +128,50 @@ def test_a_code_set_then_cleared_is_one_event_with_both_times() -> None:
 
 
 class _Store:
-    """What the server keeps, in memory, updated the way revline.insight.store does it."""
+    """What the server keeps, in memory, updated the way revline.insight.store does it: a
+    write wholly after the checkpoint is folded on from it, any other recomputed by window."""
 
     def __init__(self, t: Thresholds) -> None:
         self.t = t
         self.points: dict[int, Point] = {}
         self.trips: list[Trip] = []
         self.events: list[Event] = []
+        self.checkpoint: Fold | None = None
+        self.resumed = 0
 
     def write(self, chunk: list[Point]) -> None:
         for p in chunk:
             self.points[p.ts] = p
         lo, hi = min(p.ts for p in chunk), max(p.ts for p in chunk)
+        end = max(self.points)
+        cp = self.checkpoint
+        if cp is not None and cp.last_ts is not None and lo > cp.last_ts:
+            self._resume(cp, end)
+        else:
+            self._window(lo, hi, end)
+        merge = int(self.t.merge_gap_s * US)
+        self.trips = [replace(x, closed=True) if end - x.end > merge else x for x in self.trips]
+
+    def _resume(self, fold: Fold, end: int) -> None:
+        self.resumed += 1
+        fold = msgspec.json.decode(msgspec.json.encode(fold), type=Fold)  # as stored
+        last = fold.last_ts
+        assert last is not None
+        since = fold.trips.start if fold.trips.phase != "idle" else last + 1
+        new = [self.points[ts] for ts in sorted(self.points) if ts > last]
+        closed: list[TripOut] = []
+        found: list[EventOut] = []
+        for p in new:
+            fold.feed(p, self.t, closed, found)
+        open_trips, open_events = fold.finish(self.t, end)
+        self.trips = [x for x in self.trips if x.end < since]
+        self.trips += [trip_of(x) for x in closed + open_trips]
+        keys = {(e.kind, e.start): e for e in self.events}
+        keys.update({(e.kind, e.start): e for e in found + open_events})
+        self.events = sorted(keys.values(), key=lambda x: (x.start, x.kind))
+        self.checkpoint = fold
+
+    def _window(self, lo: int, hi: int, end: int) -> None:
         reach = reach_us(self.t)
         while True:
             extents = [(x.start, x.end) for x in self.trips] + [
@@ -152,22 +186,27 @@ class _Store:
             lo, hi = wider
         w = window(lo, hi, self.t)
         read = [self.points[ts] for ts in sorted(self.points) if w.read_lo <= ts <= w.read_hi]
-        end = max(self.points)
-        trips = [x for x in segment(read, self.t, data_end=end)
-                 if meets(w.core_lo, w.core_hi, x.start, x.end)]
-        found_events = [x for x in events(read, self.t)
-                        if meets(w.core_lo, w.core_hi, x.start, x.end)]
+        fold = Fold()
+        trips: list[TripOut] = []
+        events_: list[EventOut] = []
+        for p in read:
+            fold.feed(p, self.t, trips, events_)
+        open_trips, open_events = fold.finish(self.t, end)
+        new_trips = [trip_of(x) for x in trips + open_trips
+                     if meets(w.core_lo, w.core_hi, x.start, x.end)]
+        new_events = [x for x in events_ + open_events
+                      if meets(w.core_lo, w.core_hi, x.start, x.end)]
         self.trips = sorted(
-            [x for x in self.trips if not meets(w.core_lo, w.core_hi, x.start, x.end)] + trips,
+            [x for x in self.trips if not meets(w.core_lo, w.core_hi, x.start, x.end)]
+            + new_trips,
             key=lambda x: x.start,
         )
-        merge = int(self.t.merge_gap_s * US)
-        self.trips = [replace(x, closed=True) if end - x.end > merge else x for x in self.trips]
         self.events = sorted(
             [x for x in self.events if not meets(w.core_lo, w.core_hi, x.start, x.end)]
-            + found_events,
+            + new_events,
             key=lambda x: (x.start, x.kind),
         )
+        self.checkpoint = fold if read and w.read_hi >= end else None
 
 
 _LEG = st.one_of(
@@ -227,3 +266,23 @@ def test_a_short_movement_stored_as_nothing_is_read_whole_when_late_data_extends
     store.write(points[529:])
     assert _bounds(store.trips) == [(0, 828)]
     assert store.trips == segment(points, THRESHOLDS)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    legs=st.lists(_LEG, min_size=1, max_size=10),
+    hz=st.sampled_from([1.0, 5.0]),
+    size=st.integers(1, 400),
+)
+def test_a_live_upload_folded_on_from_checkpoints_gives_the_same_trips_and_events(
+    legs: list[Leg], hz: float, size: int
+) -> None:
+    """A drive sent live (in order, in writes of any size) is folded on from the stored state
+    after the first write, and ends as the trips and events of the whole drive."""
+    points = drive(legs, hz=hz)
+    store = _Store(THRESHOLDS)
+    for k in range(0, len(points), size):
+        store.write(points[k : k + size])
+    assert store.trips == segment(points, THRESHOLDS)
+    assert store.events == events(points, THRESHOLDS)
+    assert store.resumed >= (len(points) - 1) // size - 1

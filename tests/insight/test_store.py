@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import random
+import subprocess
+import sys
 import time
 from typing import Any
 
@@ -235,3 +238,56 @@ def test_the_background_task_waits_out_a_database_outage_and_catches_up(
     said = [r.getMessage() for r in caplog.records if r.name == "revline.insight"]
     assert said.count("insight recompute failed; retrying") == 1
     assert "insight recompute works again" in said
+
+
+def test_consumers_that_only_mark_leave_the_folding_to_revline_insight_fold(
+    make_consumer: ConsumerFactory,
+    make_publisher: PublisherFactory,
+    migrated_db: str,
+    postgres: PostgresService,
+    unique_vin: str,
+) -> None:
+    """`revline consumer --insight-fold false` stores and marks but derives no trip; a separate
+    `revline insight fold` derives the three trips; on a database never migrated it stops with
+    one line."""
+    make_consumer(args=["--max-age-s", str(10 * 365 * 86_400), "--insight-fold", "false"])
+    samples = as_samples(drive(KNOWN_STOPS))
+    make_publisher().publish_batches(_batches(unique_vin, samples, 500))
+
+    def marked() -> bool:
+        stored = query(migrated_db, "SELECT count(*) FROM samples WHERE vin = $1", unique_vin)
+        dirty = query(migrated_db, "SELECT count(*) FROM insight_dirty WHERE vin = $1", unique_vin)
+        return bool(stored[0][0] == len(samples) and dirty[0][0] == 1)
+
+    wait_until(marked, what="every sample stored and its vehicle marked", timeout=60)
+    env = {k: v for k, v in os.environ.items() if not k.endswith("DATABASE_URL")}
+    empty = postgres.create_database(f"t_unmigrated_{unique_vin.lower()}")
+    try:
+        unmigrated = subprocess.run(
+            [sys.executable, "-m", "revline.cli", "insight", "fold", "--database-url", empty],
+            env=env, capture_output=True, text=True, timeout=60, check=False,
+        )
+    finally:
+        postgres.drop_database(f"t_unmigrated_{unique_vin.lower()}")
+    folder = subprocess.Popen(
+        [sys.executable, "-m", "revline.cli", "insight", "fold", "--database-url", migrated_db],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        trips = query(migrated_db, "SELECT count(*) FROM trips WHERE vin = $1", unique_vin)
+        assert trips[0][0] == 0  # the consumer marked, folded nothing
+
+        def folded() -> bool:
+            assert folder.poll() is None, folder.stderr.read() if folder.stderr else ""
+            rows = query(migrated_db, "SELECT count(*) FROM trips WHERE vin = $1", unique_vin)
+            return bool(rows[0][0] == 3)
+
+        wait_until(folded, what="revline insight fold to derive the three trips", timeout=120)
+    finally:
+        folder.terminate()
+        folder.communicate(timeout=30)  # waits, and closes the pipe
+    assert unmigrated.returncode == 2
+    assert unmigrated.stderr.strip() == (
+        "revline insight fold: database is not migrated: run `revline migrate` with the same "
+        "database_url"
+    )
