@@ -62,6 +62,7 @@ COMMAND_MODULES = (
     "revline.edge.cli",
     "revline.bench.cli",
     "revline.audit.cli",
+    "revline.api.cli",
 )
 
 

@@ -183,6 +183,27 @@ def register(commands: Commands) -> None:
 
     bench = commands.add(
         group,
+        "api",
+        "HTTP API: live-status requests/s and p99 for 10,000 vehicles; export rows/s vs COPY",
+        _api,
+    )
+    add_flags(
+        bench,
+        BenchSettings,
+        keys={"database_url"},
+        help_text={
+            "database_url": "a scratch server where a database revline_bench_api_<pid> is "
+            "created and dropped (needs --yes-really); empty: a private PostgreSQL",
+        },
+    )
+    bench.add_argument("--yes-really", action="store_true", help=_YES_REALLY_HELP)
+    bench.add_argument("--vehicles", type=int, default=10_000, help="vehicles (10000)")
+    bench.add_argument("--status-requests", type=int, default=20_000, help="status GETs (20000)")
+    bench.add_argument("--concurrency", type=int, default=32, help="clients at once (32)")
+    bench.add_argument("--export-rows", type=int, default=1_000_000, help="export rows (1000000)")
+
+    bench = commands.add(
+        group,
         "insight",
         "writer throughput with trip and health maintenance on vs off, same run, own database",
         _insight,
@@ -261,6 +282,19 @@ def _audit(args: argparse.Namespace) -> int:
             bench_audit(url, samples=args.samples, per_write=args.per_write, vehicles=args.vehicles)
         )
     return 0
+
+
+def _api(args: argparse.Namespace) -> int:
+    from revline.bench.api import main  # noqa: PLC0415 - needs the api extra
+
+    settings = _bench_settings(args)
+    if _refused(args, settings, ("database_url",)):
+        return EXIT_CONFIG
+    if _unreachable(args, settings):
+        return EXIT_FAILURE
+    with contextlib.ExitStack() as stack:
+        args.database_url = settings.database_url or stack.enter_context(_own_postgres())
+        return main(args)
 
 
 def _insight(args: argparse.Namespace) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from revline.mqtt import parse_mqtt_url
+from revline.storage.notify import StateNotify
 
 if TYPE_CHECKING:
     from revline.audit.service import AuditConfig
@@ -23,6 +24,7 @@ def derivations(settings: ConsumerSettings) -> list[Derivation]:
     found: list[Derivation] = [Insight() if settings.insight_fold else InsightMarks()]
     if settings.audit == "on":
         found.append(Audit(_audit_config(settings)))  # revline.audit: loss you can see
+    found.append(StateNotify())  # last: live-stream listeners re-read what the others wrote
     return found
 
 

@@ -112,6 +112,13 @@ class EdgeSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     keepalive_s: Annotated[int, msgspec.Meta(ge=5, le=3600)] = 30
     session_expiry_s: Annotated[int, msgspec.Meta(ge=0, le=2**32 - 1)] = 7 * 24 * 3600
     """MQTT 5 session expiry, a 32-bit field; 4294967295 means the session never expires."""
+    transport: Literal["mqtt", "http"] = "mqtt"
+    """``http``: post batches to ``revline api`` (``api_url``, ``api_key``) instead of MQTT, for
+    networks that allow no MQTT session; same spool semantics (revline/edge/http_transport.py)."""
+    api_url: str = ""
+    """``https://host`` of ``revline api`` (``http://`` only on a trusted network)."""
+    api_key: str = ""
+    """An ``ingest:<VIN>`` key of that API (``revline api-key add``)."""
     reconnect_min_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 1.0
     reconnect_max_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 60.0
 
@@ -137,6 +144,11 @@ class EdgeSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
             raise ConfigError("reconnect_max_s", "", "expected a value >= reconnect_min_s")
         if self.key_file and not self.cert_file:
             raise ConfigError("key_file", "", "set without cert_file")
+        if self.transport == "http":
+            if not self.api_url.startswith(("https://", "http://")):
+                raise ConfigError("api_url", "", "transport = 'http' needs https://host")
+            if not self.api_key:
+                raise ConfigError("api_key", "", "transport = 'http' needs an ingest:<VIN> key")
 
 
 def load_edge_settings(

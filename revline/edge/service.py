@@ -17,6 +17,7 @@ from collections.abc import Iterator, Sequence
 
 from revline.edge.clock import ClockModel, ClockSource, SystemClock, read_boot_id
 from revline.edge.config import EdgeSettings
+from revline.edge.http_transport import HttpPublisher
 from revline.edge.publisher import Publisher
 from revline.edge.reading import Source
 from revline.edge.report import note_start, note_stop
@@ -88,7 +89,7 @@ async def _read(source: Source, sampler: Sampler) -> None:
     log.info("source ended", extra=kv(source=source.name))
 
 
-async def _publish(publisher: Publisher) -> None:
+async def _publish(publisher: Publisher | HttpPublisher) -> None:
     # The publisher is a thread: cancelling the awaiting task would not stop it, and it must be
     # finished before the spool closes under it.
     task = asyncio.ensure_future(asyncio.to_thread(publisher.run))
@@ -100,7 +101,7 @@ async def _publish(publisher: Publisher) -> None:
         raise
 
 
-async def _report(sampler: Sampler, publisher: Publisher, spool: Spool) -> None:
+async def _report(sampler: Sampler, publisher: Publisher | HttpPublisher, spool: Spool) -> None:
     while True:
         await asyncio.sleep(_STATS_EVERY_S)
         log.info(
@@ -142,7 +143,10 @@ async def run_edge(
         note_start(spool)  # a crash last time is found (and reported) here
         sampler = Sampler(spool, model, clock, flush_interval_s=settings.flush_interval_s)
         sampler.check_clock()
-        publisher = Publisher(settings, spool)
+        publisher: Publisher | HttpPublisher = (
+            HttpPublisher(settings, spool) if settings.transport == "http"
+            else Publisher(settings, spool)
+        )
         log.info(
             "edge starting",
             extra=kv(

@@ -231,6 +231,7 @@ async def _demo(args: argparse.Namespace, stack: _Stack, workdir: Path) -> int:
         if args.keep and not stop_all.is_set():
             _say(f"still running. broker {stack.mqtt_url}  database {stack.database_url}")
             _say("try: revline tail --mqtt-url ...; psql ...; Ctrl-C to stop")
+            _say(f"HTTP API: revline api --database-url {stack.database_url} (docs/api.md)")
             await stop_all.wait()
         consumer_stop.set()
     return await _verdict(stack.database_url, spools)

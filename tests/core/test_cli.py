@@ -11,6 +11,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
+from revline.api.config import ApiSettings
 from revline.bench.guard import BenchSettings
 from revline.cli import EXIT_CONFIG, build_parser
 from revline.consumer.config import ConsumerSettings
@@ -34,6 +35,8 @@ COMMANDS: list[tuple[list[str], type[msgspec.Struct], str, frozenset[str] | None
     (["bench", "consumer"], BenchSettings, "REVLINE_", None),
     (["bench", "edge"], BenchSettings, "REVLINE_", frozenset({"mqtt_url"})),
     (["bench", "storage"], BenchSettings, "REVLINE_", frozenset({"database_url"})),
+    (["bench", "api"], BenchSettings, "REVLINE_", frozenset({"database_url"})),
+    (["api"], ApiSettings, "REVLINE_API_", None),
 ]
 _IDS = [" ".join(command) for command, *_ in COMMANDS]
 
@@ -42,6 +45,7 @@ _NEEDS: dict[str, dict[str, object]] = {
     "key_file": {"cert_file": "client.pem"},
     "group": {"client_id": "revline-consumer-1"},
     "workers": {"group": "revline", "client_id": "revline-consumer-1"},  # a --workers N > 1
+    "transport": {"api_url": "https://api.example.org", "api_key": "rvl_x"},  # transport = http
 }
 _REQUIRED: dict[type[msgspec.Struct], dict[str, object]] = {EdgeSettings: {"vin": VIN}}
 

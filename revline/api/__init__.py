@@ -1,0 +1,1 @@
+"""The HTTP API: reads, live streams and ingest for programs (``revline api``)."""
