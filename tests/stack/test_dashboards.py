@@ -20,6 +20,7 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import yaml
 
+from revline.audit.accounting import Accounting
 from revline.consumer.metrics import Metrics
 from revline.consumer.writer import Rejected, Writer
 from revline.contract import Batch
@@ -87,7 +88,7 @@ def test_every_sql_panel_runs_as_grafanas_role_and_finds_the_data(migrated_db: s
     samples = list(simulate_samples(3, start, 1_200, 1.0))  # 20 minutes at 1 Hz, ending now
 
     async def run() -> dict[str, list[asyncpg.Record]]:
-        async with Writer(migrated_db) as writer:
+        async with Writer(migrated_db, derivations=[Accounting()]) as writer:
             for vin in (named, unnamed):
                 await writer.write([Batch(v=1, vin=vin, batch=0, samples=samples)])
             await writer.reject(
@@ -98,6 +99,15 @@ def test_every_sql_panel_runs_as_grafanas_role_and_finds_the_data(migrated_db: s
         try:
             await owner.execute(
                 "INSERT INTO vehicles (vin, name, label) VALUES ($1, $2, 'B-RL 123')", named, NAMED
+            )
+            # What the audit task keeps from status/<vin> and from gaps it follows.
+            await owner.execute(
+                "INSERT INTO audit_status (vin, online, backlog, payload) "
+                "VALUES ($1, true, 42, '')",
+                named,
+            )
+            await owner.execute(
+                "INSERT INTO audit_gaps (vin, lo, hi, missing) VALUES ($1, 2000, 2009, 10)", named
             )
         finally:
             await owner.close()
@@ -131,6 +141,18 @@ def test_every_sql_panel_runs_as_grafanas_role_and_finds_the_data(migrated_db: s
     assert backlog[named]["vehicle"] == NAMED
     assert 1_100 <= backlog[named]["late_samples_15m"] <= 1_200
     assert 1_150 <= backlog[named]["oldest_arriving_s"] <= 1_300
+    assert backlog[named]["device_backlog"] == 42
+    assert backlog[unnamed]["device_backlog"] is None  # no status received: unknown, not 0
+    loss = {
+        r["vin"]: r
+        for r in results["pipeline.json: Loss accounting: gaps and declared losses per vehicle"]
+    }
+    assert (loss[named]["samples"], loss[named]["open_gaps"], loss[named]["open_missing"]) == (
+        1_200,
+        1,
+        10,
+    )
+    assert (loss[unnamed]["open_gaps"], loss[unnamed]["lost_evicted"]) == (0, 0)
     assert results["vehicle.json: Samples stored (dashboard range)"][0]["samples"] == 1_200
 
 
