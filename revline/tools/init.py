@@ -89,7 +89,7 @@ ROLE_PASSWORD_VARIABLES: Final = {
 }
 """The login roles of sql/011_roles.sql (members of ``revline_reader``) and their variables."""
 
-_SECRET_NAME = re.compile(r"(PASSWORD|SECRET)$")
+_SECRET_NAME = re.compile(r"(PASSWORD|SECRET|COOKIE)$")
 _ENV_LINE = re.compile(r"^([A-Z][A-Z0-9_]*)=(.*)$")
 _HOSTNAME = re.compile(r"(?=.{1,253}$)([A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9])?\.?)+")
 
@@ -268,8 +268,8 @@ def read_env(path: Path) -> dict[str, str]:
 
 def write_env(env_file: Path, example: Path, given: Mapping[str, str] | None = None) -> list[str]:
     """Fill ``env_file`` from ``example``: every variable it lacks is added, with the value in
-    ``given``, else a new random secret for an empty ``*_PASSWORD``/``*_SECRET``, else the
-    example's value. Values already in ``env_file`` are kept. Returns the names added.
+    ``given``, else a new random secret for an empty ``*_PASSWORD``/``*_SECRET``/``*_COOKIE``,
+    else the example's value. Values already in ``env_file`` are kept. Returns the names added.
 
     The file is created 0600, and tightened to 0600 when found looser.
     """
