@@ -231,7 +231,8 @@ class Crash(msgspec.Struct, array_like=True, forbid_unknown_fields=True):
 
 class Status(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
     """What a device says about itself on ``status/<vin>`` (every ``status_every_s``, on connect,
-    after a repair command), and its last will (``online`` false, nothing else)."""
+    after a repair command, and with ``online`` false at a clean stop), and its last will
+    (``online`` false, nothing else)."""
 
     v: int
     vin: Vin

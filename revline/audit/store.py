@@ -31,9 +31,10 @@ MAX_DEAD_LETTER_BYTES: Final = 64 * 1024
 _STATUS_SQL: Final = """
 INSERT INTO audit_status AS s (vin, online, received_at, backlog, oldest_unsent, next_seq,
     durable_below, clock, version, payload)
-VALUES ($1, true, now(), $2, timestamptz 'epoch' + $3 * interval '1 microsecond', $4, $5, $6,
+VALUES ($1, $9, now(), $2, timestamptz 'epoch' + $3 * interval '1 microsecond', $4, $5, $6,
     $7, $8)
-ON CONFLICT (vin) DO UPDATE SET online = true, received_at = now(), backlog = excluded.backlog,
+ON CONFLICT (vin) DO UPDATE SET online = excluded.online, received_at = now(),
+    backlog = excluded.backlog,
     oldest_unsent = excluded.oldest_unsent, next_seq = excluded.next_seq,
     durable_below = excluded.durable_below, clock = excluded.clock, version = excluded.version,
     payload = excluded.payload
@@ -57,8 +58,11 @@ ON CONFLICT (vin, cause, lo) DO UPDATE SET hi = greatest(l.hi, excluded.hi),
 
 
 async def record_status(connection: Any, status: Status, payload: bytes) -> None:
-    """Store a device's latest status and the losses it declares (idempotent)."""
-    if not status.online:
+    """Store a device's latest status and the losses it declares (idempotent).
+
+    The last will says only ``online: false`` (no ``sent_at``): it keeps what the device said
+    before. A clean stop sends a whole status with ``online: false``: its backlog is kept."""
+    if not status.online and status.sent_at is None:
         await connection.execute(_OFFLINE_SQL, status.vin, payload)
         return
     await connection.execute(
@@ -71,6 +75,7 @@ async def record_status(connection: Any, status: Status, payload: bytes) -> None
         status.clock,
         status.version,
         payload,
+        status.online,
     )
     losses: list[tuple[str, int, int, int, int | None]] = [
         ("evicted", r.lo, r.hi, r.samples, None) for r in status.evicted

@@ -357,7 +357,11 @@ class Publisher:
             with contextlib.suppress(sqlite3.Error):
                 self._apply()
             self.connected = False
-            self._client.publish(self.report.topic, self.report.offline(), qos=1)
+            try:
+                goodbye = self.report.status(now, online=False)  # what is left in the spool
+            except sqlite3.Error:
+                goodbye = self.report.offline()
+            self._client.publish(self.report.topic, goodbye, qos=1)
             self._client.disconnect()
             self._client.loop(0.1)
             self._client = None

@@ -126,7 +126,8 @@ class Reporter:
         self.repairs_queued = 0
 
     def offline(self) -> bytes:
-        """The last will, and what a clean stop says: offline, nothing else."""
+        """The last will: offline, nothing else (the broker sends it when the device vanishes;
+        a clean stop sends :meth:`status` with ``online=False`` instead)."""
         return encode(Status(v=SCHEMA_VERSION, vin=self.vin, online=False))
 
     def connected(self) -> None:
@@ -137,8 +138,9 @@ class Reporter:
         """Whether to publish the status now (monotonic seconds)."""
         return now >= self._next
 
-    def status(self, now: float) -> bytes:
-        """The status as sent; the next one is due ``status_every_s`` after ``now``."""
+    def status(self, now: float, *, online: bool = True) -> bytes:
+        """The status as sent; the next one is due ``status_every_s`` after ``now``. A clean
+        stop sends it with ``online=False``: the server keeps the backlog left behind."""
         self._next = now + self.every_s
         with SpoolReader(self.spool.path) as reader:
             meta = reader.meta()
@@ -152,6 +154,7 @@ class Reporter:
         status = Status(
             v=SCHEMA_VERSION,
             vin=self.vin,
+            online=online,
             sent_at=time.time_ns() // 1000,
             backlog=max(samples - by_state.get(DURABLE, 0), 0),
             oldest_unsent=oldest,

@@ -52,3 +52,30 @@ def test_bad_statuses_are_dead_lettered_with_their_bytes_and_a_good_one_is_store
         ),
         what="the device offline",
     )
+
+
+def test_a_will_keeps_the_last_backlog_and_a_clean_stop_reports_its_own(
+    migrated_db: str,
+    make_consumer: ConsumerFactory,
+    make_publisher: PublisherFactory,
+    unique_vin: str,
+) -> None:
+    """The bare last will marks the device offline and keeps the backlog it last reported; the
+    whole status a clean stop sends (online false) replaces it with the backlog left behind."""
+    make_consumer(args=FAST_AUDIT)
+    topic = f"status/{unique_vin}"
+    publisher = make_publisher()
+
+    def stored() -> tuple[object, ...] | None:
+        rows = query(
+            migrated_db, "SELECT online, backlog FROM audit_status WHERE vin = $1", unique_vin
+        )
+        return tuple(rows[0]) if rows else None
+
+    publisher.publish(topic, encode(Status(v=1, vin=unique_vin, backlog=42))).wait_for_publish(10)
+    wait_until(lambda: stored() == (True, 42), what="the status")
+    publisher.publish(topic, encode(Status(v=1, vin=unique_vin, online=False))).wait_for_publish(10)
+    wait_until(lambda: stored() == (False, 42), what="the will, keeping the backlog")
+    goodbye = Status(v=1, vin=unique_vin, online=False, sent_at=1_717_243_200_000_000, backlog=7)
+    publisher.publish(topic, encode(goodbye)).wait_for_publish(10)
+    wait_until(lambda: stored() == (False, 7), what="the clean stop's backlog")
