@@ -217,6 +217,7 @@ class ObdSource:
     # --- connection ------------------------------------------------------------------------
 
     async def _connect(self) -> None:
+        why = ""  # the last attempt's failure: the one line per reconnect says it
         async for attempt in stamina.retry_context(
             on=AdapterLostError,
             attempts=None,
@@ -226,8 +227,14 @@ class ObdSource:
         ):
             with attempt:
                 if attempt.num > 1:
-                    log.info("reconnecting", extra=kv(source=self.name, attempt=attempt.num))
-                await self._call(self._open)
+                    log.info(
+                        "reconnecting", extra=kv(source=self.name, attempt=attempt.num, after=why)
+                    )
+                try:
+                    await self._call(self._open)
+                except AdapterLostError as exc:
+                    why = str(exc)[:200]
+                    raise
         self.connected = True
         self.connections += 1
 
