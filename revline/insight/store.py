@@ -34,6 +34,7 @@ import asyncio
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from itertools import groupby
 from operator import itemgetter
 from typing import Any, Final
@@ -295,10 +296,22 @@ def _run(fold: Fold, points: Sequence[Point], t: Thresholds, data_end: int | Non
 ]:
     trips: list[TripOut] = []
     found: list[EventOut] = []
-    for point in points:
-        fold.feed(point, t, trips, found)
+    fold.feed_all(points, t, trips, found)
     open_trips, open_events = fold.finish(t, data_end)
     return [trip_of(x) for x in trips + open_trips], found + open_events
+
+
+_FIELDS: Final = itemgetter(slice(1, None))
+
+
+def _points(rows: Sequence[Any]) -> dict[str, list[Point]]:
+    """Each vehicle's points from rows of ``(vin, *Point)`` ordered by vin: built at C speed
+    (``tuple.__new__`` on the record's slice is what ``Point(*row[1:])`` builds)."""
+    new = partial(tuple.__new__, Point)
+    return {vin: list(map(new, map(_FIELDS, group))) for vin, group in groupby(rows, _VIN)}
+
+
+_VIN: Final = itemgetter(0)
 
 
 async def recompute(connection: Any, vins: Sequence[str], t: Thresholds = THRESHOLDS) -> int:
@@ -323,8 +336,7 @@ async def recompute(connection: Any, vins: Sequence[str], t: Thresholds = THRESH
     if live:
         after = [checkpoints[v][0] for v in live]
         rows = await connection.fetch(POINTS_AFTER_SQL, live, after)
-        points = {vin: [Point(*row[1:]) for row in group]
-                  for vin, group in groupby(rows, itemgetter(0))}
+        points = _points(rows)
 
 
         def fold_live() -> None:
@@ -364,8 +376,7 @@ async def _by_window(
     rows = await connection.fetch(
         POINTS_SQL, order, [windows[v].read_lo for v in order], [windows[v].read_hi for v in order]
     )
-    points = {vin: [Point(*row[1:]) for row in group]
-              for vin, group in groupby(rows, itemgetter(0))}
+    points = _points(rows)
 
     def fold_windows() -> None:
         for vin in order:
