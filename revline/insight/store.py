@@ -254,19 +254,20 @@ AGAIN_SQL: Final = "UPDATE insight_dirty SET dirty_since = now() WHERE vin = ANY
 ADVANCE_SQL: Final = (
     f"UPDATE insight_dirty d SET ts_min = greatest(d.ts_min, {_at('(u.hi + 1)')}), "
     f"ts_max = greatest(d.ts_max, {_at('(u.hi + 1)')}) "
-    "FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bigint[], $5::bigint[]) "
-    "AS u (vin, lo, hi, n, generation) "
-    f"WHERE d.vin = u.vin AND d.generation <> u.generation AND d.ts_min > {_at('u.lo')} "
+    "FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bigint[], $5::bigint[], "
+    "$6::bigint[]) AS u (vin, lo, bound, hi, n, generation) "
+    f"WHERE d.vin = u.vin AND d.generation <> u.generation AND d.ts_min >= {_at('u.bound')} "
     "AND (SELECT count(*) FROM samples s WHERE s.vin = u.vin "
-    f"AND s.ts > {_at('u.lo')} AND s.ts <= {_at('u.hi')} "
+    f"AND s.ts >= {_at('u.lo')} AND s.ts <= {_at('u.hi')} "
     f"AND s.flags & {FLAG_CLOCK_UNSYNCED} = 0) = u.n"
 )
-"""A live fold that writes came in during (generation changed) leaves the rest of the span
-dirty, not its folded part: it moves the span's start past the new checkpoint when every
-write since the old one begins after it (``ts_min`` still after it) and no sample the fold
-did not read landed up to the new one (the count of samples after the old checkpoint, up to
-the new one, is what it read). Else the span stays as it is (folded again by window). Without
-it a vehicle written to during each of its folds would be recomputed by window forever."""
+"""A fold that writes came in during (generation changed) leaves the rest of the span dirty,
+not its folded part: it moves the span's start past the new checkpoint when every write since
+begins at or after ``bound`` (``ts_min`` not lowered: for a live fold the old checkpoint + 1,
+for a window the span it locked) and no sample the fold did not read landed in what it read up
+to the new checkpoint (``[lo, hi]``: the count is the ``n`` it read). Else the span stays as it
+is (folded again by window). Without it a vehicle written to during each of its folds would be
+recomputed by window on every fold."""
 POSTPONE_SQL: Final = (
     "UPDATE insight_dirty SET dirty_since = now() + interval '1 minute' WHERE vin = $1"
 )
@@ -305,6 +306,9 @@ class _Plan:
     """Checkpoints to store: the fold reached the vehicle's newest sample."""
     stale: list[str] = field(default_factory=list)
     """Checkpoints to drop: a window that did not reach the newest sample."""
+    read: dict[str, tuple[int, int, int]] = field(default_factory=dict)
+    """Per vehicle whose stored rows now cover all it read up to its checkpoint: the first
+    instant read, the ``bound`` of :data:`ADVANCE_SQL` and how many samples were read."""
 
 
 def _run(fold: Fold, points: Sequence[Point], t: Thresholds, data_end: int | None) -> tuple[
@@ -345,8 +349,6 @@ async def recompute(connection: Any, vins: Sequence[str], t: Thresholds = THRESH
     data_end = dict(await connection.fetch(DATA_END_SQL, order))
     live = [vin for vin, lo, _, _ in dirty if vin in checkpoints and lo > checkpoints[vin][0]]
     plan = _Plan()
-    read: dict[str, tuple[int, int]] = {}
-    """Per live vehicle: its old checkpoint and how many samples after it the fold read."""
     windowed = sorted(set(order) - set(live))
     if windowed:
         await _by_window(connection, {v: (lo, hi) for v, lo, hi, _ in dirty if v in windowed},
@@ -371,16 +373,17 @@ async def recompute(connection: Any, vins: Sequence[str], t: Thresholds = THRESH
         # Pure Python over many samples: off the event loop, which the consumer's writes and
         # acks share (the GIL still shares the CPU; the loop stays responsive).
         await asyncio.to_thread(fold_live)
-        read = {vin: (after[k], len(points.get(vin, ()))) for k, vin in enumerate(live)}
+        for k, vin in enumerate(live):
+            plan.read[vin] = (after[k] + 1, after[k] + 1, len(points.get(vin, ())))
     await _write(connection, order, plan, data_end, t)
     await connection.fetch(LOCK_ROWS_SQL, order)
     generation = {vin: gen for vin, _, _, gen in dirty}
     await connection.execute(DONE_SQL, order, [generation[v] for v in order])
-    advanced = [v for v in live if plan.folds[v].last_ts is not None]
+    advanced = sorted(v for v in plan.read if plan.folds[v].last_ts is not None)
     await connection.execute(
-        ADVANCE_SQL, advanced, [read[v][0] for v in advanced],
-        [plan.folds[v].last_ts for v in advanced], [read[v][1] for v in advanced],
-        [generation[v] for v in advanced],
+        ADVANCE_SQL, advanced, [plan.read[v][0] for v in advanced],
+        [plan.read[v][1] for v in advanced], [plan.folds[v].last_ts for v in advanced],
+        [plan.read[v][2] for v in advanced], [generation[v] for v in advanced],
     )
     await connection.execute(AGAIN_SQL, order)
     return len(order)
@@ -416,6 +419,9 @@ async def _by_window(
             end = data_end.get(vin)
             if read and (end is None or w.read_hi >= end):
                 plan.folds[vin] = fold  # it saw everything up to the newest sample: resumable
+                if fold.last_ts is not None and fold.last_ts <= w.core_hi:
+                    # All it read is kept; later writes must begin in the widened span.
+                    plan.read[vin] = (w.read_lo, span[vin][0], len(read))
             else:
                 plan.stale.append(vin)
 
