@@ -17,7 +17,9 @@ After commit, :meth:`Insight.run` folds each dirty vehicle once its first unfold
   becomes the checkpoint if the read reached the newest sample, else the checkpoint is dropped.
 
 Then the odometer history is re-derived from the first replaced trip on, the activity updated,
-and the dirty row deleted if no write touched it meanwhile (its ``generation`` is unchanged).
+and the dirty row deleted if no write touched it meanwhile (its ``generation`` is unchanged);
+if one did, the row's start moves past the new checkpoint when that is exact
+(:data:`ADVANCE_SQL`), so a car written to during its folds is still folded live.
 
 Why that is exact: trips and events are functions of the set of samples, where samples further
 apart than a reach (:attr:`Thresholds.reach_s`) never interact; the widened span holds every
