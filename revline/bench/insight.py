@@ -147,7 +147,12 @@ async def _full_recompute(url: str) -> dict[str, float]:
 def main(args: argparse.Namespace) -> int:
     """Run the rounds and print the comparison."""
     name = f"revline_bench_insight_{os.getpid()}"
-    with _scratch_database(args.database_url, name) as url:
+    from revline.tools.localservices import PostgresService  # noqa: PLC0415
+
+    with (
+        PostgresService(url=args.database_url, use_docker=False) as server,
+        _scratch_database(server, name) as url,
+    ):
         off: list[dict[str, float]] = []
         on: list[dict[str, float]] = []
         # A first round of each mode warms the caches and the new database up; not counted.

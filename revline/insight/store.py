@@ -17,7 +17,9 @@ After commit, :meth:`Insight.run` folds each dirty vehicle once its first unfold
   becomes the checkpoint if the read reached the newest sample, else the checkpoint is dropped.
 
 Then the odometer history is re-derived from the first replaced trip on, the activity updated,
-and the dirty row deleted if no write touched it meanwhile (its ``generation`` is unchanged).
+and the dirty row deleted if no write touched it meanwhile (its ``generation`` is unchanged);
+if one did, the row's start moves past the new checkpoint when that is exact
+(:data:`ADVANCE_SQL`), so a car written to during its folds is still folded live.
 
 Why that is exact: trips and events are functions of the set of samples, where samples further
 apart than a reach (:attr:`Thresholds.reach_s`) never interact; the widened span holds every
@@ -34,6 +36,7 @@ import asyncio
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from itertools import groupby
 from operator import itemgetter
 from typing import Any, Final
@@ -250,6 +253,23 @@ DONE_SQL: Final = (
 )
 AGAIN_SQL: Final = "UPDATE insight_dirty SET dirty_since = now() WHERE vin = ANY($1::text[])"
 """Written to meanwhile (generation changed): folded again after the settle time."""
+ADVANCE_SQL: Final = (
+    f"UPDATE insight_dirty d SET ts_min = greatest(d.ts_min, {_at('(u.hi + 1)')}), "
+    f"ts_max = greatest(d.ts_max, {_at('(u.hi + 1)')}) "
+    "FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bigint[], $5::bigint[], "
+    "$6::bigint[]) AS u (vin, lo, bound, hi, n, generation) "
+    f"WHERE d.vin = u.vin AND d.generation <> u.generation AND d.ts_min >= {_at('u.bound')} "
+    "AND (SELECT count(*) FROM samples s WHERE s.vin = u.vin "
+    f"AND s.ts >= {_at('u.lo')} AND s.ts <= {_at('u.hi')} "
+    f"AND s.flags & {FLAG_CLOCK_UNSYNCED} = 0) = u.n"
+)
+"""A fold that writes came in during (generation changed) leaves the rest of the span dirty,
+not its folded part: it moves the span's start past the new checkpoint when every write since
+begins at or after ``bound`` (``ts_min`` not lowered: for a live fold the old checkpoint + 1,
+for a window the span it locked) and no sample the fold did not read landed in what it read up
+to the new checkpoint (``[lo, hi]``: the count is the ``n`` it read). Else the span stays as it
+is (folded again by window). Without it a vehicle written to during each of its folds would be
+recomputed by window on every fold."""
 POSTPONE_SQL: Final = (
     "UPDATE insight_dirty SET dirty_since = now() + interval '1 minute' WHERE vin = $1"
 )
@@ -288,6 +308,9 @@ class _Plan:
     """Checkpoints to store: the fold reached the vehicle's newest sample."""
     stale: list[str] = field(default_factory=list)
     """Checkpoints to drop: a window that did not reach the newest sample."""
+    read: dict[str, tuple[int, int, int]] = field(default_factory=dict)
+    """Per vehicle whose stored rows now cover all it read up to its checkpoint: the first
+    instant read, the ``bound`` of :data:`ADVANCE_SQL` and how many samples were read."""
 
 
 def _run(fold: Fold, points: Sequence[Point], t: Thresholds, data_end: int | None) -> tuple[
@@ -295,10 +318,22 @@ def _run(fold: Fold, points: Sequence[Point], t: Thresholds, data_end: int | Non
 ]:
     trips: list[TripOut] = []
     found: list[EventOut] = []
-    for point in points:
-        fold.feed(point, t, trips, found)
+    fold.feed_all(points, t, trips, found)
     open_trips, open_events = fold.finish(t, data_end)
     return [trip_of(x) for x in trips + open_trips], found + open_events
+
+
+_FIELDS: Final = itemgetter(slice(1, None))
+
+
+def _points(rows: Sequence[Any]) -> dict[str, list[Point]]:
+    """Each vehicle's points from rows of ``(vin, *Point)`` ordered by vin: built at C speed
+    (``tuple.__new__`` on the record's slice is what ``Point(*row[1:])`` builds)."""
+    new = partial(tuple.__new__, Point)
+    return {vin: list(map(new, map(_FIELDS, group))) for vin, group in groupby(rows, _VIN)}
+
+
+_VIN: Final = itemgetter(0)
 
 
 async def recompute(connection: Any, vins: Sequence[str], t: Thresholds = THRESHOLDS) -> int:
@@ -323,8 +358,7 @@ async def recompute(connection: Any, vins: Sequence[str], t: Thresholds = THRESH
     if live:
         after = [checkpoints[v][0] for v in live]
         rows = await connection.fetch(POINTS_AFTER_SQL, live, after)
-        points = {vin: [Point(*row[1:]) for row in group]
-                  for vin, group in groupby(rows, itemgetter(0))}
+        points = _points(rows)
 
 
         def fold_live() -> None:
@@ -341,10 +375,18 @@ async def recompute(connection: Any, vins: Sequence[str], t: Thresholds = THRESH
         # Pure Python over many samples: off the event loop, which the consumer's writes and
         # acks share (the GIL still shares the CPU; the loop stays responsive).
         await asyncio.to_thread(fold_live)
+        for k, vin in enumerate(live):
+            plan.read[vin] = (after[k] + 1, after[k] + 1, len(points.get(vin, ())))
     await _write(connection, order, plan, data_end, t)
     await connection.fetch(LOCK_ROWS_SQL, order)
     generation = {vin: gen for vin, _, _, gen in dirty}
     await connection.execute(DONE_SQL, order, [generation[v] for v in order])
+    advanced = sorted(v for v in plan.read if plan.folds[v].last_ts is not None)
+    await connection.execute(
+        ADVANCE_SQL, advanced, [plan.read[v][0] for v in advanced],
+        [plan.read[v][1] for v in advanced], [plan.folds[v].last_ts for v in advanced],
+        [plan.read[v][2] for v in advanced], [generation[v] for v in advanced],
+    )
     await connection.execute(AGAIN_SQL, order)
     return len(order)
 
@@ -364,8 +406,7 @@ async def _by_window(
     rows = await connection.fetch(
         POINTS_SQL, order, [windows[v].read_lo for v in order], [windows[v].read_hi for v in order]
     )
-    points = {vin: [Point(*row[1:]) for row in group]
-              for vin, group in groupby(rows, itemgetter(0))}
+    points = _points(rows)
 
     def fold_windows() -> None:
         for vin in order:
@@ -380,6 +421,9 @@ async def _by_window(
             end = data_end.get(vin)
             if read and (end is None or w.read_hi >= end):
                 plan.folds[vin] = fold  # it saw everything up to the newest sample: resumable
+                if fold.last_ts is not None and fold.last_ts <= w.core_hi:
+                    # All it read is kept; later writes must begin in the widened span.
+                    plan.read[vin] = (w.read_lo, span[vin][0], len(read))
             else:
                 plan.stale.append(vin)
 

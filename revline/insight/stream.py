@@ -14,6 +14,7 @@ same rows by construction (and tests/insight/test_segment.py checks resuming at 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Final, NamedTuple
 
 import msgspec
@@ -28,6 +29,7 @@ _STOICHIOMETRIC: Final = 14.7
 """Petrol: grams of air per gram of fuel."""
 _PETROL_G_PER_L: Final = 745.0
 _KMH_TO_MS: Final = 1 / 3.6
+_radians, _sin, _cos, _asin, _sqrt = math.radians, math.sin, math.cos, math.asin, math.sqrt
 
 
 class Point(NamedTuple):
@@ -107,10 +109,15 @@ class TripStats(msgspec.Struct):
             self.min_battery = p.battery
         if p.lat is not None and p.lon is not None:
             fix = (p.lat, p.lon)
-            if self.last_fix is None:
+            last = self.last_fix
+            if last is None:
                 self.first_fix = fix
-            else:
-                self.gps_km += haversine_km(*self.last_fix, *fix)
+            elif last != fix:  # the same fix adds 0.0: skip the trigonometry
+                # haversine_km inlined (same operations, same result): one call less per sample.
+                p1, p2 = _radians(last[0]), _radians(p.lat)
+                dp, dl = p2 - p1, _radians(p.lon - last[1])
+                a = _sin(dp / 2) ** 2 + _cos(p1) * _cos(p2) * _sin(dl / 2) ** 2
+                self.gps_km += 2 * _EARTH_KM * _asin(min(1.0, _sqrt(a)))
             self.last_fix = fix
             self.fixes += 1
         if p.fuel is not None:
@@ -235,6 +242,132 @@ class Fold(msgspec.Struct):
         _episode(self.battery, "battery_low", p, t, events)
         self._harsh(p, t, events)
         self._activity(p, t)
+
+    def feed_all(  # noqa: PLR0912, PLR0915 - one flat loop is the point (see docstring)
+        self, points: Sequence[Point], t: Thresholds, trips: list[TripOut], events: list[EventOut]
+    ) -> None:
+        """:meth:`feed` each of ``points`` in turn, with the same result (same state, same
+        rows in the same order): the server's loop. The thresholds are read once, the steps are
+        inlined and the sample's fields are locals; only the trip statistics stay methods.
+        tests/insight/test_segment.py checks it against :meth:`feed` (the reference)."""
+        if not points:
+            return
+        moving_kmh = t.moving_kmh
+        idle_us = t.idle_timeout_s * _US
+        merge_us = t.merge_gap_s * _US
+        episode_us = t.episode_gap_s * _US
+        hot_c, low_v = t.coolant_hot_c, t.battery_low_v
+        window_us = int(t.harsh_window_s * _US)
+        hole_us = int(1.5 / t.harsh_min_hz * _US)
+        full_us = 0.8 * window_us
+        brake_ms2, accel_ms2 = t.hard_brake_ms2, t.hard_accel_ms2
+        s, co, ba, h, a = self.trips, self.coolant, self.battery, self.harsh, self.activity
+        for p in points:
+            ts, speed = p.ts, p.speed
+            moving = speed is not None and speed >= moving_kmh
+            # The trip state machine (Fold._trip).
+            if s.last_moving is not None:
+                quiet = ts - s.last_moving.ts
+                if s.phase == "driving" and quiet > idle_us:
+                    s.phase = "paused"
+                if s.phase == "paused" and quiet > merge_us:
+                    _emit_trip(trips, s, closed=True, t=t)
+                    s.phase, s.committed, s.pending = "idle", None, None
+            committed, pending = s.committed, s.pending
+            if s.phase != "idle" and committed is not None and pending is not None:
+                into = committed if moving and pending.n == 0 else pending
+                if s.prev is not None:
+                    into.interval(s.prev, p, t)
+                into.point(p)
+                if moving:
+                    if into is pending:
+                        committed.join(pending)
+                        s.pending = TripStats()
+                    s.last_moving = p
+                    s.phase = "driving"
+            elif moving:
+                s.committed = TripStats()
+                s.committed.point(p)
+                s.pending = TripStats()
+                s.start = ts
+                s.last_moving = p
+                s.phase = "driving"
+            s.prev = p
+            # The episodes (_episode), coolant then battery.
+            v = p.coolant
+            if v is not None:
+                if co.start is not None and co.previous_ts is not None and (
+                    ts - co.previous_ts > episode_us
+                ):
+                    _emit_episode(events, "coolant_hot", co, t)
+                    co.start = None
+                if v > hot_c:
+                    if co.start is None:
+                        co.start, co.peak = p, v
+                    else:
+                        co.peak = max(co.peak, v)
+                    co.last_ts = ts
+                elif co.start is not None:
+                    _emit_episode(events, "coolant_hot", co, t)
+                    co.start = None
+                co.previous_ts = ts
+            v = p.battery
+            if v is not None:
+                if ba.start is not None and ba.previous_ts is not None and (
+                    ts - ba.previous_ts > episode_us
+                ):
+                    _emit_episode(events, "battery_low", ba, t)
+                    ba.start = None
+                if v < low_v:
+                    if ba.start is None:
+                        ba.start, ba.peak = p, v
+                    else:
+                        ba.peak = min(ba.peak, v)
+                    ba.last_ts = ts
+                elif ba.start is not None:
+                    _emit_episode(events, "battery_low", ba, t)
+                    ba.start = None
+                ba.previous_ts = ts
+            if speed is not None:
+                # Hard events (Fold._harsh).
+                if h.prev_ts is not None and ts - h.prev_ts > hole_us:
+                    h.window = []
+                window = h.window
+                window.append(p)
+                while ts - window[0].ts > window_us:
+                    window.pop(0)
+                old = window[0]
+                kind = None
+                accel = 0.0
+                if len(window) > 1 and (ts - old.ts) >= full_us and old.speed is not None:
+                    accel = (speed - old.speed) * _KMH_TO_MS / ((ts - old.ts) / _US)
+                    if accel <= -brake_ms2:
+                        kind = "hard_brake"
+                    elif accel >= accel_ms2:
+                        kind = "hard_accel"
+                if h.kind is not None and (kind != h.kind or ts - h.end > window_us):
+                    events.append(_harsh_event(h, t))
+                    h.kind = None
+                if kind is not None:
+                    if h.kind is None:
+                        h.kind, h.start, h.peak = kind, old, 0.0
+                    h.peak = max(h.peak, abs(accel))
+                    h.end = ts
+                h.prev_ts = ts
+            # The activity (Fold._activity).
+            if a.first_ts is None:
+                a.first_ts = ts
+            a.last_ts = ts
+            if speed is not None:
+                a.has_speed = True
+                if moving:
+                    if not a.latest_moving:
+                        a.streak_start = ts
+                    a.latest_moving = True
+                    a.last_moving_ts = ts
+                else:
+                    a.latest_moving = False
+        self.last_ts = points[-1].ts
 
     def finish(self, t: Thresholds, data_end: int | None) -> tuple[list[TripOut], list[EventOut]]:
         """What is open at the end (the trip, episodes, a hard event), as it stands now;

@@ -286,3 +286,40 @@ def test_a_live_upload_folded_on_from_checkpoints_gives_the_same_trips_and_event
     assert store.trips == segment(points, THRESHOLDS)
     assert store.events == events(points, THRESHOLDS)
     assert store.resumed >= (len(points) - 1) // size - 1
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    legs=st.lists(_LEG, min_size=1, max_size=10),
+    hz=st.sampled_from([1.0, 5.0]),
+    size=st.integers(1, 400),
+    seed=st.integers(0, 2**32),
+    holes=st.sampled_from([0.0, 0.1, 0.5]),
+)
+def test_the_servers_loop_feed_all_gives_what_feed_gives_sample_by_sample(
+    legs: list[Leg], hz: float, size: int, seed: int, holes: float
+) -> None:
+    """Fold.feed_all over writes of any size, resumed from the stored state, gives the rows
+    and the state Fold.feed gives one sample at a time, with any field missing or noisy."""
+    rng = random.Random(seed)
+    points = [  # every field but the time may be missing, or off by up to 10 %
+        Point._make(
+            v if k == 0 or v is None else None if rng.random() < holes
+            else v * rng.uniform(0.9, 1.1)
+            for k, v in enumerate(p)
+        )
+        for p in drive(legs, hz=hz)
+    ]
+    slow, fast = Fold(), Fold()
+    for k in range(0, len(points), size):
+        piece = points[k : k + size]
+        slow_rows: tuple[list[TripOut], list[EventOut]] = ([], [])
+        fast_rows: tuple[list[TripOut], list[EventOut]] = ([], [])
+        for p in piece:
+            slow.feed(p, THRESHOLDS, *slow_rows)
+        fast.feed_all(piece, THRESHOLDS, *fast_rows)
+        assert fast_rows == slow_rows
+        assert msgspec.json.encode(fast) == msgspec.json.encode(slow)
+        assert fast.finish(THRESHOLDS, None) == slow.finish(THRESHOLDS, None)
+        fast = msgspec.json.decode(msgspec.json.encode(fast), type=Fold)  # as stored
+        slow = msgspec.json.decode(msgspec.json.encode(slow), type=Fold)

@@ -14,7 +14,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from revline.consumer.writer import Writer
+from revline.consumer.writer import Writer, _write_rows, records, state_rows
 from revline.contract import Batch, Sample
 from revline.insight.segment import segment
 from revline.insight.store import Insight
@@ -89,6 +89,85 @@ def test_live_late_shuffled_and_split_uploads_store_the_same_trips(
     odometer = [float(r[8]) for r in live]
     assert odometer == sorted(odometer)
     assert odometer[-1] == pytest.approx(sum(float(r[3]) for r in live))  # accumulated
+
+
+DIRTY_SQL = (
+    "SELECT d.ts_min > c.last_ts FROM insight_dirty d JOIN insight_checkpoints c USING (vin) "
+    "WHERE vin = $1"
+)
+
+
+@pytest.mark.parametrize(
+    ("held", "live_next"),
+    [("after", True), ("late", False), ("between", False), ("after a window", True)],
+)
+def test_a_write_during_a_live_fold_leaves_only_what_the_fold_did_not_read_dirty(
+    migrated_db: str, unique_vin: str, held: str, live_next: bool
+) -> None:
+    """A write that commits while a live fold runs: newer samples leave the vehicle live (its
+    dirty span starts after the new checkpoint), a late one or one among the samples folded
+    sends it to the window; newer samples during a first fold (by window) leave it live too;
+    either way the trips are those of the whole drive at once."""
+    points = drive(KNOWN_STOPS)
+    samples = as_samples(points)
+    first, second = samples[:1000], samples[1000:1400]
+    held_samples = {
+        "after": samples[1400:1450],  # what comes next
+        "after a window": samples[1400:1450],
+        "late": samples[100:110],  # inside what the first write's fold read: missing from it
+        "between": samples[1001:1400:2],  # among the second write's, which skips them
+    }[held]
+    if held == "late":
+        first = samples[:100] + samples[110:1000]
+    if held == "between":
+        second = samples[1000:1400:2]
+    rest = [s for s in samples[1400:] if s not in held_samples]
+    insight = Insight(NOW)
+
+    async def scenario() -> tuple[bool, list[Any]]:
+        async with Writer(migrated_db, pool_size=3, derivations=[insight]) as writer:
+            await writer.write([Batch(v=1, vin=unique_vin, batch=1, samples=first)])
+            if held != "after a window":
+                assert await insight.catch_up(writer.pool) == 1  # by window: now a checkpoint
+            await writer.write([Batch(v=1, vin=unique_vin, batch=2, samples=second)])
+            rows = records([Batch(v=1, vin=unique_vin, batch=3, samples=held_samples)])
+            async with writer.pool.acquire() as connection, connection.transaction():
+                await _write_rows(connection, rows, state_rows(rows), [insight])
+                fold = asyncio.create_task(insight.catch_up(writer.pool))  # live: blocks
+                await wait_until_async(lambda: _waiting_for_a_lock(writer.pool))
+            assert await fold == 1
+            live = await writer.pool.fetchval(DIRTY_SQL, unique_vin)
+            await writer.write([Batch(v=1, vin=unique_vin, batch=4, samples=rest)])
+            while await insight.catch_up(writer.pool):
+                pass
+            connection = await asyncpg.connect(migrated_db)
+            try:
+                return live, await _trips(connection, unique_vin)
+            finally:
+                await connection.close()
+
+    live, trips = asyncio.run(scenario())
+    assert live is live_next
+    expected = segment(points, THRESHOLDS)
+    assert [(r[0], r[1]) for r in trips] == [(0, 1619), (2220, 2519), (6120, 6419)]
+    assert [r[2] for r in trips] == [t.samples for t in expected]
+
+
+async def _waiting_for_a_lock(pool: Any) -> bool:
+    waiting: int = await pool.fetchval(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+        "AND wait_event_type = 'Lock'"
+    )
+    return waiting > 0
+
+
+async def wait_until_async(check: Any, timeout_s: float = 30.0) -> None:
+    """Poll an async condition (the database: nothing here can signal it)."""
+    for _ in range(int(timeout_s * 20)):
+        if await check():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("condition not reached")
 
 
 def test_trouble_code_reports_become_events_and_a_resend_changes_nothing(
