@@ -222,6 +222,14 @@ def register(commands: Commands) -> None:
     bench.add_argument("--seconds", type=int, default=200, help="fleet seconds per round (200)")
     bench.add_argument("--per-write", type=int, default=20_000, help="samples per write")
     bench.add_argument("--rounds", type=int, default=2, help="rounds of each mode, alternated")
+    bench.add_argument(
+        "--fold-every",
+        type=int,
+        default=0,
+        help="fold in line after every N samples per car instead of concurrently with no "
+        "settle time (30: a 1 Hz car under the shipped settle_s; 300: a 10 Hz car); 0: "
+        "concurrent (the worst case)",
+    )
 
 
 def _edge(args: argparse.Namespace) -> int:
