@@ -111,3 +111,16 @@ def test_the_storage_benchmark_starts_its_own_database_by_default() -> None:
     assert done.returncode == 0, done.stderr[-3000:]
     assert "private PostgreSQL" in done.stderr
     assert "writer:" in done.stdout
+
+
+@pytest.mark.parametrize("fold_every", ["0", "10"])
+def test_the_insight_benchmark_runs_on_its_own_database_in_both_modes(fold_every: str) -> None:
+    """The insight benchmark (concurrent fold, and in line every N samples) runs on a PostgreSQL
+    of its own and prints its comparison with trips derived."""
+    done = _bench(
+        "insight", "--vehicles", "5", "--seconds", "40", "--per-write", "50", "--rounds", "1",
+        "--fold-every", fold_every,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "writer, insight off:" in done.stdout
+    assert "trips derived" in done.stdout
