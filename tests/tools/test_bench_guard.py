@@ -124,3 +124,26 @@ def test_the_insight_benchmark_runs_on_its_own_database_in_both_modes(fold_every
     assert done.returncode == 0, done.stderr
     assert "writer, insight off:" in done.stdout
     assert "trips derived" in done.stdout
+
+
+def test_the_consumer_benchmark_runs_on_its_own_broker_and_database() -> None:
+    """The consumer benchmark, small, with one and two workers: its own Mosquitto and PostgreSQL,
+    a row per worker count beside the COPY baseline."""
+    done = _bench(
+        "consumer", "--samples", "2000", "--per-message", "10", "--vehicles", "20",
+        "--workers", "1,2",
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "vs a plain staged COPY" in done.stdout
+    assert "COPY" in done.stdout
+
+
+def test_the_api_benchmark_runs_on_its_own_database() -> None:
+    """The API benchmark, small: live status and export figures beside their baselines."""
+    done = _bench(
+        "api", "--vehicles", "50", "--status-requests", "200", "--concurrency", "4",
+        "--export-rows", "5000",
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "HTTP GET /status" in done.stdout
+    assert "baseline: COPY TO STDOUT csv" in done.stdout
