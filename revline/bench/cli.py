@@ -12,7 +12,7 @@ import argparse
 import asyncio
 import contextlib
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -276,52 +276,10 @@ def run_bench(args: argparse.Namespace) -> int:
         return main(args)
 
 
-def _audit(args: argparse.Namespace) -> int:
-    from revline.bench.audit import bench_audit  # noqa: PLC0415 - needs asyncpg
-
-    settings = _bench_settings(args)
-    if _refused(args, settings, ("database_url",)):
-        return EXIT_CONFIG
-    if _unreachable(args, settings):
-        return EXIT_FAILURE
-    with contextlib.ExitStack() as stack:
-        url = settings.database_url or stack.enter_context(_own_postgres())
-        asyncio.run(
-            bench_audit(url, samples=args.samples, per_write=args.per_write, vehicles=args.vehicles)
-        )
-    return 0
-
-
-def _api(args: argparse.Namespace) -> int:
-    from revline.bench.api import main  # noqa: PLC0415 - needs the api extra
-
-    settings = _bench_settings(args)
-    if _refused(args, settings, ("database_url",)):
-        return EXIT_CONFIG
-    if _unreachable(args, settings):
-        return EXIT_FAILURE
-    with contextlib.ExitStack() as stack:
-        args.database_url = settings.database_url or stack.enter_context(_own_postgres())
-        return main(args)
-
-
-def _insight(args: argparse.Namespace) -> int:
-    from revline.bench.insight import main  # noqa: PLC0415 - needs the consumer extra
-
-    settings = _bench_settings(args)
-    if _refused(args, settings, ("database_url",)):
-        return EXIT_CONFIG
-    if _unreachable(args, settings):
-        return EXIT_FAILURE
-    with contextlib.ExitStack() as stack:
-        args.database_url = settings.database_url or stack.enter_context(_own_postgres())
-        return main(args)
-
-
-def _storage(args: argparse.Namespace) -> int:
-    from revline.bench.storage import bench_write  # noqa: PLC0415 - needs asyncpg
-    from revline.storage.migrate import MigrateSettings, migrate_dsn  # noqa: PLC0415
-
+def _on_database(args: argparse.Namespace, run: Callable[[str, bool], int]) -> int:
+    """The guard for the benchmarks that need only a database, then ``run(url, own)`` on the
+    one given (a scratch one, said so) or on a private PostgreSQL started for the run
+    (``own``: it is removed afterwards)."""
     settings = _bench_settings(args)
     if _refused(args, settings, ("database_url",)):
         return EXIT_CONFIG
@@ -329,10 +287,53 @@ def _storage(args: argparse.Namespace) -> int:
         return EXIT_FAILURE
     with contextlib.ExitStack() as stack:
         url = settings.database_url
-        if not url:
+        own = not url
+        if own:
             url = stack.enter_context(_own_postgres())
-            migrate = MigrateSettings(database_url=url)
-            report = asyncio.run(migrate_dsn(url, migrate))
+        return run(url, own)
+
+
+def _audit(args: argparse.Namespace) -> int:
+    from revline.bench.audit import bench_audit  # noqa: PLC0415 - needs asyncpg
+
+    def run(url: str, own: bool) -> int:  # own: the benchmark makes its own scratch database
+        asyncio.run(
+            bench_audit(url, samples=args.samples, per_write=args.per_write, vehicles=args.vehicles)
+        )
+        return 0
+
+    return _on_database(args, run)
+
+
+def _api(args: argparse.Namespace) -> int:
+    from revline.bench.api import main  # noqa: PLC0415 - needs the api extra
+
+    def run(url: str, own: bool) -> int:  # own: the benchmark makes its own scratch database
+        args.database_url = url
+        return main(args)
+
+    return _on_database(args, run)
+
+
+def _insight(args: argparse.Namespace) -> int:
+    from revline.bench.insight import main  # noqa: PLC0415 - needs the consumer extra
+
+    def run(url: str, own: bool) -> int:  # own: the benchmark makes its own scratch database
+        args.database_url = url
+        return main(args)
+
+    return _on_database(args, run)
+
+
+def _storage(args: argparse.Namespace) -> int:
+    from revline.bench.storage import bench_write  # noqa: PLC0415 - needs asyncpg
+    from revline.storage.migrate import MigrateSettings, migrate_dsn  # noqa: PLC0415
+
+    def run(url: str, own: bool) -> int:
+        if own:
+            report = asyncio.run(migrate_dsn(url, MigrateSettings(database_url=url)))
             print(f"# private database migrated: mode {report.mode}", file=sys.stderr)
         asyncio.run(bench_write(url, args.samples))
-    return 0
+        return 0
+
+    return _on_database(args, run)
