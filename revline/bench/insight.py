@@ -15,12 +15,17 @@
    vehicle recomputes it made. A short warm-up round comes first and is not counted.
 4. At the end, every vehicle's whole history is marked dirty and recomputed at once (by window,
    as for a late upload): that path's own rate, in vehicles and samples re-read per second.
+
+Every round also counts CPU per sample, of this process (writer and fold) and of the database
+server's processes (read from /proc; only when the server runs on this machine, as the private
+one does): unlike samples/s, busy neighbours on a shared machine hardly move it.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import math
 import os
 import statistics
@@ -29,6 +34,7 @@ import time
 from typing import Any, Final
 
 from revline.bench.consumer import _scratch_database
+from revline.bench.proc import cpu_seconds, parent_pid
 from revline.consumer.writer import Writer
 from revline.contract import Batch, Sample
 from revline.insight.store import Insight
@@ -81,6 +87,28 @@ def _plan(round_: int, vehicles: int, seconds: int, per_write: int) -> list[list
     return writes
 
 
+class _Cpu:
+    """CPU seconds used since it was made: this process, and the database server's process tree
+    (its postmaster, found as the parent of a backend of ``pool``; None if not on this machine)."""
+
+    def __init__(self, postmaster: int | None) -> None:
+        self._postmaster = postmaster
+        self._client = time.process_time()
+        self._server = cpu_seconds(postmaster) if postmaster else 0.0
+
+    @staticmethod
+    async def postmaster(pool: Any) -> int | None:
+        backend: int = await pool.fetchval("SELECT pg_backend_pid()")
+        try:
+            return parent_pid(backend)
+        except OSError:
+            return None  # a server elsewhere: its CPU is not ours to read
+
+    def used(self) -> dict[str, float]:
+        server = cpu_seconds(self._postmaster) - self._server if self._postmaster else math.nan
+        return {"client_cpu": time.process_time() - self._client, "server_cpu": server}
+
+
 async def _dirty(pool: Any) -> int:
     count: int = await pool.fetchval("SELECT count(*) FROM insight_dirty")
     return count
@@ -97,6 +125,7 @@ async def _round_inline(
     every = max(1, math.ceil(fold_every / max(1, per_vehicle)))  # writes between two folds
     async with Writer(url, pool_size=4, derivations=[insight]) as writer:
         samples = sum(len(b.samples) for batches in plan for b in batches)
+        cpu = _Cpu(await _Cpu.postmaster(writer.pool))
         began = time.perf_counter()
         for k, batches in enumerate(plan, 1):
             await writer.write(batches)
@@ -104,8 +133,9 @@ async def _round_inline(
                 while await insight.catch_up(writer.pool, settle_s=0):
                     pass
         took = time.perf_counter() - began
+        used = cpu.used()
     return {"samples": float(samples), "per_s": samples / took, "caught_up_s": 0.0,
-            "recomputes": float(insight.recomputed), "folded_per_s": samples / took}
+            "recomputes": float(insight.recomputed), "folded_per_s": samples / took, **used}
 
 
 async def _round(
@@ -121,6 +151,7 @@ async def _round(
             asyncio.create_task(insight.run(writer.pool), name="insight") if insight else None
         )
         samples = sum(len(b.samples) for batches in plan for b in batches)
+        cpu = _Cpu(await _Cpu.postmaster(writer.pool))
         began = time.perf_counter()
         for batches in plan:
             await writer.write(batches)
@@ -136,6 +167,7 @@ async def _round(
             result["recomputes"] = float(insight.recomputed)
             result["folded_per_s"] = samples / (time.perf_counter() - began)
             background.cancel()
+        result.update(cpu.used())  # on: the fold's catch-up after the last write included
     return result
 
 
@@ -170,6 +202,24 @@ async def _full_recompute(url: str) -> dict[str, float]:
             "vehicles": float(vehicles), "seconds": took}
 
 
+def _cpu_line(off: list[dict[str, float]], on: list[dict[str, float]]) -> str:
+    """CPU µs per sample, off and on (median of rounds), and what insight adds."""
+
+    def per_sample(rounds: list[dict[str, float]], key: str) -> float:
+        return statistics.median(r[key] / r["samples"] * 1e6 for r in rounds)
+
+    client = [per_sample(off, "client_cpu"), per_sample(on, "client_cpu")]
+    server = [per_sample(off, "server_cpu"), per_sample(on, "server_cpu")]
+    total = [c + s for c, s in zip(client, server, strict=True)]
+    return (
+        f"CPU per sample (this process + database server): insight off {total[0]:.1f} µs "
+        f"({client[0]:.1f} + {server[0]:.1f}), on {total[1]:.1f} µs ({client[1]:.1f} + "
+        f"{server[1]:.1f}): insight adds {total[1] - total[0]:.1f} µs per sample "
+        f"({client[1] - client[0]:.1f} + {server[1] - server[0]:.1f}), "
+        f"{(total[1] - total[0]) / total[0]:.0%} of the write's own"
+    )
+
+
 def main(args: argparse.Namespace) -> int:
     """Run the rounds and print the comparison."""
     name = f"revline_bench_insight_{os.getpid()}"
@@ -187,10 +237,19 @@ def main(args: argparse.Namespace) -> int:
         for k in range(args.rounds * 2):
             plan = _plan(k, args.vehicles, args.seconds, args.per_write)
             per_vehicle = max(1, args.per_write // args.vehicles)
-            result = asyncio.run(
-                _round(url, plan, on=k % 2 == 1, fold_every=args.fold_every,
-                       per_vehicle=per_vehicle)
-            )
+            # The whole round's input (up to a million Sample structs) is built before timing;
+            # frozen, the garbage collector does not walk it over and over in the round (a
+            # consumer holds only the messages in flight). Both modes alike.
+            gc.collect()
+            gc.freeze()
+            try:
+                result = asyncio.run(
+                    _round(url, plan, on=k % 2 == 1, fold_every=args.fold_every,
+                           per_vehicle=per_vehicle)
+                )
+            finally:
+                gc.unfreeze()
+                del plan
             (on if k % 2 else off).append(result)
             mode = "on " if k % 2 else "off"
             extra = (
@@ -207,6 +266,7 @@ def main(args: argparse.Namespace) -> int:
     caught = statistics.median(r["caught_up_s"] for r in on)
     folded = statistics.median(r["folded_per_s"] for r in on)
     samples = int(off[0]["samples"])
+    print(_cpu_line(off, on))
     if args.fold_every:
         print(
             f"writer, insight off: {off_rate:,.0f} samples/s; written and folded in line every "

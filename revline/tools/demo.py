@@ -19,6 +19,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,9 @@ from revline.consumer.service import Consumer
 from revline.edge.config import EdgeSettings
 from revline.edge.service import run_edge
 from revline.edge.status import read_status
+from revline.insight.query import trips
+from revline.insight.store import Insight, setup_connection
+from revline.insight.thresholds import THRESHOLDS
 from revline.mqtt import MqttClientSettings, make_client, parse_mqtt_url
 from revline.mqtt import connect_problem as broker_problem
 from revline.settings import flag_values, load
@@ -261,8 +265,36 @@ async def _verdict(database_url: str, spools: dict[str, Path]) -> int:
         _say(f"  rejected: {r['topic']} {r['reason']}: {r['detail'][:80]}")
     (rollup,) = await _query(database_url, "SELECT count(*) AS n FROM samples_1m")
     _say(f"  1-minute rollup rows: {rollup['n']}")
+    await _trips(database_url, list(spools))
     _say("OK: every sample stored exactly once" if ok else "FAILED: samples lost or duplicated")
     return 0 if ok else 1
+
+
+async def _trips(database_url: str, vins: list[str]) -> None:
+    """Fold what the consumer had not yet (it waits ``settle_s`` after a car's last write), then
+    show each car's trips: what `revline trips VIN` prints, in short."""
+    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=2, init=setup_connection)
+    try:
+        insight = Insight()
+        while await insight.catch_up(pool, settle_s=0):
+            pass
+        _say("trips (what `revline trips VIN` lists):")
+        for vin in vins:
+            async with pool.acquire() as connection:
+                rows = await trips(connection, vin, datetime.fromtimestamp(0, tz=UTC))
+            for r in reversed(rows):
+                state = "ended" if r["closed"] else "open"
+                _say(
+                    f"  {vin}: {r['start_ts']:%H:%M:%S}-{r['end_ts']:%H:%M:%S} UTC "
+                    f"{r['duration_s'] / 60:.1f} min, {r['distance_km']:.2f} km "
+                    f"({r['distance_source']}), max {r['max_speed'] or 0:.0f} km/h, "
+                    f"{r['completeness']:.0%} complete, {state}"
+                )
+            if not rows:
+                _say(f"  {vin}: none (a trip is at least {THRESHOLDS.min_trip_s:.0f} s of samples; "
+                     "the cars stamp real time: try --seconds 120 --speedup 1)")
+    finally:
+        await pool.close()
 
 
 def run(args: argparse.Namespace) -> int:

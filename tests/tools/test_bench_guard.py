@@ -124,6 +124,8 @@ def test_the_insight_benchmark_runs_on_its_own_database_in_both_modes(fold_every
     assert done.returncode == 0, done.stderr
     assert "writer, insight off:" in done.stdout
     assert "trips derived" in done.stdout
+    assert "CPU per sample (this process + database server): insight off" in done.stdout
+    assert " nan " not in done.stdout  # the private server's CPU was read
 
 
 def test_the_consumer_benchmark_runs_on_its_own_broker_and_database() -> None:

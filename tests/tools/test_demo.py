@@ -28,6 +28,7 @@ def test_demo_survives_a_broker_kill_and_stores_every_sample_once() -> None:
     assert "OK: every sample stored exactly once" in out
     assert out.count("lost 0, duplicated 0, not yet acked 0") == 2
     assert "rejected: telemetry/1HGCM82633A004352 invalid" in out
+    assert "trips (what `revline trips VIN` lists):" in out  # folded at the end
 
 
 def test_the_demo_command_offers_exactly_the_demo_fleet() -> None:
