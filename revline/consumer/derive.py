@@ -21,7 +21,10 @@ def derivations(settings: ConsumerSettings) -> list[Derivation]:
     from revline.audit.service import Audit  # noqa: PLC0415 - prometheus, paho: when serving
     from revline.insight.store import Insight, InsightMarks  # noqa: PLC0415 - loaded here
 
-    found: list[Derivation] = [Insight() if settings.insight_fold else InsightMarks()]
+    # Folding beside ingest: one chunk at a time, of 100 vehicles, resting as long as each took,
+    # so that a car's fold never holds up the writes (`revline insight fold` has no such limit).
+    folds = Insight(chunk=100, workers=1, share=0.5)
+    found: list[Derivation] = [folds if settings.insight_fold else InsightMarks()]
     if settings.audit == "on":
         found.append(Audit(_audit_config(settings)))  # revline.audit: loss you can see
     found.append(StateNotify())  # last: live-stream listeners re-read what the others wrote

@@ -619,12 +619,20 @@ class Insight:
         claim: int = 2000,
         chunk: int = 250,
         workers: int = 2,
+        share: float = 1.0,
     ) -> None:
+        if not 0 < share <= 1:
+            raise ValueError("share must be in (0, 1]")
         self.thresholds = thresholds
         self.poll_s = poll_s
         self.claim = claim
         self.chunk = chunk
         self.workers = workers
+        self.share = share
+        """At most this share of the time is spent folding: after a chunk that took d seconds
+        :meth:`run` rests d x (1/share - 1). Below 1 where the fold shares a process and the
+        database with ingest (the consumer): the writes' latency stays that of ingest alone
+        and the fold takes the time left (:meth:`catch_up` alone never rests)."""
         self.recomputed = 0
         """Vehicles recomputed so far (for logs, tests and the benchmark)."""
 
@@ -636,7 +644,9 @@ class Insight:
         """Mark each vehicle's span dirty; store trouble-code reports and their events."""
         await mark(connection, rows)
 
-    async def catch_up(self, pool: Any, *, settle_s: float | None = None) -> int:
+    async def catch_up(
+        self, pool: Any, *, settle_s: float | None = None, rest: bool = False
+    ) -> int:
         """Recompute the vehicles whose dirty span has settled (one claim, in chunks of
         ``chunk`` vehicles per transaction); how many were. ``settle_s`` given: that settle
         time alone, no fraction of an open trip (everything due now)."""
@@ -648,11 +658,16 @@ class Insight:
         chunks = [vins[k : k + self.chunk] for k in range(0, len(vins), self.chunk)]
         done = 0
 
+        loop = asyncio.get_running_loop()
+
         async def worker() -> None:
             nonlocal done
             while chunks:
+                began = loop.time()
                 folded = await self._fold(pool, chunks.pop())
                 done += folded  # not `done += await ...`: that reads done before the await
+                if rest and self.share < 1:
+                    await asyncio.sleep((loop.time() - began) * (1 / self.share - 1))
 
         async with asyncio.TaskGroup() as tg:
             for k in range(min(self.workers, len(chunks))):
@@ -692,7 +707,7 @@ class Insight:
         failures = 0
         while True:
             try:
-                done = await self.catch_up(pool)
+                done = await self.catch_up(pool, rest=True)
             except Exception as exc:  # noqa: BLE001 - an outage or a bug: said, retried, never fatal
                 failures += 1
                 if failures == 1 or failures % 20 == 0:
