@@ -37,8 +37,8 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import partial
-from itertools import groupby
-from operator import itemgetter
+from itertools import compress, groupby, repeat
+from operator import is_not, itemgetter
 from typing import Any, Final
 
 import msgspec
@@ -63,6 +63,7 @@ _US: Final = 1_000_000
 _LOCK_CLASS: Final = 0x1E51  # advisory lock class of insight's per-vehicle recompute
 _DTC: Final = 1 + Sample.__struct_fields__.index("dtc")
 """Position of ``dtc`` in a staging row (the VIN, then the sample's fields)."""
+_DTC_OF: Final = itemgetter(_DTC)
 
 
 def _at(param: str) -> str:
@@ -589,8 +590,10 @@ async def mark(connection: Any, rows: Sequence[tuple[Any, ...]]) -> None:
         [s.ts_min for s in found],
         [s.ts_max for s in found],
     )
-    reports = [(r[0], r[1], r[2], r[_DTC]) for r in rows if r[_DTC] is not None]
-    if reports:
+    # Reports are rare (a few a day per car): found at C speed, then built.
+    carrying = list(compress(rows, map(is_not, map(_DTC_OF, rows), repeat(None))))
+    if carrying:
+        reports = [(r[0], r[1], r[2], r[_DTC]) for r in carrying]
         await record_dtc(connection, reports)
 
 

@@ -15,9 +15,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from itertools import groupby
+from operator import itemgetter
+from typing import Any, Final, Protocol, runtime_checkable
 
 __all__ = ["Background", "Derivation", "Span", "spans"]
+
+_VIN: Final = itemgetter(0)
+_TS: Final = itemgetter(1)
+_SEQ: Final = itemgetter(2)
 
 
 class Derivation(Protocol):
@@ -66,18 +72,20 @@ class Span:
 def spans(rows: Sequence[tuple[Any, ...]]) -> list[Span]:
     """One :class:`Span` per vehicle of staging ``rows``, in order of first appearance."""
     acc: dict[str, list[int]] = {}
-    for vin, ts, seq, *_ in rows:
+    # Rows come batch by batch, so a vehicle's rows are mostly together: min and max of each
+    # run at C speed (itemgetter, map), no Python step per sample.
+    for vin, group in groupby(rows, _VIN):
+        run = list(group)
+        ts = list(map(_TS, run))
+        seq = list(map(_SEQ, run))
+        found = [min(ts), max(ts), min(seq), max(seq), len(run)]
         a = acc.get(vin)
         if a is None:
-            acc[vin] = [ts, ts, seq, seq, 1]
+            acc[vin] = found
             continue
-        if ts < a[0]:
-            a[0] = ts
-        elif ts > a[1]:
-            a[1] = ts
-        if seq < a[2]:
-            a[2] = seq
-        elif seq > a[3]:
-            a[3] = seq
-        a[4] += 1
+        a[0] = min(a[0], found[0])
+        a[1] = max(a[1], found[1])
+        a[2] = min(a[2], found[2])
+        a[3] = max(a[3], found[3])
+        a[4] += found[4]
     return [Span(vin, *a) for vin, a in acc.items()]
