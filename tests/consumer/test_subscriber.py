@@ -1,18 +1,186 @@
-"""The subscriber's shortcuts through paho's private parts hold for the paho installed."""
+"""The subscriber's MQTT packets (revline/consumer/mqttwire.py): what we send parses back, and
+whatever a broker sends either parses or is a clean ProtocolError."""
 
 from __future__ import annotations
 
 import paho.mqtt.client as paho
-from paho.mqtt.enums import CallbackAPIVersion
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from revline.consumer import subscriber
-from revline.consumer.subscriber import PAHO_HOOKS
+from revline.consumer import mqttwire as wire
+from revline.consumer.mqttwire import MQTT_5, MQTT_311, ProtocolError
+
+versions = st.sampled_from([MQTT_5, MQTT_311])
+topics = st.text(
+    st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), min_size=1
+).filter(lambda t: len(t.encode()) <= 0xFFFF)
 
 
-def test_the_installed_paho_has_every_private_part_the_subscriber_uses() -> None:
-    """An upgrade of paho that renames one fails here, not in production (where the subscriber
-    would fall back to paho's public, slower behaviour)."""
-    client = paho.Client(callback_api_version=CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5)
-    missing = [name for name in PAHO_HOOKS if not hasattr(client, name)]
-    assert missing == []
-    assert subscriber._PAHO_HOOKS
+def _packets(buf: bytes) -> list[tuple[int, bytes, int, int]]:
+    """Split ``buf`` whole: (first byte, buf, body start, end) per packet."""
+    out = []
+    pos = 0
+    while pos < len(buf):
+        packet = wire.split(buf, pos)
+        assert packet is not None
+        first, start, end = packet
+        assert end <= len(buf)
+        out.append((first, buf, start, end))
+        pos = end
+    return out
+
+
+@given(
+    topic=topics,
+    payload=st.binary(max_size=3000),
+    qos=st.sampled_from([0, 1]),
+    mid=st.integers(1, 0xFFFF),
+    dup=st.booleans(),
+    version=versions,
+)
+def test_a_publish_reads_back_as_written(
+    topic: str, payload: bytes, qos: int, mid: int, dup: bool, version: int
+) -> None:
+    """Topic, payload, QoS, packet id and DUP survive encoding and splitting."""
+    packet = wire.publish_packet(topic, payload, qos=qos, mid=mid, version=version, dup=dup)
+    [(first, buf, start, end)] = _packets(packet)
+    assert first >> 4 == wire.PUBLISH
+    got = wire.read_publish(first, buf, start, end, version)
+    assert got == (topic, payload, qos, mid if qos else 0, dup and qos == 1)
+
+
+@given(
+    messages=st.lists(st.tuples(topics, st.binary(max_size=300)), min_size=1, max_size=20),
+    version=versions,
+    cut=st.integers(0, 10_000),
+)
+def test_a_stream_cut_anywhere_splits_into_the_same_packets(
+    messages: list[tuple[str, bytes]], version: int, cut: int
+) -> None:
+    """A read ending inside a packet (or its length) leaves it incomplete, never misread."""
+    stream = b"".join(
+        wire.publish_packet(t, p, qos=1, mid=i + 1, version=version)
+        for i, (t, p) in enumerate(messages)
+    )
+    cut %= len(stream) + 1
+    head = stream[:cut]
+    pos = 0
+    while (packet := wire.split(head, pos)) is not None and packet[2] <= len(head):
+        pos = packet[2]
+    # Everything before pos is whole packets; the rest waits for more bytes.
+    whole = _packets(stream)
+    ends = [end for *_, end in whole]
+    assert pos == 0 or pos in ends
+    assert all(end > len(head) for end in ends if end > pos)
+
+
+@given(garbage=st.binary(max_size=200), version=versions)
+def test_garbage_from_a_broker_is_a_protocol_error_or_parses(garbage: bytes, version: int) -> None:
+    """No input makes the readers raise anything but ProtocolError."""
+    for reader in (
+        lambda b: wire.read_connack(b, version),
+        lambda b: wire.read_suback(b, version),
+        wire.read_puback,
+        lambda b: wire.read_disconnect(b, version),
+    ):
+        try:
+            reader(garbage)
+        except ProtocolError:
+            pass
+    pos = 0
+    try:
+        while (packet := wire.split(garbage, pos)) is not None:
+            first, start, end = packet
+            if end > len(garbage):
+                break
+            if first >> 4 == wire.PUBLISH:
+                wire.read_publish(first, garbage, start, end, version)
+            pos = end
+    except ProtocolError:
+        pass
+
+
+def test_a_topic_that_is_not_utf8_is_delivered_replaced_not_raised() -> None:
+    """A broker that lets a bad topic through does not crash the consumer: the topic is
+    replaced, which the validator then dead-letters (no telemetry/<vin> matches it)."""
+    body = b"\x00\x03\xff\xfe/" + b"\x00\x07" + b"\x00" + b"payload"
+    topic, payload, qos, mid, _ = wire.read_publish(0x32, body, 0, len(body), MQTT_5)
+    assert (topic, payload, qos, mid) == ("\ufffd\ufffd/", b"payload", 1, 7)
+
+
+@pytest.mark.parametrize(
+    ("first", "body", "why"),
+    [
+        (0x34, b"\x00\x01t\x00\x01\x00", "QoS 2"),
+        (0x36, b"\x00\x01t\x00\x01\x00", "QoS 3"),
+        (0x32, b"\x00\x01t\x00\x00\x00", "packet id 0"),
+        (0x32, b"\x00\x09t\x00\x01", "topic longer"),
+        (0x30, b"\x00\x00\x00", "without a topic"),
+        (0x32, b"\x00\x01t\x00\x01\x05\x01", "properties longer"),
+    ],
+)
+def test_a_malformed_publish_is_refused(first: int, body: bytes, why: str) -> None:
+    """Each malformation has its own ProtocolError."""
+    with pytest.raises(ProtocolError, match=why):
+        wire.read_publish(first, body, 0, len(body), MQTT_5)
+
+
+def test_a_remaining_length_of_five_bytes_is_refused() -> None:
+    """MQTT's remaining length has at most 4 bytes (2.1.4)."""
+    with pytest.raises(ProtocolError):
+        wire.split(b"\x30\xff\xff\xff\xff\x01", 0)
+    assert wire.split(b"\x30\xff\xff\xff", 0) is None  # not complete yet
+
+
+def test_a_v5_connack_reads_its_properties_and_a_311_answer_reads_too() -> None:
+    """Receive Maximum, Server Keep Alive and the reason string; a 3.1.1 broker's 2-byte
+    CONNACK to our v5 CONNECT is its refusal code 1."""
+    reason = b"go away"
+    props = b"\x21\x00\x14\x13\x00\x0a\x1f" + len(reason).to_bytes(2, "big") + reason
+    body = b"\x01\x00" + bytes((len(props),)) + props
+    connack = wire.read_connack(body, MQTT_5)
+    assert connack == wire.Connack(True, 0, 20, 10, "go away")
+    assert wire.read_connack(b"\x00\x01", MQTT_5).code == 1
+    assert wire.connack_reason(1, MQTT_5) == ("Unsupported protocol version", 132)
+    assert wire.connack_reason(5, MQTT_311) == ("Not authorized", 135)
+    assert wire.connack_reason(135, MQTT_5) == ("Not authorized", 135)
+
+
+@pytest.mark.parametrize("version", [MQTT_5, MQTT_311])
+def test_connect_and_subscribe_are_what_paho_sends(version: int) -> None:
+    """Our CONNECT and SUBSCRIBE are byte for byte paho's for the same session (paho is the
+    reference the consumer used before)."""
+    from paho.mqtt.enums import CallbackAPIVersion  # noqa: PLC0415
+    from paho.mqtt.packettypes import PacketTypes  # noqa: PLC0415
+    from paho.mqtt.properties import Properties  # noqa: PLC0415
+
+    client = paho.Client(
+        callback_api_version=CallbackAPIVersion.VERSION2,
+        client_id="c-1",
+        protocol=version,
+        **({} if version == MQTT_5 else {"clean_session": False}),
+    )
+    client.username_pw_set("user", "p@ss")
+    sent: list[bytes] = []
+    client._packet_queue = lambda _cmd, packet, *_a, **_k: sent.append(bytes(packet)) or 0  # type: ignore[method-assign]
+    client._keepalive = 30
+    client._client_id = b"c-1"
+    if version == MQTT_5:
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        props.SessionExpiryInterval = 86_400
+        props.ReceiveMaximum = 1_000
+        client._connect_properties = props
+        client._clean_start = False
+    client._send_connect(30)
+    ours = wire.connect_packet(
+        client_id="c-1",
+        version=version,
+        keepalive_s=30,
+        username="user",
+        password="p@ss",
+        session_expiry_s=86_400,
+        receive_maximum=1_000,
+    )
+    assert sent == [ours]
+
