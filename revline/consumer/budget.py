@@ -4,8 +4,8 @@ The broker's Receive Maximum bounds messages in flight, not bytes: 100 messages 
 200 MB raw, and a 2 MiB batch of tiny samples decodes into ~30 MB of Python objects. So every
 message is charged against a byte limit twice over its life:
 
-* on arrival (paho's network thread), its raw size: ``queued``. The network thread waits while
-  the limit is reached, so the socket is not read and TCP pushes back on the broker;
+* on arrival (the subscriber's read of the socket), its raw size: ``queued``. While the limit is
+  reached the subscriber stops reading the socket, and TCP pushes back on the broker;
 * once decoded (the asyncio thread), its estimated footprint, raw bytes included: ``held``,
   until the service acks it. Decoding waits too while the limit is reached.
 
@@ -89,7 +89,8 @@ def footprint(raw: int, batch: AnyBatch | None) -> int:
 class ByteBudget:
     """Bytes ``queued`` (received, not decoded) and ``held`` (decoded, not acked) against a limit.
 
-    Thread-safe: paho's network thread calls :meth:`admit`; the asyncio thread calls the rest.
+    Thread-safe (a thread may call :meth:`admit` with a timeout); the consumer calls all of it from
+    its event loop, :meth:`admit` with ``timeout=0``.
     """
 
     def __init__(self, limit: int) -> None:
