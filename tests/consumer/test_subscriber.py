@@ -4,18 +4,22 @@ whatever a broker sends either parses or is a clean ProtocolError."""
 from __future__ import annotations
 
 import contextlib
+from typing import Any
 
 import paho.mqtt.client as paho
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from revline.consumer import mqttwire as wire
 from revline.consumer.mqttwire import MQTT_5, MQTT_311, ProtocolError
 
 versions = st.sampled_from([MQTT_5, MQTT_311])
 topics = st.text(
-    st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), min_size=1
+    st.characters(exclude_categories=["Cs"], exclude_characters="\x00"), min_size=1
 ).filter(lambda t: len(t.encode()) <= 0xFFFF)
 
 
@@ -149,21 +153,22 @@ def test_a_v5_connack_reads_its_properties_and_a_311_answer_reads_too() -> None:
 def test_connect_and_subscribe_are_what_paho_sends(version: int) -> None:
     """Our CONNECT and SUBSCRIBE are byte for byte paho's for the same session (paho is the
     reference the consumer used before)."""
-    from paho.mqtt.enums import CallbackAPIVersion  # noqa: PLC0415
-    from paho.mqtt.packettypes import PacketTypes  # noqa: PLC0415
-    from paho.mqtt.properties import Properties  # noqa: PLC0415
-
-    client = paho.Client(
+    protocol = paho.MQTTv5 if version == MQTT_5 else paho.MQTTv311
+    client: Any = paho.Client(
         callback_api_version=CallbackAPIVersion.VERSION2,
         client_id="c-1",
-        protocol=version,
-        **({} if version == MQTT_5 else {"clean_session": False}),
+        protocol=protocol,
+        clean_session=None if version == MQTT_5 else False,
     )
     client.username_pw_set("user", "p@ss")
     sent: list[bytes] = []
-    client._packet_queue = lambda _cmd, packet, *_a, **_k: sent.append(bytes(packet)) or 0  # type: ignore[method-assign]
+
+    def queue(_cmd: int, packet: bytes, *_args: object, **_kwargs: object) -> MQTTErrorCode:
+        sent.append(bytes(packet))
+        return MQTTErrorCode.MQTT_ERR_SUCCESS
+
+    client._packet_queue = queue
     client._keepalive = 30
-    client._client_id = b"c-1"
     if version == MQTT_5:
         props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         props.SessionExpiryInterval = 86_400
@@ -181,4 +186,3 @@ def test_connect_and_subscribe_are_what_paho_sends(version: int) -> None:
         receive_maximum=1_000,
     )
     assert sent == [ours]
-
