@@ -203,6 +203,9 @@ class _Connection(asyncio.Protocol):
                     put(Inbound(mid, qos, topic, payload, now, generation, dup))
                 else:
                     freed |= self._control(first, buf[i:end])
+                    # A CONNACK opens a generation: the PUBLISHes right behind it (a kept
+                    # session's backlog, often in the same read) belong to it.
+                    generation = self.generation
                 pos = end
         except ProtocolError as exc:
             log.warning(
@@ -229,7 +232,10 @@ class _Connection(asyncio.Protocol):
         if kind == wire.CONNACK:
             if self.connack.done():
                 raise ProtocolError("a second CONNACK")
-            self.connack.set_result(wire.read_connack(body, self.version))
+            connack = wire.read_connack(body, self.version)
+            self.connack.set_result(connack)
+            if connack.code == 0:
+                sub._connected(self, connack)
             return False
         if kind == wire.SUBACK:
             _, codes = wire.read_suback(body, self.version)
@@ -330,6 +336,9 @@ class Subscriber:
         self._next_mid = 0
         self._dropped_acks = 0
         self._v5_refused = False
+        self._flush_scheduled = False
+        self._out_qos0: list[bytes] = []
+        """QoS 0 PUBLISHes waiting for :meth:`_flush` (dropped if the connection goes)."""
         self._ssl: ssl.SSLContext | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -447,20 +456,17 @@ class Subscriber:
             conn.abort("no CONNACK")
             self._attempt_failure(connect_error_reason(TimeoutError(), address))
             return None
-        if connack.code != 0:
-            conn.abort("refused")
-            if version == MQTT_5 and connack.code in _UNSUPPORTED_PROTOCOL:
-                log.warning("broker refused MQTT 5; falling back to 3.1.1 (no receive maximum)")
-                self.protocol = MQTT_311
-                self._v5_refused = True
-            else:
-                name, code = wire.connack_reason(connack.code, version)
-                self._attempt_failure(f"refused by the broker: {name} (code {code})")
-            return None
-        if conn.lost.done():
-            return None  # lost right after its CONNACK: try again
-        self._connected(conn, connack)
-        return conn
+        if connack.code == 0:
+            return conn  # connected by then: _Connection._control saw its CONNACK
+        conn.abort("refused")
+        if version == MQTT_5 and connack.code in _UNSUPPORTED_PROTOCOL:
+            log.warning("broker refused MQTT 5; falling back to 3.1.1 (no receive maximum)")
+            self.protocol = MQTT_311
+            self._v5_refused = True
+        else:
+            name, code = wire.connack_reason(connack.code, version)
+            self._attempt_failure(f"refused by the broker: {name} (code {code})")
+        return None
 
     def _connected(self, conn: _Connection, connack: wire.Connack) -> None:
         self.generation += 1
@@ -477,8 +483,8 @@ class Subscriber:
         self._sent_before |= self._inflight
         self._inflight.clear()
         self._unsent = deque(self._outgoing)
-        self._send_queued()
         self._set_connected(value=True)
+        self._send_queued()
         failed = self._failures.total
         self._failures.reset()
         log.info(
@@ -550,7 +556,8 @@ class Subscriber:
 
     def _paused(self, conn: _Connection) -> None:
         """Reading stopped for the budget: log it if it lasts (a stall, not a burst)."""
-        self._paused_at = time.monotonic()
+        if self._paused_at is None:
+            self._paused_at = time.monotonic()
         if self._pause_log is None:
             loop = asyncio.get_running_loop()
             self._pause_log = loop.call_later(_PAUSE_LOGGED_AFTER_S, self._log_pause)
@@ -651,7 +658,10 @@ class Subscriber:
         conn = self._conn
         if not qos:
             if conn is not None and self.connected:
-                conn.write(wire.publish_packet(topic, payload, qos=0, mid=0, version=conn.version))
+                self._out_qos0.append(
+                    wire.publish_packet(topic, payload, qos=0, mid=0, version=conn.version)
+                )
+                self._flush_soon()
             return
         if len(self._outgoing) >= _MAX_OUTGOING:
             self._dropped_acks += 1
@@ -665,7 +675,18 @@ class Subscriber:
         self._outgoing[mid] = (topic, payload)
         self._unsent.append(mid)
         if conn is not None and self.connected and len(self._inflight) < self._quota:
-            self._send_queued()
+            self._flush_soon()
+
+    def _flush_soon(self) -> None:
+        """Send what was published in this pass of the event loop as one write, not one each (a
+        commit publishes one ack per vehicle: ~1,000 syscalls saved per commit at fleet scale)."""
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        self._send_queued()
 
     def _mid(self) -> int:
         """A packet id not in use by one of our PUBLISHes."""
@@ -680,7 +701,10 @@ class Subscriber:
     def _send_queued(self) -> None:
         """Send what waits, as far as the broker's quota allows, as one write."""
         conn = self._conn
-        if conn is None or not self.connected or not self._unsent:
+        if conn is None or not self.connected:
+            self._out_qos0.clear()
+            return
+        if not self._unsent and not self._out_qos0:
             return
         unsent, inflight, outgoing, sent_before = (
             self._unsent,
@@ -688,7 +712,7 @@ class Subscriber:
             self._outgoing,
             self._sent_before,
         )
-        packets: list[bytes] = []
+        packets, self._out_qos0 = self._out_qos0, []
         version = conn.version
         while unsent and len(inflight) < self._quota:
             mid = unsent.popleft()
