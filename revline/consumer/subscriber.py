@@ -432,6 +432,15 @@ class Subscriber:
         except (OSError, TimeoutError) as exc:
             self._attempt_failure(connect_error_reason(exc, address))
             return None
+        try:
+            return await self._handshake(conn, version)
+        except BaseException:
+            conn.abort("stopping")  # cancelled (leaving) while waiting for the CONNACK
+            raise
+
+    async def _handshake(self, conn: _Connection, version: int) -> _Connection | None:
+        """CONNECT and wait for the CONNACK: the connection if accepted, else None (logged)."""
+        address = self.address
         conn.write(
             wire.connect_packet(
                 client_id=self.client_id,

@@ -3,7 +3,9 @@ whatever a broker sends either parses or is a clean ProtocolError."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import itertools
 from typing import Any
 
 import paho.mqtt.client as paho
@@ -16,6 +18,8 @@ from paho.mqtt.properties import Properties
 
 from revline.consumer import mqttwire as wire
 from revline.consumer.mqttwire import MQTT_5, MQTT_311, ProtocolError
+from revline.consumer.subscriber import Inbound, Subscriber, _Connection
+from revline.mqtt import BrokerAddress
 
 versions = st.sampled_from([MQTT_5, MQTT_311])
 topics = st.text(
@@ -186,3 +190,100 @@ def test_connect_and_subscribe_are_what_paho_sends(version: int) -> None:
         receive_maximum=1_000,
     )
     assert sent == [ours]
+
+
+def _connection(
+    version: int, *, max_inflight_bytes: int = 1 << 20
+) -> tuple[Subscriber, _Connection]:
+    """A subscriber and a connection with no socket (writes go nowhere), generation 1."""
+    sub = Subscriber(
+        BrokerAddress("broker.invalid", 1883),
+        client_id="c-1",
+        subscription="telemetry/+",
+        max_inflight_bytes=max_inflight_bytes,
+    )
+    conn = _Connection(sub, version)
+    sub._conn = conn
+    sub.connected = True
+    sub.generation = conn.generation = 1
+    return sub, conn
+
+
+def _drain(sub: Subscriber) -> list[Inbound]:
+    got = []
+    while not sub.inbound.empty():
+        item = sub.inbound.get_nowait()
+        assert item is not None
+        got.append(item)
+    return got
+
+
+@given(
+    messages=st.lists(st.tuples(topics, st.binary(max_size=500)), min_size=1, max_size=30),
+    cuts=st.lists(st.integers(0, 1 << 20), max_size=40),
+    version=versions,
+)
+def test_any_split_of_the_byte_stream_delivers_the_same_messages_in_order(
+    messages: list[tuple[str, bytes]], cuts: list[int], version: int
+) -> None:
+    """However TCP cuts the stream into reads, every PUBLISH arrives once, whole, in order."""
+    stream = b"".join(
+        wire.publish_packet(t, p, qos=1, mid=i + 1, version=version)
+        + (b"\xd0\x00" if i % 3 == 0 else b"")  # a PINGRESP now and then
+        for i, (t, p) in enumerate(messages)
+    )
+
+    async def run() -> list[Inbound]:
+        sub, conn = _connection(version)
+        points = sorted({c % (len(stream) + 1) for c in cuts} | {0, len(stream)})
+        for start, end in itertools.pairwise(points):
+            conn.data_received(stream[start:end])
+        return _drain(sub)
+
+    got = asyncio.run(run())
+    assert [(g.topic, g.payload, g.mid, g.generation) for g in got] == [
+        (t, p, i + 1, 1) for i, (t, p) in enumerate(messages)
+    ]
+
+
+def test_a_full_byte_budget_pauses_reading_and_acks_resume_it() -> None:
+    """Past max_inflight_bytes held, what was read waits unparsed; acking frees room and the
+    rest is delivered, in order, nothing lost."""
+    payloads = [bytes([i]) * 400 for i in range(10)]
+    stream = b"".join(
+        wire.publish_packet("telemetry/X", p, qos=1, mid=i + 1, version=MQTT_5)
+        for i, p in enumerate(payloads)
+    )
+
+    async def run() -> list[bytes]:
+        sub, conn = _connection(MQTT_5, max_inflight_bytes=1000)
+        conn.data_received(stream)
+        delivered: list[bytes] = []
+        while True:
+            got = _drain(sub)
+            if not got:
+                break
+            assert conn.paused or len(delivered) + len(got) == len(payloads)
+            for item in got:
+                sub.hold(item, len(item.payload))
+            delivered.extend(item.payload for item in got)
+            sub.ack(got)  # frees the budget: parsing resumes where it stopped
+        assert not conn.paused
+        assert sub.budget.in_flight == 0
+        return delivered
+
+    assert asyncio.run(run()) == payloads
+
+
+def test_a_malformed_packet_drops_the_connection_not_the_process() -> None:
+    """A PUBLISH at QoS 3 from a broken broker: the connection is aborted, nothing raised."""
+
+    async def run() -> str | None:
+        sub, conn = _connection(MQTT_5)
+        conn.data_received(b"\x36\x05\x00\x01t\x00\x01")
+        assert _drain(sub) == []
+        return conn.disconnect_reason
+
+    reason = asyncio.run(run())
+    assert reason is not None
+    assert "QoS 3" in reason
