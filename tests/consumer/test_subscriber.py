@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import secrets
 from typing import Any
 
 import paho.mqtt.client as paho
@@ -19,7 +20,8 @@ from paho.mqtt.properties import Properties
 from revline.consumer import mqttwire as wire
 from revline.consumer.mqttwire import MQTT_5, MQTT_311, ProtocolError
 from revline.consumer.subscriber import Inbound, Subscriber, _Connection
-from revline.mqtt import BrokerAddress
+from revline.mqtt import BrokerAddress, drop_session, parse_mqtt_url
+from tests.fixtures.consumer import PublisherFactory
 
 versions = st.sampled_from([MQTT_5, MQTT_311])
 topics = st.text(
@@ -287,3 +289,51 @@ def test_a_malformed_packet_drops_the_connection_not_the_process() -> None:
     reason = asyncio.run(run())
     assert reason is not None
     assert "QoS 3" in reason
+
+
+async def _session(
+    url: str, client_id: str, subscription: str, version: int, count: int, ack: int
+) -> list[Inbound]:
+    """Connect as ``client_id``, take ``count`` messages, PUBACK the first ``ack``, leave."""
+    sub = Subscriber(parse_mqtt_url(url), client_id=client_id, subscription=subscription)
+    sub.protocol = version
+    got: list[Inbound] = []
+    async with sub, asyncio.timeout(60):
+        while len(got) < count:
+            item = await sub.inbound.get()
+            assert item is not None
+            got.append(item)
+        if ack:
+            assert sub.ack(got[:ack]) == ack
+        await asyncio.sleep(0)  # the PUBACKs written before the DISCONNECT
+    return got
+
+
+@pytest.mark.parametrize("version", [MQTT_5, MQTT_311])
+def test_the_session_keeps_what_was_not_acked_in_mqtt_5_and_3_1_1(
+    mqtt_url: str, make_publisher: PublisherFactory, version: int
+) -> None:
+    """Against the real Mosquitto, in either protocol version: messages queued while away arrive
+    on reconnect; those PUBACKed are gone after the next reconnect, the others come back (DUP),
+    and nothing else arrives before a new message."""
+    client_id = f"t-sub-{secrets.token_hex(4)}"
+    root = f"t{secrets.token_hex(4)}"
+    url = mqtt_url
+    publisher = make_publisher()
+
+    def publish(*names: str) -> None:
+        for info in [publisher.publish(f"{root}/{name}", name.encode()) for name in names]:
+            info.wait_for_publish(60)
+
+    try:
+        asyncio.run(_session(url, client_id, f"{root}/+", version, 0, 0))  # the session exists
+        publish("a", "b", "c", "d")
+        first = asyncio.run(_session(url, client_id, f"{root}/+", version, 4, 2))
+        assert [m.payload for m in first] == [b"a", b"b", b"c", b"d"]
+        again = asyncio.run(_session(url, client_id, f"{root}/+", version, 2, 2))
+        assert [(m.payload, m.dup) for m in again] == [(b"c", True), (b"d", True)]
+        publish("e")
+        last = asyncio.run(_session(url, client_id, f"{root}/+", version, 1, 1))
+        assert [(m.topic, m.payload) for m in last] == [(f"{root}/e", b"e")]
+    finally:
+        drop_session(parse_mqtt_url(url), client_id)
