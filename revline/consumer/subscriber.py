@@ -197,7 +197,7 @@ class _Connection(asyncio.Protocol):
                         pos = end  # stopping: left unacked, the broker redelivers it
                         continue
                     topic, payload, qos, mid, dup = read_publish(first, buf, i, end, version)
-                    if not budget.admit(len(payload), timeout=0):
+                    if not budget.admit(len(payload)):
                         self._pause()
                         break
                     put(Inbound(mid, qos, topic, payload, now, generation, dup))
