@@ -110,7 +110,7 @@ class _Connection(asyncio.Protocol):
         self.generation = 0
         self.last_in = loop.time()
         self.paused = False
-        """Reading stopped: the byte budget is full; ``_buf`` holds what is not yet parsed."""
+        """Reading stopped: the byte budget is full; ``_chunks`` hold what is not yet parsed."""
         self.disconnect_reason: str | None = None
         self.keepalive_s = sub.keepalive_s
         self._chunks: list[bytes] = []
