@@ -152,6 +152,12 @@ def register(commands: Commands) -> None:
         "--copy-connections",
         help="only the plain staged COPY on these connection counts, e.g. 1,2,4,8 (no MQTT)",
     )
+    bench.add_argument(
+        "--wire",
+        default="1",
+        help="contract versions the publishers send, e.g. 1,2 (1; the edge sends 2; "
+        "--compare-tree runs on 1 only)",
+    )
     bench.add_argument("--profile", type=Path, help="write a cProfile of the consumer here")
 
     bench = commands.add(

@@ -44,6 +44,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from revline.contract import Batch, Sample, decode_ack, encode, telemetry_topic
 from revline.mqtt import drop_session, parse_mqtt_url
 from revline.tools.localservices import MosquittoService, PostgresService, free_port
+from revline.wire_v2 import columns_from_batch, encode_v2
 
 __all__ = ["main"]
 
@@ -103,6 +104,14 @@ class _PublisherJob:
     out: Any
     rate: float = 0.0
     """Samples/s this process publishes at (0: as fast as the broker takes them)."""
+    wire: int = 1
+    """Contract version of the payloads: 1 (MessagePack samples) or 2 (columns, the edge's)."""
+
+
+def _payload(vin: str, batch: int, first: int, count: int, t0: int, wire: int) -> bytes:
+    """One message's payload in contract ``wire`` (v2 as the edge sends it: zstd, dictionary)."""
+    decoded = _batch(vin, batch, first, count, t0)
+    return encode_v2(vin, batch, columns_from_batch(decoded)) if wire == 2 else encode(decoded)
 
 
 def _varint(n: int) -> bytes:
@@ -199,7 +208,7 @@ def _publisher(job: _PublisherJob) -> None:
     """Pre-encode, wait for the go, publish everything QoS 1, report publish times."""
     packets = [
         _publish_packet(
-            telemetry_topic(vin), i % 65535 + 1, encode(_batch(vin, b, first, n, job.t0))
+            telemetry_topic(vin), i % 65535 + 1, _payload(vin, b, first, n, job.t0, job.wire)
         )
         for i, (vin, b, first, n) in enumerate(job.work)
     ]
@@ -394,7 +403,11 @@ def _start_consumer(
 
 
 def _publish(
-    args: argparse.Namespace, mqtt_url: str, plan: list[tuple[str, int, int, int]], t0: int
+    args: argparse.Namespace,
+    mqtt_url: str,
+    plan: list[tuple[str, int, int, int]],
+    t0: int,
+    wire: int = 1,
 ) -> dict[tuple[str, int], float]:
     """Publish the plan from publisher processes; the publish time of every message."""
     ctx = mp.get_context("spawn")
@@ -408,6 +421,7 @@ def _publish(
             go,
             out,
             rate=args.rate / args.publishers,
+            wire=wire,
         )
         for i in range(args.publishers)
     ]
@@ -471,6 +485,7 @@ def _end_to_end(
     t0: int,
     workers: int,
     tree: Path | None = None,
+    wire: int = 1,
 ) -> _Run:
     """One run through the real consumer (``workers`` processes in one group)."""
     client_id = f"revline-bench-consumer-{os.getpid()}"
@@ -480,7 +495,7 @@ def _end_to_end(
     cpu = 0.0
     commit_p99 = float("nan")
     try:
-        published = _publish(args, mqtt_url, plan, t0)
+        published = _publish(args, mqtt_url, plan, t0, wire)
         seen, progress = 0, time.monotonic()
         while (count := acks.count()) < len(plan):
             if count > seen:
@@ -589,15 +604,18 @@ def main(args: argparse.Namespace) -> int:
             )
             with _scratch_database(server, f"{stem}_copy") as url:
                 ceiling = _ceiling(url, plan, t0, args.batch_max_samples, args.write_concurrency)
-            rows.append(
-                f"{size:>4} {'COPY':>7} {ceiling:>10,.0f} {'':>6} {'':>7} {'':>7} {'':>8}"
-            )
-            runs: list[tuple[str, int, Path | None]] = [(str(w), w, None) for w in worker_counts]
+            rows.append(f"{size:>4} {'COPY':>7} {ceiling:>10,.0f} {'':>6} {'':>7} {'':>7} {'':>8}")
+            wires = _ints(str(args.wire))
+            runs: list[tuple[str, int, Path | None, int]] = [
+                (str(w) if len(wires) == 1 else f"{w} v{v}", w, None, v)
+                for v in wires
+                for w in worker_counts
+            ]
             if args.compare_tree is not None:
-                runs.insert(0, ("before", 1, args.compare_tree))
-            for label, workers, tree in runs:
+                runs.insert(0, ("before", 1, args.compare_tree, 1))
+            for label, workers, tree, wire in runs:
                 with _scratch_database(server, f"{stem}_e2e") as url:
-                    run = _end_to_end(args, mqtt_url, url, plan, t0, workers, tree)
+                    run = _end_to_end(args, mqtt_url, url, plan, t0, workers, tree, wire)
                 ok = ok and run.stored == total
                 rows.append(
                     f"{size:>4} {label:>7} {run.rate:>10,.0f} {run.rate / ceiling:>6.0%} "
@@ -607,8 +625,10 @@ def main(args: argparse.Namespace) -> int:
                 )
                 print(rows[-1], file=sys.stderr)
     print(f"end to end ({mode}), {args.vehicles} vehicles, vs a plain staged COPY of the same rows")
-    print(f"{'per':>4} {'workers':>7} {'samples/s':>10} {'/COPY':>6} {'p50 ms':>7} {'p99 ms':>7} "
-          f"{'cpu µs/s':>8} {'commit<=':>9}")
+    print(
+        f"{'per':>4} {'workers':>7} {'samples/s':>10} {'/COPY':>6} {'p50 ms':>7} {'p99 ms':>7} "
+        f"{'cpu µs/s':>8} {'commit<=':>9}"
+    )
     print("\n".join(rows))
     print(
         f"(COPY: same rows, same transaction size, {args.write_concurrency} connection(s); "

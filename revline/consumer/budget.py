@@ -4,9 +4,9 @@ The broker's Receive Maximum bounds messages in flight, not bytes: 100 messages 
 200 MB raw, and a 2 MiB batch of tiny samples decodes into ~30 MB of Python objects. So every
 message is charged against a byte limit twice over its life:
 
-* on arrival (paho's network thread), its raw size: ``queued``. The network thread waits while
-  the limit is reached, so the socket is not read and TCP pushes back on the broker;
-* once decoded (the asyncio thread), its estimated footprint, raw bytes included: ``held``,
+* on arrival (the subscriber's read of the socket), its raw size: ``queued``. While the limit is
+  reached the subscriber stops reading the socket, and TCP pushes back on the broker;
+* once decoded, its estimated footprint, raw bytes included: ``held``,
   until the service acks it. Decoding waits too while the limit is reached.
 
 A message is always let through when nothing else is held, so one larger than the limit still
@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
-import threading
 
 from revline.contract import NUMERIC_FIELDS
 from revline.wire_v2 import ROW_FIELDS, AnyBatch, RowBatch
@@ -89,8 +88,12 @@ def footprint(raw: int, batch: AnyBatch | None) -> int:
 class ByteBudget:
     """Bytes ``queued`` (received, not decoded) and ``held`` (decoded, not acked) against a limit.
 
-    Thread-safe: paho's network thread calls :meth:`admit`; the asyncio thread calls the rest.
+    Not thread-safe, and needs not be: the subscriber reads the socket on the consumer's event
+    loop, which does everything else too (a lock per call was ~11 % of the consumer's CPU with
+    1-sample messages).
     """
+
+    __slots__ = ("_held", "_high_water", "_queued", "limit")
 
     def __init__(self, limit: int) -> None:
         if limit < 1:
@@ -99,7 +102,6 @@ class ByteBudget:
         self._queued = 0
         self._held = 0
         self._high_water = 0
-        self._changed = threading.Condition()
 
     @property
     def queued(self) -> int:
@@ -118,53 +120,35 @@ class ByteBudget:
 
     def high_water(self, *, reset: bool = False) -> int:
         """The most ever held at once (since the last reset)."""
-        with self._changed:
-            value = self._high_water
-            if reset:
-                self._high_water = self._queued + self._held
-            return value
+        value = self._high_water
+        if reset:
+            self._high_water = self._queued + self._held
+        return value
 
-    def admit(self, size: int, timeout: float | None = None) -> bool:
-        """Count ``size`` raw bytes in once they fit under the limit (or nothing else is held).
-
-        Blocks the caller meanwhile; False after ``timeout`` seconds or when :meth:`wake` is
-        called, with nothing counted.
-        """
-        with self._changed:
-            if not self._fits(size):
-                self._changed.wait(timeout)
-                if not self._fits(size):
-                    return False
-            self._queued += size
-            return True
-
-    def _fits(self, size: int) -> bool:
+    def admit(self, size: int) -> bool:
+        """Count ``size`` raw bytes in if they fit under the limit (or nothing else is held);
+        False, with nothing counted, if not: the caller stops reading until :meth:`release`."""
         total = self._queued + self._held
-        return total == 0 or total + size <= self.limit
+        if total and total + size > self.limit:
+            return False
+        self._queued += size
+        return True
 
     def decoded(self, raw: int, held: int) -> None:
         """A queued message of ``raw`` bytes was decoded and is now held as ``held`` bytes."""
-        with self._changed:
-            self._queued -= raw
-            self._held += held
-            self._high_water = max(self._high_water, self._queued + self._held)
+        self._queued -= raw
+        self._held += held
+        total = self._queued + self._held
+        self._high_water = max(self._high_water, total)
 
     def may_decode(self) -> bool:
         """Whether to decode the next message now: the limit is not reached, or nothing decoded
         is held (so that what waits in the queue alone can never stall the pipeline)."""
-        with self._changed:
-            return self._queued + self._held <= self.limit or self._held == 0
+        return self._queued + self._held <= self.limit or self._held == 0
 
     def release(self, held: int) -> None:
         """Decoded messages holding ``held`` bytes were acked (or given up): count them out."""
-        with self._changed:
-            self._held -= held
-            self._changed.notify_all()
-
-    def wake(self) -> None:
-        """Wake a waiting :meth:`admit` (it returns False unless the bytes fit by now)."""
-        with self._changed:
-            self._changed.notify_all()
+        self._held -= held
 
 
 def _libc() -> ctypes.CDLL | None:

@@ -16,7 +16,7 @@ redelivers it to the next run), never lost.
 
 What to make of a message, what to store or dead-letter, what a database error means, in which
 order to PUBACK and which acks to publish are decided by :mod:`revline.consumer.pipeline`
-(pure, tested without servers); this module is the asyncio, paho and asyncpg around it.
+(pure, tested without servers); this module is the asyncio, MQTT and asyncpg around it.
 """
 
 from __future__ import annotations
@@ -285,7 +285,7 @@ class Consumer:
             await self._hand_over(self._add(batcher, subscriber, got, max_future_us, loop.time()))
             # Not kept alive while waiting for the next one: memory comes back after a burst.
             del got
-        # Stopping: what paho already handed over is committed too (it is bounded by
+        # Stopping: what the subscriber already handed over is committed too (it is bounded by
         # receive_maximum and the byte budget); anything later stays unacked on the broker.
         while not inbound.empty():
             got = inbound.get_nowait()

@@ -1,6 +1,6 @@
 """``revline consumer --workers N``: N consumer processes in one shared group, one command.
 
-Why processes: the consumer's per-message work (paho's network thread, decoding, acks) runs
+Why processes: the consumer's per-message work (reading MQTT, decoding, acks) runs
 under one GIL, about one core; a second core only helps in a second process. The broker's
 shared subscription (``$share/<group>/telemetry/+``) splits the messages between the workers, so
 each worker is a complete consumer (its own session, transactions, PUBACKs and end-to-end acks,

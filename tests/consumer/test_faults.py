@@ -524,3 +524,20 @@ def test_a_trigger_refusing_every_row_is_an_outage_not_bad_data(
     wait_until(lambda: sorted(set(ack_listener.seen())) == [0, 1, 2, 3], what="e2e acks")
     assert cold_counts(database_url, unique_vin) == (1_000, 1_000)
     assert query(database_url, "SELECT count(*) AS n FROM rejected")[0]["n"] == 0
+
+
+def test_a_backlog_right_behind_the_connack_is_acked_on_its_connection(
+    database_url: str,
+    unique_vin: str,
+    make_consumer: ConsumerFactory,
+    make_publisher: PublisherFactory,
+) -> None:
+    """Messages queued on the broker while the consumer was away arrive right behind its CONNACK
+    (often in the same read); they are acked on that connection: with a Receive Maximum of 5, a
+    backlog of 200 drains only if each window of 5 is PUBACKed."""
+    consumer = make_consumer(args=["--receive-maximum", "5", "--batch-max-age-ms", "20"])
+    assert consumer.terminate() == 0
+    make_publisher().publish_batches(make_batches(unique_vin, 200, per_message=1))
+    consumer.start()
+    wait_until(lambda: cold_counts(database_url, unique_vin)[0] == 200, what="the backlog stored")
+    assert "disconnected from broker" not in consumer.log_text()

@@ -212,8 +212,9 @@ def test_a_full_byte_budget_outlasting_the_keepalive_loses_nothing(
     make_consumer: ConsumerFactory,
     make_publisher: PublisherFactory,
 ) -> None:
-    """Database down while big messages fill the budget: reading pauses (logged), the broker
-    drops the silent link after 1.5 keepalives, and after recovery every message is accounted."""
+    """Database down while big messages fill the budget: reading pauses (logged) for longer than
+    1.5 keepalives, the link survives (PINGREQs go on), and after recovery every message is
+    accounted."""
     oversized = [bytes([i]) * (MAX_PAYLOAD_BYTES + 1) for i in range(12)]  # 3x an 8 MiB budget
     consumer = make_consumer(
         args=["--max-inflight-mb", "8", "--keepalive-s", "5", "--retry-max-s", "1"]
@@ -223,11 +224,10 @@ def test_a_full_byte_budget_outlasting_the_keepalive_loses_nothing(
     for info in [pub.publish(telemetry_topic(unique_vin), p) for p in oversized]:
         info.wait_for_publish(60)
     consumer.wait_for_log("reading from the broker paused")
-    # Past 1.5 keepalives the broker closes the link of a client that sends nothing.
+    # Past 1.5 keepalives, after which the broker would close the link of a silent client.
     time.sleep(10)
     fresh_postgres.start()
     consumer.wait_for_log("reading from the broker resumed")
-    consumer.wait_for_log("disconnected from broker; reconnecting")
     want = {hashlib.md5(p).hexdigest() for p in oversized}
     wait_until(
         lambda: (
@@ -236,3 +236,4 @@ def test_a_full_byte_budget_outlasting_the_keepalive_loses_nothing(
         what="every message dead-lettered",
     )
     wait_until(consumer.healthy, what="healthy again")
+    assert "disconnected from broker" not in consumer.log_text()

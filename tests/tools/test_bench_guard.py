@@ -129,15 +129,16 @@ def test_the_insight_benchmark_runs_on_its_own_database_in_both_modes(fold_every
 
 
 def test_the_consumer_benchmark_runs_on_its_own_broker_and_database() -> None:
-    """The consumer benchmark, small, with one and two workers: its own Mosquitto and PostgreSQL,
-    a row per worker count beside the COPY baseline."""
+    """The consumer benchmark, small, with one and two workers and both contract versions: its
+    own Mosquitto and PostgreSQL, a row per worker count and version beside the COPY baseline."""
     done = _bench(
         "consumer", "--samples", "2000", "--per-message", "10", "--vehicles", "20",
-        "--workers", "1,2",
+        "--workers", "1,2", "--wire", "1,2",
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "vs a plain staged COPY" in done.stdout
     assert "COPY" in done.stdout
+    assert "2 v2" in done.stdout
 
 
 def test_the_api_benchmark_runs_on_its_own_database() -> None:
