@@ -41,6 +41,7 @@ import asyncpg
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
+from revline.bench.proc import cpu_seconds
 from revline.contract import Batch, Sample, decode_ack, encode, telemetry_topic
 from revline.mqtt import drop_session, parse_mqtt_url
 from revline.tools.localservices import MosquittoService, PostgresService, free_port
@@ -460,23 +461,6 @@ class _Run:
         return self.latencies[index] * 1e3
 
 
-def _cpu_seconds(pid: int) -> float:
-    """User + system CPU of ``pid`` and its children that are still running or were waited
-    for (from /proc), so a run's CPU is the consumer's whole process tree."""
-    total = 0.0
-    ticks = os.sysconf("SC_CLK_TCK")
-    pids = [pid]
-    # Children are listed per thread (the supervisor starts workers from a thread).
-    for task in Path(f"/proc/{pid}/task").glob("*"):
-        with contextlib.suppress(OSError):
-            pids.extend(int(child) for child in (task / "children").read_text().split())
-    for p in pids:
-        with contextlib.suppress(OSError):
-            fields = Path(f"/proc/{p}/stat").read_text().rpartition(")")[2].split()
-            total += sum(int(x) for x in fields[11:15]) / ticks  # utime stime cutime cstime
-    return total
-
-
 def _end_to_end(
     args: argparse.Namespace,
     mqtt_url: str,
@@ -491,7 +475,7 @@ def _end_to_end(
     client_id = f"revline-bench-consumer-{os.getpid()}"
     acks = _AckListener(mqtt_url)
     consumer, log_file, port = _start_consumer(args, mqtt_url, url, client_id, workers, tree)
-    cpu_before = _cpu_seconds(consumer.pid)
+    cpu_before = cpu_seconds(consumer.pid)
     cpu = 0.0
     commit_p99 = float("nan")
     try:
@@ -507,7 +491,7 @@ def _end_to_end(
                     f"consumer log: {log_file}"
                 )
             time.sleep(0.05)
-        cpu = _cpu_seconds(consumer.pid) - cpu_before
+        cpu = cpu_seconds(consumer.pid) - cpu_before
         commit_p99 = _commit_p99(port)
     finally:
         consumer.send_signal(signal.SIGTERM)

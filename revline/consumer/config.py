@@ -103,10 +103,11 @@ class ConsumerSettings(msgspec.Struct, frozen=True, kw_only=True):
     ack_qos: Annotated[int, msgspec.Meta(ge=0, le=1)] = 1
     """QoS of the end-to-end acks (``ack/<vin>``). 1: the broker keeps an ack for a device that
     went offline right after publishing, and the consumer's client resends it after a broker
-    reconnect. 0: no PUBACK from the broker to handle per ack (paho's MQTT 5 PUBACK handling
-    cost ~60 µs each here); an ack lost on the way makes the device resend that batch after its
-    ack timeout, written again idempotently and acked again: nothing is lost or doubled, it
-    costs air time. Either way an ack is sent only after commit."""
+    reconnect. 0: no PUBACK from the broker to handle per ack (with the consumer's own MQTT
+    client a packet in and a lookup; paho's cost ~60 µs each); an ack lost on the way makes the
+    device resend that batch after its ack timeout, written again idempotently and acked again:
+    nothing is lost or doubled, it costs air time. Either way an ack is sent only after
+    commit."""
     workers: Annotated[int, msgspec.Meta(ge=1, le=64)] = 1
     """Consumer processes run by this one command, members of ``group`` each with its own client
     id ``<client_id>-w<i>`` (and login ``<login>-w<i>`` when the URL has one): one core each,

@@ -1,8 +1,8 @@
 """The consumer's policy, apart from its I/O: what each received message becomes, what a closed
 batch stores and dead-letters, what a database error means, when each message is PUBACKed and
 which end-to-end acks go out. Pure: no broker, no database, no clock of its own (the time is
-passed in). :mod:`revline.consumer.service` is the asyncio shell that drives it with paho and
-asyncpg.
+passed in). :mod:`revline.consumer.service` is the asyncio shell that drives it with its own
+MQTT client (:mod:`revline.consumer.subscriber`) and asyncpg.
 
 A message's way through: :func:`classify` (on arrival) -> :class:`~revline.consumer.batcher.
 Batcher` -> :func:`plan` (the batch closed) -> the writes, judged by :func:`fault` and, when the
