@@ -600,7 +600,7 @@ class _ColumnReader:
         return order, width, nums, step
 
     def _packed(
-        self, order: int, width: int, nums: list[int], step: int, k: int, what: str
+        self, order: int, width: int, nums: list[int], step: int, *, k: int, what: str
     ) -> list[int]:
         """The values of a column of order 0-2 with ``k`` residuals (``width`` > 0 or order 2)."""
         base = nums[order]
@@ -640,7 +640,7 @@ class _ColumnReader:
             if not order or not base:
                 return [nums[0]] * count
             return list(range(nums[0], nums[0] + base * count, base))
-        return self._packed(order, width, nums, step, count - order, what)
+        return self._packed(order, width, nums, step, k=count - order, what=what)
 
     def floats(self, count: int, what: str, scale: int, lo: float, hi: float) -> list[float]:
         """``count`` values divided by ``scale`` (correctly rounded: the floats of v1), each
@@ -673,7 +673,15 @@ class _ColumnReader:
                 _bound(low / scale, high / scale, lo, hi, what)
             table = list(map(truediv, range(base, top + 1, step), repeat(scale)))
             return list(map(table.__getitem__, units))
-        values = self._packed(order, width, nums, step, k, what)
+        if not order and k < _SPREAD_MIN:  # a few values: one comprehension, straight to floats
+            column, mask = self._bits(width, k, what), (1 << width) - 1
+            quotients = [
+                (base + step * (column >> at & mask)) / scale for at in range(0, k * width, width)
+            ]
+            if base / scale < lo or top / scale > hi:
+                _bound(min(quotients), max(quotients), lo, hi, what)
+            return quotients
+        values = self._packed(order, width, nums, step, k=k, what=what)
         # Order 0: every value is in base..top. Order 1: value i is the head plus i
         # residuals, so the lines from the head by k * base and k * top bound them all.
         low, high = (base, top) if not order else (first + k * base, first + k * top)
@@ -852,8 +860,12 @@ def _measurements(reader: _ColumnReader, body: _Body) -> dict[str, list[Any]]:
 
 
 def _identities(reader: _ColumnReader, n: int, what: str, hi: int) -> list[int]:
+    headers = reader.body.headers
+    # Order 1 without bits (a steady clock, consecutive numbers) is a ramp: its ends decide.
+    ramp = reader.head < len(headers) and headers[reader.head] == 1
     values = reader.ints(n, what)
-    if min(values) < 0 or max(values) > hi:
+    ends = (values[0], values[-1]) if ramp else (min(values), max(values))
+    if min(ends) < 0 or max(ends) > hi:
         raise _invalid(f"{what}: a value outside 0..{hi}")
     return values
 
@@ -881,12 +893,9 @@ def decode_rows(payload: bytes) -> RowBatch:
     columns["extra"] = _sparse_column(sections.extra, n, None, "extra")
     columns["dtc"] = _sparse_column(sections.dtc, n, None, "dtc")
     # A field of Sample that no column or section carries is absent: None in every row.
+    get, absent = columns.get, [None] * n
     rows = list(
-        zip(
-            repeat(envelope.vin, n),
-            *(columns.get(name) or repeat(None, n) for name in ROW_FIELDS[1:]),
-            strict=True,
-        )
+        zip(repeat(envelope.vin, n), *[get(name, absent) for name in ROW_FIELDS[1:]], strict=True)
     )
     return RowBatch(
         v=WIRE_VERSION,

@@ -492,11 +492,11 @@ def _long_columns(draw: st.DrawFn) -> Columns:
     values: list[int | None] = [
         bottom + (seed * 7919 * (i + 1)) % (top - bottom + 1) for i in range(n)
     ]
-    step = draw(st.sampled_from([1, 1, 10, 1000]))
-    seq_start = draw(st.integers(0, 2**63 - 1 - 64 * n))
+    gap = draw(st.sampled_from([1, 1, 7, 2**20, 2**40]))  # consecutive, or any spacing
+    seq_start = draw(st.integers(0, 2**63 - 1 - gap * n))
     return Columns(
         ts=[T0 + 100_000 * i + seed % 1000 * (i % 2) for i in range(n)],
-        seq=[seq_start + (i * step * 2 ** draw(st.integers(0, 40))) % 2**62 for i in range(n)],
+        seq=[seq_start + gap * i + (seed >> i % 16 & 3) * (gap > 1) for i in range(n)],
         values={index: values},
         flags=[0] * n,
         extra=[None] * n,
