@@ -518,18 +518,22 @@ _SLOT_CODES: Final = {8: "B", 16: "H", 32: "I", 64: "Q"}
 _MASK_TIERS: Final = (4, 6, 9, (MAX_BATCH_SAMPLES - 1).bit_length())
 
 
-@functools.lru_cache(maxsize=512)  # each at most 2**13 slots of 64 bits: 64 KiB
-def _spread_mask(width: int, slot: int, level: int, tier: int) -> int:
-    """Where level ``level`` of :func:`_spread` finds the fields it moves (those whose index
-    has bit ``level`` set): in every block of ``2**(level + 1)`` slots, the upper half of its
-    ``2**(level + 1)`` fields, still ``width`` bits apart; ``2**tier`` fields in all."""
-    half = width << level
-    mask = ((1 << half) - 1) << half
-    span, total = slot << (level + 1), slot << tier
-    while span < total:
-        mask |= mask << span
-        span <<= 1
-    return mask
+@functools.lru_cache(maxsize=256)  # realistic widths and tiers: a few MB at the very most
+def _spread_masks(width: int, slot: int, tier: int) -> tuple[int, ...]:
+    """Per level ``j`` of :func:`_spread`, where it finds the fields it moves (those whose
+    index has bit ``j`` set): in every block of ``2**(j + 1)`` slots, the upper half of its
+    ``2**(j + 1)`` fields, still ``width`` bits apart; made for ``2**tier`` fields."""
+    masks = []
+    total = slot << tier
+    for level in range(tier):
+        half = width << level
+        mask = ((1 << half) - 1) << half
+        span = slot << (level + 1)
+        while span < total:
+            mask |= mask << span
+            span <<= 1
+        masks.append(mask)
+    return tuple(masks)
 
 
 def _spread(column: int, count: int, width: int, slot: int) -> int:
@@ -537,10 +541,10 @@ def _spread(column: int, count: int, width: int, slot: int) -> int:
     ``j`` (highest first) moves the fields whose index has bit ``j`` set up by
     ``2**j * (slot - width)`` bits, whole column at a time (about 4 log2(count) operations)."""
     levels = (count - 1).bit_length()
-    tier = next(tier for tier in _MASK_TIERS if tier >= levels)
+    masks = _spread_masks(width, slot, next(tier for tier in _MASK_TIERS if tier >= levels))
     gap = slot - width
     for level in range(levels - 1, -1, -1):
-        moving = column & _spread_mask(width, slot, level, tier)
+        moving = column & masks[level]
         column = column ^ moving | moving << (gap << level)
     return column
 
@@ -665,7 +669,7 @@ class _ColumnReader:
             return list(map(truediv, range(first, first + base * count, base), repeat(scale)))
         k = count - order
         top = base + step * ((1 << width) - 1)  # every residual is in base..top
-        if not order and width and 1 << width <= k and k >= _SPREAD_MIN:
+        if not order and width and 1 << width <= 2 * k and k >= _SPREAD_MIN:
             # Fewer possible values than values: divide each possible one once, look up.
             units = _split(self._bits(width, k, what), k, width)
             if base / scale < lo or top / scale > hi:
