@@ -33,7 +33,7 @@ from revline.wire_v2 import (
     encode_v2,
     load_dictionary,
 )
-from tests.core import wire_v2_oracle as oracle
+from tests.fixtures import wire_v2_oracle as oracle
 
 VIN = "1HGCM82633A004352"
 T0 = 1_750_000_000_000_000
@@ -449,7 +449,7 @@ def test_the_shipped_dictionary_is_its_recipe_trained_again() -> None:
     assert train_dictionary(1) == shipped
 
 
-# -- the decoder against its former self (tests/core/wire_v2_oracle.py) -------------------------
+# -- the decoder against its former self (tests/fixtures/wire_v2_oracle.py) -----------------
 
 
 def _outcome(
