@@ -514,11 +514,14 @@ class _Reader:
 # struct unpacks them in one call. Below _SPREAD_MIN values, a shift per value is cheaper.
 _SPREAD_MIN: Final = 12
 _SLOT_CODES: Final = {8: "B", 16: "H", 32: "I", 64: "Q"}
+_WIDE_SPREAD: Final = 32  # wider fields are shifted out one by one (64 bits: struct alone)
 # Masks are made for 2**tier fields: a few sizes, so a few cached masks serve every count.
 _MASK_TIERS: Final = (4, 6, 9, (MAX_BATCH_SAMPLES - 1).bit_length())
 
 
-@functools.lru_cache(maxsize=256)  # realistic widths and tiers: a few MB at the very most
+# 120 keys at most (30 widths, 4 tiers): ~9 MB if hostile bodies sent every width with over
+# 512 values, well under 1 MB for what devices send (a few narrow widths).
+@functools.lru_cache(maxsize=128)
 def _spread_masks(width: int, slot: int, tier: int) -> tuple[int, ...]:
     """Per level ``j`` of :func:`_spread`, where it finds the fields it moves (those whose
     index has bit ``j`` set): in every block of ``2**(j + 1)`` slots, the upper half of its
@@ -549,9 +552,23 @@ def _spread(column: int, count: int, width: int, slot: int) -> int:
     return column
 
 
+def _shifted(column: int, count: int, width: int) -> list[int]:
+    """The fields by a shift each, ``_CHUNK`` at a time (so that each shift is short)."""
+    mask, span = (1 << width) - 1, _CHUNK * width
+    shifts, chunk_mask = range(0, span, width), (1 << span) - 1
+    out: list[int] = []
+    for start in range(0, count * width, span):
+        chunk = column >> start & chunk_mask
+        out += map(mask.__and__, map(chunk.__rshift__, shifts))
+    del out[count:]  # the last chunk's shifts run past its values: they read zeros
+    return out
+
+
 def _split(column: int, count: int, width: int) -> Sequence[int]:
     """The ``count`` (at least ``_SPREAD_MIN``) unsigned ``width``-bit fields of ``column``,
     least significant first."""
+    if _WIDE_SPREAD < width < _MAX_WIDTH:  # rare: a random seq or ts; masks would be MBs
+        return _shifted(column, count, width)
     slot = 8 if width <= 8 else 16 if width <= 16 else 32 if width <= 32 else 64
     if width != slot:
         column = _spread(column, count, width, slot)
