@@ -143,9 +143,9 @@ class _Sections(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
     extra: Annotated[
         list[tuple[SampleIndex, Extra]], msgspec.Meta(max_length=MAX_BATCH_SAMPLES)
     ] = msgspec.field(default_factory=list)
-    dtc: Annotated[list[tuple[SampleIndex, DtcSet]], msgspec.Meta(max_length=MAX_BATCH_SAMPLES)] = (
-        msgspec.field(default_factory=list)
-    )
+    dtc: Annotated[
+        list[tuple[SampleIndex, DtcSet]], msgspec.Meta(max_length=MAX_BATCH_SAMPLES)
+    ] = msgspec.field(default_factory=list)
     """Trouble-code sets (``Sample.dtc``; ``[]`` is a set: cleared)."""
 
 
