@@ -37,11 +37,13 @@ per sample. See docs/wire.md, "Schema version 2".
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
+import struct
 import threading
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from itertools import accumulate, chain, compress, groupby, repeat
@@ -507,32 +509,90 @@ class _Reader:
         raise _invalid(f"varint longer than {_MAX_VARINT_BYTES} bytes")
 
 
-class _Constant:
-    """``count`` times ``value``: a column whose bits are none (width 0, order 0)."""
+# Unpacking, the per-value work of decoding, is done in C: a column's bits are spread into
+# byte-aligned slots by a few big-integer operations over the whole column (_spread), then
+# struct unpacks them in one call. Below _SPREAD_MIN values, a shift per value is cheaper.
+_SPREAD_MIN: Final = 12
+_SLOT_CODES: Final = {8: "B", 16: "H", 32: "I", 64: "Q"}
+_WIDE_SPREAD: Final = 32  # wider fields are shifted out one by one (64 bits: struct alone)
+# Masks are made for 2**tier fields: a few sizes, so a few cached masks serve every count.
+_MASK_TIERS: Final = (4, 6, 9, (MAX_BATCH_SAMPLES - 1).bit_length())
 
-    __slots__ = ("count", "value")
 
-    def __init__(self, value: int, count: int) -> None:
-        self.value = value
-        self.count = count
+# 120 keys at most (30 widths, 4 tiers): ~9 MB if hostile bodies sent every width with over
+# 512 values, well under 1 MB for what devices send (a few narrow widths).
+@functools.lru_cache(maxsize=128)
+def _spread_masks(width: int, slot: int, tier: int) -> tuple[int, ...]:
+    """Per level ``j`` of :func:`_spread`, where it finds the fields it moves (those whose
+    index has bit ``j`` set): in every block of ``2**(j + 1)`` slots, the upper half of its
+    ``2**(j + 1)`` fields, still ``width`` bits apart; made for ``2**tier`` fields."""
+    masks = []
+    total = slot << tier
+    for level in range(tier):
+        half = width << level
+        mask = ((1 << half) - 1) << half
+        span = slot << (level + 1)
+        while span < total:
+            mask |= mask << span
+            span <<= 1
+        masks.append(mask)
+    return tuple(masks)
 
-    def __iter__(self) -> Iterator[int]:
-        return repeat(self.value, self.count)
+
+def _spread(column: int, count: int, width: int, slot: int) -> int:
+    """``count`` packed fields of ``width`` bits moved to one ``slot``-bit slot each: level
+    ``j`` (highest first) moves the fields whose index has bit ``j`` set up by
+    ``2**j * (slot - width)`` bits, whole column at a time (about 4 log2(count) operations)."""
+    levels = (count - 1).bit_length()
+    masks = _spread_masks(width, slot, next(tier for tier in _MASK_TIERS if tier >= levels))
+    gap = slot - width
+    for level in range(levels - 1, -1, -1):
+        moving = column & masks[level]
+        column = column ^ moving | moving << (gap << level)
+    return column
+
+
+def _shifted(column: int, count: int, width: int) -> list[int]:
+    """The fields by a shift each, ``_CHUNK`` at a time (so that each shift is short)."""
+    mask, span = (1 << width) - 1, _CHUNK * width
+    shifts, chunk_mask = range(0, span, width), (1 << span) - 1
+    out: list[int] = []
+    for start in range(0, count * width, span):
+        chunk = column >> start & chunk_mask
+        out += map(mask.__and__, map(chunk.__rshift__, shifts))
+    del out[count:]  # the last chunk's shifts run past its values: they read zeros
+    return out
+
+
+def _split(column: int, count: int, width: int) -> Sequence[int]:
+    """The ``count`` (at least ``_SPREAD_MIN``) unsigned ``width``-bit fields of ``column``,
+    least significant first."""
+    if _WIDE_SPREAD < width < _MAX_WIDTH:  # rare: a random seq or ts; masks would be MBs
+        return _shifted(column, count, width)
+    slot = 8 if width <= 8 else 16 if width <= 16 else 32 if width <= 32 else 64
+    if width != slot:
+        column = _spread(column, count, width, slot)
+    # "<": the wire is little-endian whatever the machine is.
+    data = column.to_bytes(count * slot // 8, "little")
+    return struct.unpack(f"<{count}{_SLOT_CODES[slot]}", data)
 
 
 class _ColumnReader:
-    """Walks a raw body's columns: headers, numbers and bits in step (see :class:`_Body`)."""
+    """Walks a raw body's columns: headers, numbers and bits in step (see :class:`_Body`).
 
-    __slots__ = ("bit", "body", "head", "num", "stream")
+    A column is decoded by the shape its header names, straight to what the row holds: a
+    constant costs one division and one bound check, a ramp its two ends, runs one division
+    per run, packed values a few C passes (unpack, step and base, each round of summing,
+    division); the bounds are checked on the ends where the shape decides them."""
+
+    __slots__ = ("bit", "body", "head", "num")
 
     def __init__(self, body: _Body) -> None:
         self.body = body
-        self.stream = int.from_bytes(body.bits, "little")
         self.head = self.num = self.bit = 0
 
-    def column(self, count: int, what: str, *, runs: bool = True) -> Iterable[int]:
-        """``count`` values (``count`` >= 1, bounded by the caller), lazily: one list is made
-        by the caller, whatever the coding."""
+    def _header(self, count: int, what: str, runs: bool) -> tuple[int, int, list[int], int]:
+        """The next column's order, width, numbers and step; order 3 (runs) has no more."""
         headers = self.body.headers
         if self.head >= len(headers):
             raise _invalid(f"column {what}: headers end early")
@@ -542,7 +602,7 @@ class _ColumnReader:
         if order == _RUNS:
             if not runs or header != _RUNS:
                 raise _invalid(f"column {what}: runs header {header:#04x} not allowed here")
-            return self._runs(count, what)
+            return _RUNS, 0, [], 0
         if order >= count:
             raise _invalid(f"column {what}: order {order} for {count} values")
         width = header >> 3
@@ -551,79 +611,141 @@ class _ColumnReader:
         if len(nums) < used:
             raise _invalid(f"column {what}: numbers end early")
         self.num += used
-        base = nums[order]
         step = nums[order + 1] if header & 4 else 1
         if header & 4 and step < 2:
             raise _invalid(f"column {what}: step {step}")
-        if not width and order < 2:
-            if not order or not base:
-                return _Constant(nums[0], count)
-            return range(nums[0], nums[0] + base * count, base)
-        k = count - order
-        values = (
-            self._packed(width, nums[-1], k, step=step, base=base, what=what)
-            if width
-            else repeat(base, k)
-        )
-        for head in reversed(nums[:order]):
-            values = accumulate(values, initial=head)
-        return values
-
-    def _packed(
-        self, width: int, last: int, k: int, *, step: int, base: int, what: str
-    ) -> Iterable[int]:
-        """``base + step * u`` for the ``k`` packed values ``u``; ``last`` is the width when
-        the header says it is beyond 30."""
         if width == _WIDE:
-            width = last
+            width = nums[-1]
             if not _WIDE <= width <= _MAX_WIDTH:
                 raise _invalid(f"column {what}: width {width}, expected 31-64")
-        units = self._unpack(width, k, what)
-        if step != 1:
-            units = map(mul, units, repeat(step))
-        return map(add, units, repeat(base)) if base else units
+        return order, width, nums, step
 
-    def _unpack(self, width: int, k: int, what: str) -> Iterable[int]:
-        """``k`` values of ``width`` bits from the stream, least significant first."""
+    def _packed(
+        self, order: int, width: int, nums: list[int], step: int, *, k: int, what: str
+    ) -> list[int]:
+        """The values of a column of order 0-2 with ``k`` residuals (``width`` > 0 or order 2)."""
+        base = nums[order]
+        if k < _SPREAD_MIN:  # a few values: one comprehension beats a C pass per step
+            if width:
+                column, mask = self._bits(width, k, what), (1 << width) - 1
+                values = [base + step * (column >> at & mask) for at in range(0, k * width, width)]
+            else:
+                values = [base] * k
+            for head in reversed(nums[:order]):
+                values = list(accumulate(values, initial=head))
+            return values
+        residuals: Iterable[int]
+        if not width:
+            residuals = repeat(base, k)
+        elif 1 << width <= 2 * k:  # a list of the possible residuals: one lookup per value
+            table = list(range(base, base + (step << width), step))
+            residuals = map(table.__getitem__, _split(self._bits(width, k, what), k, width))
+        else:
+            residuals = _split(self._bits(width, k, what), k, width)
+            if step != 1:
+                residuals = map(mul, residuals, repeat(step))
+            if base:
+                residuals = map(add, residuals, repeat(base))
+        for head in reversed(nums[:order]):
+            residuals = accumulate(residuals, initial=head)
+        return list(residuals)
+
+    def ints(self, count: int, what: str, *, runs: bool = True) -> list[int]:
+        """``count`` integers (``count`` >= 1, bounded by the caller)."""
+        order, width, nums, step = self._header(count, what, runs)
+        if order == _RUNS:
+            values, lengths = self._runs(count, what)
+            return list(chain.from_iterable(map(repeat, values, lengths)))
+        base = nums[order]
+        if not width and order < 2:
+            if not order or not base:
+                return [nums[0]] * count
+            return list(range(nums[0], nums[0] + base * count, base))
+        return self._packed(order, width, nums, step, k=count - order, what=what)
+
+    def floats(self, count: int, what: str, scale: int, lo: float, hi: float) -> list[float]:
+        """``count`` values divided by ``scale`` (correctly rounded: the floats of v1), each
+        checked to be in ``lo..hi`` (on the floats, as v1 checks: division is monotonic, so
+        the smallest and largest integers decide, and where the coding bounds the values
+        within ``lo..hi`` none is looked at)."""
+        order, width, nums, step = self._header(count, what, True)
+        if order == _RUNS:
+            values, lengths = self._runs(count, what)
+            _bound(min(values) / scale, max(values) / scale, lo, hi, what)
+            floats = map(truediv, values, repeat(scale))
+            return list(chain.from_iterable(map(repeat, floats, lengths)))
+        base = nums[order]
+        first = nums[0]
+        if not width and order < 2:
+            if not order or not base:
+                value = first / scale
+                _bound(value, value, lo, hi, what)
+                return [value] * count
+            ends = (first / scale, (first + base * (count - 1)) / scale)
+            _bound(min(ends), max(ends), lo, hi, what)
+            return list(map(truediv, range(first, first + base * count, base), repeat(scale)))
+        k = count - order
+        top = base + step * ((1 << width) - 1)  # every residual is in base..top
+        if not order and width and 1 << width <= 2 * k and k >= _SPREAD_MIN:
+            # Fewer possible values than values: divide each possible one once, look up.
+            units = _split(self._bits(width, k, what), k, width)
+            if base / scale < lo or top / scale > hi:
+                low, high = base + step * min(units), base + step * max(units)
+                _bound(low / scale, high / scale, lo, hi, what)
+            table = list(map(truediv, range(base, top + 1, step), repeat(scale)))
+            return list(map(table.__getitem__, units))
+        if not order and k < _SPREAD_MIN:  # a few values: one comprehension, straight to floats
+            column, mask = self._bits(width, k, what), (1 << width) - 1
+            quotients = [
+                (base + step * (column >> at & mask)) / scale for at in range(0, k * width, width)
+            ]
+            if base / scale < lo or top / scale > hi:
+                _bound(min(quotients), max(quotients), lo, hi, what)
+            return quotients
+        values = self._packed(order, width, nums, step, k=k, what=what)
+        # Order 0: every value is in base..top. Order 1: value i is the head plus i
+        # residuals, so the lines from the head by k * base and k * top bound them all.
+        low, high = (base, top) if not order else (first + k * base, first + k * top)
+        if order > 1 or min(first, low) / scale < lo or max(first, high) / scale > hi:
+            _bound(min(values) / scale, max(values) / scale, lo, hi, what)
+        return list(map(truediv, values, repeat(scale)))
+
+    def _bits(self, width: int, k: int, what: str) -> int:
+        """``k`` values of ``width`` bits from the stream, as one integer."""
         size = k * width
-        if self.bit + size > 8 * len(self.body.bits):
+        bit, bits = self.bit, self.body.bits
+        if bit + size > 8 * len(bits):
             raise _invalid(f"column {what}: bits end early")
-        column = self.stream >> self.bit & ((1 << size) - 1)
-        self.bit += size
-        mask = (1 << width) - 1
-        if k <= _CHUNK:
-            return map(mask.__and__, map(column.__rshift__, range(0, size, width)))
-        out: list[int] = []
-        span = _CHUNK * width
-        shifts = range(0, span, width)
-        chunk_mask = (1 << span) - 1
-        for start in range(0, size, span):
-            chunk = column >> start & chunk_mask
-            out += map(mask.__and__, map(chunk.__rshift__, shifts))
-        del out[k:]  # the last chunk's shifts run past its values: they read zeros
-        return out
+        self.bit = bit + size
+        column = int.from_bytes(bits[bit >> 3 : (bit + size + 7) >> 3], "little")
+        return column >> (bit & 7) & ((1 << size) - 1)
 
-    def _runs(self, count: int, what: str) -> Iterable[int]:
+    def _runs(self, count: int, what: str) -> tuple[list[int], list[int]]:
         if self.num >= len(self.body.nums):
             raise _invalid(f"column {what}: numbers end early")
         r = self.body.nums[self.num]
         self.num += 1
         if not 1 <= r <= count:
             raise _invalid(f"column {what}: {r} runs for {count} values")
-        values = list(self.column(r, what, runs=False))
-        lengths = list(self.column(r, what, runs=False))
+        values = self.ints(r, what, runs=False)
+        lengths = self.ints(r, what, runs=False)
         # Before expanding: a hostile length would otherwise allocate without bound.
         if min(lengths) < 1 or sum(lengths) != count:
             raise _invalid(f"column {what}: run lengths do not add up to {count}")
-        return chain.from_iterable(map(repeat, values, lengths))
+        return values, lengths
 
     def finish(self) -> None:
         """Everything was read, and nothing else is there."""
-        body = self.body
+        body, bit = self.body, self.bit
         if self.head != len(body.headers) or self.num != len(body.nums):
             raise _invalid("body has headers or numbers behind its columns")
-        if (self.bit + 7) // 8 != len(body.bits) or self.stream >> self.bit:
+        if (bit + 7) // 8 != len(body.bits) or (bit & 7 and body.bits[-1] >> (bit & 7)):
             raise _invalid("body has bits behind its columns")
+
+
+def _bound(smallest: float, largest: float, lo: float, hi: float, what: str) -> None:
+    if smallest < lo or largest > hi:
+        raise _invalid(f"{what}: a value outside {lo}..{hi}")
 
 
 def _envelope(payload: bytes) -> _Envelope:
@@ -692,11 +814,6 @@ def _zstd(call: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
         raise ContractError("undecodable", detail) from exc
 
 
-def _check_range(values: list[int], lo: int, hi: int, what: str) -> None:
-    if min(values) < lo or max(values) > hi:
-        raise _invalid(f"{what}: a value outside {lo}..{hi}")
-
-
 def _positions(bitmap: bytes, n: int, name: str) -> list[int]:
     bits = int.from_bytes(bitmap, "little")
     if bits >> n:
@@ -737,45 +854,49 @@ def _body(raw: bytes) -> _Body:
     return body
 
 
+_MEASUREMENTS: Final = tuple(
+    (index, field.name, scale, field.lo, field.hi)
+    for index, (field, scale) in enumerate(zip(FIELDS, _SCALES, strict=True))
+)
+
+
 def _measurements(reader: _ColumnReader, body: _Body) -> dict[str, list[Any]]:
     n, present, partial = body.n, body.present, body.partial
     width = (n + 7) // 8
     bitmaps = 0
     columns: dict[str, list[Any]] = {}
-    for index, (field, scale) in enumerate(zip(FIELDS, _SCALES, strict=True)):
+    for index, name, scale, lo, hi in _MEASUREMENTS:
         if not present >> index & 1:
             continue
-        name = field.name
-        lo, hi = field.lo, field.hi
         if partial >> index & 1:
             rows = _positions(body.bitmaps[bitmaps : bitmaps + width], n, name)
             bitmaps += width
-            floats = list(map(truediv, reader.column(len(rows), name), repeat(scale)))
             column: list[Any] = [None] * n
+            floats = reader.floats(len(rows), name, scale, lo, hi)
             deque(map(column.__setitem__, rows, floats), maxlen=0)
+            columns[name] = column
         else:
-            values = reader.column(n, name)
-            if isinstance(values, _Constant):  # one division, one bound check
-                floats = [values.value / scale]
-                column = floats * n
-            else:
-                column = floats = list(map(truediv, values, repeat(scale)))
-        # On the floats: the bounds are whole numbers and division is monotonic, so this is
-        # the integer check at the database's resolution.
-        if min(floats) < lo or max(floats) > hi:
-            raise _invalid(f"{name}: a value outside {lo}..{hi}")
-        columns[name] = column
+            columns[name] = reader.floats(n, name, scale, lo, hi)
     return columns
+
+
+def _identities(reader: _ColumnReader, n: int, what: str, hi: int) -> list[int]:
+    headers = reader.body.headers
+    # Order 1 without bits (a steady clock, consecutive numbers) is a ramp: its ends decide.
+    ramp = reader.head < len(headers) and headers[reader.head] == 1
+    values = reader.ints(n, what)
+    ends = (values[0], values[-1]) if ramp else (min(values), max(values))
+    if min(ends) < 0 or max(ends) > hi:
+        raise _invalid(f"{what}: a value outside 0..{hi}")
+    return values
 
 
 def _column_by_column(body: _Body) -> dict[str, list[Any]]:
     """Every column of any body, one after the other; ContractError for whatever is wrong."""
     n = body.n
     reader = _ColumnReader(body)
-    ts = list(reader.column(n, "ts"))
-    _check_range(ts, 0, _TS_MAX, "ts")
-    seq = list(reader.column(n, "seq"))
-    _check_range(seq, 0, _I64_MAX, "seq")
+    ts = _identities(reader, n, "ts", _TS_MAX)
+    seq = _identities(reader, n, "seq", _I64_MAX)
     columns = {"ts": ts, "seq": seq, **_measurements(reader, body)}
     reader.finish()
     return columns
@@ -793,12 +914,9 @@ def decode_rows(payload: bytes) -> RowBatch:
     columns["extra"] = _sparse_column(sections.extra, n, None, "extra")
     columns["dtc"] = _sparse_column(sections.dtc, n, None, "dtc")
     # A field of Sample that no column or section carries is absent: None in every row.
+    get, absent = columns.get, [None] * n
     rows = list(
-        zip(
-            repeat(envelope.vin, n),
-            *(columns.get(name) or repeat(None, n) for name in ROW_FIELDS[1:]),
-            strict=True,
-        )
+        zip(repeat(envelope.vin, n), *[get(name, absent) for name in ROW_FIELDS[1:]], strict=True)
     )
     return RowBatch(
         v=WIRE_VERSION,

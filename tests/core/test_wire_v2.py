@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from pathlib import Path
 
 import msgspec
@@ -22,6 +23,8 @@ from revline.wire_v2 import (
     DICTIONARIES,
     MAX_RAW_BYTES,
     Columns,
+    RowBatch,
+    _split,
     columns_from_batch,
     decode_any,
     decode_rows,
@@ -30,6 +33,7 @@ from revline.wire_v2 import (
     encode_v2,
     load_dictionary,
 )
+from tests.fixtures import wire_v2_oracle as oracle
 
 VIN = "1HGCM82633A004352"
 T0 = 1_750_000_000_000_000
@@ -443,3 +447,148 @@ def test_the_shipped_dictionary_is_its_recipe_trained_again() -> None:
     name, _ = DICTIONARIES[1]
     shipped = (Path(__file__).parents[2] / "revline" / name).read_bytes()
     assert train_dictionary(1) == shipped
+
+
+# -- the decoder against its former self (tests/fixtures/wire_v2_oracle.py) -----------------
+
+
+def _outcome(
+    decode: Callable[[bytes], RowBatch | oracle.RowBatch], payload: bytes
+) -> tuple[object, ...]:
+    """What a decoder makes of a payload: its rows and columns, or its refusal."""
+    try:
+        rows = decode(payload)
+    except ContractError as exc:
+        return (exc.reason, exc.detail)
+    return (rows.vin, rows.batch, rows.rows, rows.ts, rows.seq, rows.extras)
+
+
+def _same_as_the_oracle(payload: bytes) -> tuple[object, ...]:
+    outcome = _outcome(decode_rows, payload)
+    assert outcome == _outcome(oracle.decode_rows, payload)
+    return outcome
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(original=columns(), compress=st.booleans())
+def test_any_valid_batch_decodes_to_the_rows_the_former_decoder_made(
+    original: Columns, compress: bool
+) -> None:
+    """Shape by shape decoding gives exactly the old decoder's rows, floats included."""
+    outcome = _same_as_the_oracle(encode_v2(VIN, 5, original, compress=compress))
+    assert isinstance(outcome[2], list)  # decoded, not refused
+
+
+@st.composite
+def _long_columns(draw: st.DrawFn) -> Columns:
+    """Batches long enough for every way of unpacking (a shift per value, and spreading into
+    8-64-bit slots with masks of each size): any field, any width the bounds allow."""
+    n = draw(st.sampled_from([11, 12, 13, 16, 17, 63, 64, 65, 200, 512, 513, 1500, 5000]))
+    index = draw(st.integers(0, len(FIELDS) - 1))
+    lo, hi = _BOUNDS[index]
+    top = draw(st.integers(lo, hi))
+    bottom = draw(st.integers(lo, top))
+    seed = draw(st.integers(0, 2**32))
+    values: list[int | None] = [
+        bottom + (seed * 7919 * (i + 1)) % (top - bottom + 1) for i in range(n)
+    ]
+    gap = draw(st.sampled_from([1, 1, 7, 2**20, 2**40]))  # consecutive, or any spacing
+    seq_start = draw(st.integers(0, 2**63 - 1 - gap * n))
+    return Columns(
+        ts=[T0 + 100_000 * i + seed % 1000 * (i % 2) for i in range(n)],
+        seq=[seq_start + gap * i + (seed >> i % 16 & 3) * (gap > 1) for i in range(n)],
+        values={index: values},
+        flags=[0] * n,
+        extra=[None] * n,
+    )
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(original=_long_columns())
+def test_long_batches_decode_to_the_rows_the_former_decoder_made(original: Columns) -> None:
+    """Long columns of every width: the same rows as the old decoder, and the values sent."""
+    outcome = _same_as_the_oracle(encode_v2(VIN, 5, original, compress=False))
+    assert isinstance(outcome[2], list)
+    assert outcome[3] == original.ts
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(batch=st.builds(_drive, st.sampled_from([1, 10, 11, 12, 50, 500]), st.integers(0, 50)))
+def test_drives_decode_to_the_rows_the_former_decoder_made(batch: Batch) -> None:
+    """Simulator drives of the benchmark's batch sizes: the same rows as before."""
+    _same_as_the_oracle(encode_v2(VIN, 9, columns_from_batch(batch)))
+
+
+def _mutated_body(data: st.DataObject, batch: Batch) -> bytes:
+    """A valid raw body with its header bytes, numbers or bits changed: reaches the column
+    decoder with coherent MessagePack, where a corrupt byte stream mostly fails earlier."""
+    n, present, partial, headers, nums, bitmaps, bits = msgspec.msgpack.decode(
+        encode_body(columns_from_batch(batch))
+    )
+    headers, bits = bytearray(headers), bytearray(bits)
+    for _ in range(data.draw(st.integers(1, 3))):
+        what = data.draw(st.sampled_from(["header", "num", "bits", "n", "cut"]))
+        if what == "header" and headers:
+            headers[data.draw(st.integers(0, len(headers) - 1))] = data.draw(st.integers(0, 255))
+        elif what == "num" and nums:
+            at = data.draw(st.integers(0, len(nums) - 1))
+            nums[at] = data.draw(
+                st.one_of(
+                    st.integers(-5, 70),
+                    st.sampled_from([2**63 - 1, -(2**63), 2**64 - 1, 10**12, -(10**12)]),
+                    st.just(nums[at] + data.draw(st.integers(-3, 3))),
+                )
+            )
+        elif what == "bits" and bits:
+            bits[data.draw(st.integers(0, len(bits) - 1))] = data.draw(st.integers(0, 255))
+        elif what == "n":
+            n = data.draw(st.integers(1, MAX_BATCH_SAMPLES))
+        elif what == "cut":
+            del nums[data.draw(st.integers(0, len(nums))) :]
+            del bits[data.draw(st.integers(0, len(bits))) :]
+    body = [n, present, partial, bytes(headers), nums, bitmaps, bytes(bits)]
+    return bytes((CODEC_RAW,)) + msgspec.msgpack.encode(body)
+
+
+@settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    data=st.data(),
+    shape=st.sampled_from(["body", "columns", "columns", "mutated", "truncated", "zstd"]),
+)
+def test_hostile_payloads_are_refused_with_the_former_decoders_reason_and_detail(
+    data: st.DataObject, shape: str
+) -> None:
+    """Corrupt columns, counts, bombs and truncations: the same ContractError as before, word
+    for word, or (where the corruption still makes a valid batch) the same rows."""
+    if shape == "body":
+        body = data.draw(_hostile_bodies())
+    elif shape == "columns":
+        size = data.draw(st.sampled_from([1, 3, 11, 12, 40, 200]))
+        body = _mutated_body(data, _drive(size, data.draw(st.integers(0, 9))))
+    else:
+        batch = _drive(data.draw(st.integers(1, 60)))
+        if shape == "zstd":
+            body_array = bytearray(
+                msgspec.msgpack.decode(encode_v2(VIN, 1, columns_from_batch(batch)))[3]
+            )
+        else:
+            body_array = bytearray(_valid_body(batch))
+        if shape == "truncated":
+            body_array = body_array[: data.draw(st.integers(0, len(body_array) - 1))]
+        else:
+            for _ in range(data.draw(st.integers(1, 4))):
+                at = data.draw(st.integers(0, len(body_array) - 1))
+                body_array[at] = data.draw(st.integers(0, 255))
+        body = bytes(body_array)
+    _same_as_the_oracle(_payload(body))
+
+
+@pytest.mark.parametrize("width", range(1, 65))
+def test_every_width_unpacks_at_every_mask_size(width: int) -> None:
+    """The spreading unpacker gives each field of each width, for counts around every mask
+    size, the value a shift per field gives."""
+    for count in (12, 13, 16, 17, 64, 65, 512, 513, MAX_BATCH_SAMPLES):
+        fields = [(i * 0x9E3779B97F4A7C15 >> (i % 7)) % (1 << width) for i in range(count)]
+        fields[0], fields[-1] = (1 << width) - 1, 0
+        packed = sum(field << (i * width) for i, field in enumerate(fields))
+        assert list(_split(packed, count, width)) == fields
