@@ -76,6 +76,21 @@ def _own_broker() -> Iterator[str]:
         yield broker.url
 
 
+def _scratch_database_flags(bench: argparse.ArgumentParser, name: str) -> None:
+    """``--database-url`` (a scratch server, where ``revline_bench_<name>_<pid>`` is created and
+    dropped) and ``--yes-really``: the flags of a benchmark that needs only a database."""
+    add_flags(
+        bench,
+        BenchSettings,
+        keys={"database_url"},
+        help_text={
+            "database_url": f"a scratch server where a database revline_bench_{name}_<pid> is "
+            "created and dropped (needs --yes-really); empty: a private PostgreSQL",
+        },
+    )
+    bench.add_argument("--yes-really", action="store_true", help=_YES_REALLY_HELP)
+
+
 def register(commands: Commands) -> None:
     """Add ``revline bench edge``, ``decode``, ``dictionary``, ``consumer``, ``storage``,
     ``audit`` and ``insight``."""
@@ -173,16 +188,7 @@ def register(commands: Commands) -> None:
     bench = commands.add(
         group, "audit", "writer samples/s with sequence accounting on vs off, same run", _audit
     )
-    add_flags(
-        bench,
-        BenchSettings,
-        keys={"database_url"},
-        help_text={
-            "database_url": "a scratch server where a database revline_bench_audit_<pid> is "
-            "created and dropped (needs --yes-really); empty: a private PostgreSQL",
-        },
-    )
-    bench.add_argument("--yes-really", action="store_true", help=_YES_REALLY_HELP)
+    _scratch_database_flags(bench, "audit")
     bench.add_argument("--samples", type=int, default=400_000, help="samples per mode (400000)")
     bench.add_argument("--per-write", type=int, default=20_000, help="samples per transaction")
     bench.add_argument("--vehicles", type=int, default=500, help="vehicles in each write")
@@ -193,16 +199,7 @@ def register(commands: Commands) -> None:
         "HTTP API: live-status requests/s and p99 for 10,000 vehicles; export rows/s vs COPY",
         _api,
     )
-    add_flags(
-        bench,
-        BenchSettings,
-        keys={"database_url"},
-        help_text={
-            "database_url": "a scratch server where a database revline_bench_api_<pid> is "
-            "created and dropped (needs --yes-really); empty: a private PostgreSQL",
-        },
-    )
-    bench.add_argument("--yes-really", action="store_true", help=_YES_REALLY_HELP)
+    _scratch_database_flags(bench, "api")
     bench.add_argument("--vehicles", type=int, default=10_000, help="vehicles (10000)")
     bench.add_argument("--status-requests", type=int, default=20_000, help="status GETs (20000)")
     bench.add_argument("--concurrency", type=int, default=32, help="clients at once (32)")
@@ -214,16 +211,7 @@ def register(commands: Commands) -> None:
         "writer throughput with trip and health maintenance on vs off, same run, own database",
         _insight,
     )
-    add_flags(
-        bench,
-        BenchSettings,
-        keys={"database_url"},
-        help_text={
-            "database_url": "a scratch server where a database revline_bench_insight_<pid> is "
-            "created and dropped (needs --yes-really); empty: a private PostgreSQL",
-        },
-    )
-    bench.add_argument("--yes-really", action="store_true", help=_YES_REALLY_HELP)
+    _scratch_database_flags(bench, "insight")
     bench.add_argument("--vehicles", type=int, default=1000, help="simulated cars at 1 Hz")
     bench.add_argument("--seconds", type=int, default=200, help="fleet seconds per round (200)")
     bench.add_argument("--per-write", type=int, default=20_000, help="samples per write")
