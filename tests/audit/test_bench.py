@@ -2,30 +2,15 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 
 from revline.cli import EXIT_CONFIG
-from tests.fixtures.audit import ROOT
+from tests.fixtures.bench import run_bench
 from tests.fixtures.consumer import query
 
 
 def _bench(*argv: str, **env: str) -> subprocess.CompletedProcess[str]:
-    clean = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in {"MQTT_URL", "DATABASE_URL"} and not k.startswith("REVLINE_")
-    }
-    return subprocess.run(
-        [sys.executable, "-m", "revline.cli", "bench", "audit", *argv],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-        cwd=ROOT,
-        env=clean | env,
-    )
+    return run_bench("audit", *argv, **env)
 
 
 def test_the_audit_benchmark_leaves_a_database_it_did_not_make_untouched(migrated_db: str) -> None:

@@ -2,35 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
 from revline.bench.guard import BenchSettings, refusal
 from revline.cli import EXIT_CONFIG
+from tests.fixtures.bench import run_bench
 from tests.fixtures.consumer import query
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _bench(*argv: str, **env: str) -> subprocess.CompletedProcess[str]:
-    clean = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in {"MQTT_URL", "DATABASE_URL"} and not k.startswith("REVLINE_")
-    }
-    return subprocess.run(
-        [sys.executable, "-m", "revline.cli", "bench", *argv],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-        cwd=ROOT,
-        env=clean | env,
-    )
 
 
 def _tables(url: str) -> list[str]:
@@ -77,7 +54,7 @@ def test_a_benchmark_leaves_a_database_it_did_not_make_untouched(
     """Given a database (flag or environment) without --yes-really, a benchmark refuses in one
     line, exit 2, and the database has not a row or a table more."""
     before = _state(migrated_db)
-    done = _bench(
+    done = run_bench(
         *(a.format(db=migrated_db) for a in argv),
         **{k: v.format(db=migrated_db) for k, v in env.items()},
     )
@@ -92,14 +69,14 @@ def test_a_benchmark_leaves_a_database_it_did_not_make_untouched(
 def test_a_benchmark_refuses_a_broker_named_in_mqtt_url(mqtt_url: str, what: str) -> None:
     """MQTT_URL (as compose sets it) is refused too: the fake telemetry of a benchmark never
     reaches a broker that a real consumer might read."""
-    done = _bench(what, MQTT_URL=mqtt_url)
+    done = run_bench(what, MQTT_URL=mqtt_url)
     assert done.returncode == EXIT_CONFIG, done.stderr
     assert "refusing to write benchmark data into the broker" in done.stderr
 
 
 def test_a_scratch_database_said_so_gets_the_benchmark(migrated_db: str) -> None:
     """--yes-really on a scratch database: the storage benchmark runs there and prints figures."""
-    done = _bench("storage", "--database-url", migrated_db, "--yes-really", "--samples", "20000")
+    done = run_bench("storage", "--database-url", migrated_db, "--yes-really", "--samples", "20000")
     assert done.returncode == 0, done.stderr[-3000:]
     assert "writer:" in done.stdout
     assert query(migrated_db, "SELECT count(*) FROM vehicle_state")[0][0] > 0
@@ -107,7 +84,7 @@ def test_a_scratch_database_said_so_gets_the_benchmark(migrated_db: str) -> None
 
 def test_the_storage_benchmark_starts_its_own_database_by_default() -> None:
     """Without a URL the storage benchmark migrates a PostgreSQL of its own and measures there."""
-    done = _bench("storage", "--samples", "20000")
+    done = run_bench("storage", "--samples", "20000")
     assert done.returncode == 0, done.stderr[-3000:]
     assert "private PostgreSQL" in done.stderr
     assert "writer:" in done.stdout
@@ -117,7 +94,7 @@ def test_the_storage_benchmark_starts_its_own_database_by_default() -> None:
 def test_the_insight_benchmark_runs_on_its_own_database_in_both_modes(fold_every: str) -> None:
     """The insight benchmark (concurrent fold, and in line every N samples) runs on a PostgreSQL
     of its own and prints its comparison with trips derived."""
-    done = _bench(
+    done = run_bench(
         "insight", "--vehicles", "5", "--seconds", "40", "--per-write", "50", "--rounds", "1",
         "--fold-every", fold_every,
     )
@@ -131,7 +108,7 @@ def test_the_insight_benchmark_runs_on_its_own_database_in_both_modes(fold_every
 def test_the_consumer_benchmark_runs_on_its_own_broker_and_database() -> None:
     """The consumer benchmark, small, with one and two workers and both contract versions: its
     own Mosquitto and PostgreSQL, a row per worker count and version beside the COPY baseline."""
-    done = _bench(
+    done = run_bench(
         "consumer", "--samples", "2000", "--per-message", "10", "--vehicles", "20",
         "--workers", "1,2", "--wire", "1,2",
     )
@@ -143,7 +120,7 @@ def test_the_consumer_benchmark_runs_on_its_own_broker_and_database() -> None:
 
 def test_the_api_benchmark_runs_on_its_own_database() -> None:
     """The API benchmark, small: live status and export figures beside their baselines."""
-    done = _bench(
+    done = run_bench(
         "api", "--vehicles", "50", "--status-requests", "200", "--concurrency", "4",
         "--export-rows", "5000",
     )
