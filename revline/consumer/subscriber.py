@@ -112,9 +112,13 @@ class _Connection(asyncio.Protocol):
         self.paused = False
         """Reading stopped: the byte budget is full; ``_chunks`` hold what is not yet parsed."""
         self.disconnect_reason: str | None = None
-        self.pong: asyncio.Future[None] | None = None
-        """Set by the next PINGRESP: the broker has handled everything written before its
-        PINGREQ (packets are handled in order)."""
+        self.pings = 0
+        """PINGREQs written; the broker answers each in order, after what was written before."""
+        self.pongs = 0
+        self.answered: asyncio.Future[None] | None = None
+        """Set once ``pongs`` reaches :attr:`_answered_at`: the broker has handled everything
+        written before that PINGREQ (:meth:`barrier`)."""
+        self._answered_at = 0
         self.keepalive_s = sub.keepalive_s
         self._chunks: list[bytes] = []
         """Received, not yet handled: the start of an incomplete packet, or all while paused."""
@@ -163,6 +167,20 @@ class _Connection(asyncio.Protocol):
         transport = self.transport
         if transport is not None and not transport.is_closing():
             transport.write(data)
+
+    def ping(self) -> None:
+        self.write(wire.PINGREQ_PACKET)
+        self.pings += 1
+
+    async def barrier(self, timeout_s: float) -> None:
+        """A PINGREQ, then wait (at most ``timeout_s``, or until the link is lost) for its own
+        PINGRESP, not an earlier keepalive's: everything written before is then handled."""
+        self.ping()
+        self._answered_at = self.pings
+        self.answered = self.loop.create_future()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout_s):
+                await asyncio.wait({self.answered, self.lost}, return_when=asyncio.FIRST_COMPLETED)
 
     def abort(self, reason: str) -> None:
         """Drop the connection (the broker keeps the session and redelivers)."""
@@ -231,8 +249,10 @@ class _Connection(asyncio.Protocol):
             sub._published(wire.read_puback(body))
             return True
         if kind == wire.PINGRESP:
-            if self.pong is not None and not self.pong.done():
-                self.pong.set_result(None)
+            self.pongs += 1
+            waiting = self.answered
+            if waiting is not None and not waiting.done() and self.pongs >= self._answered_at:
+                waiting.set_result(None)
             return False
         if kind == wire.CONNACK:
             if self.connack.done():
@@ -386,12 +406,7 @@ class Subscriber:
             # connection). Not while reading is paused: the answer would not be read.
             if self.connected:
                 if not conn.paused:
-                    conn.pong = asyncio.get_running_loop().create_future()
-                    conn.write(wire.PINGREQ_PACKET)
-                    with contextlib.suppress(TimeoutError, ConnectionError):
-                        async with asyncio.timeout(2.0):
-                            await asyncio.wait({conn.pong, conn.lost},
-                                               return_when=asyncio.FIRST_COMPLETED)
+                    await conn.barrier(2.0)
                 conn.write(wire.disconnect_packet())
             conn.transport.close()
             with contextlib.suppress(TimeoutError):
@@ -534,7 +549,7 @@ class Subscriber:
         loop = asyncio.get_running_loop()
         while not conn.lost.done():
             await asyncio.sleep(keepalive / 2)
-            conn.write(wire.PINGREQ_PACKET)
+            conn.ping()
             if not conn.paused and loop.time() - conn.last_in > keepalive * 1.5:
                 conn.abort(f"no answer from the broker for {keepalive * 1.5:g} s")
 
