@@ -19,19 +19,16 @@ a page) and turns what is no longer there back into holes.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
-from itertools import groupby
-from operator import itemgetter
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from revline.audit.policy import Run, merge, runs, runs_of
 
+if TYPE_CHECKING:
+    from revline.storage.derive import Staged
+
 __all__ = ["Accounting", "VerifyResult", "verify", "verify_vehicle"]
 
-_VIN: Final = itemgetter(0)
-_TS: Final = itemgetter(1)
-_SEQ: Final = itemgetter(2)
 _LOCK_KEY: Final = 0x7265  # advisory locks (this key, hashtext(vin)): one vehicle's runs
 
 _LOCK_SQL: Final = f"""
@@ -84,21 +81,12 @@ class Accounting:
     async def prepare(self, connection: Any) -> None:
         """Nothing per connection: the statements take arrays, no temp table is needed."""
 
-    async def apply(self, connection: Any, rows: Sequence[tuple[Any, ...]]) -> None:
+    async def apply(self, connection: Any, write: Staged) -> None:
         """Merge the write's runs into ``audit_ranges`` and count new and duplicate samples."""
-        seqs: dict[str, list[int]] = {}
-        stamps: dict[str, list[int]] = {}
-        # Rows come batch by batch, so a vehicle's rows are mostly together: one list extend per
-        # group, the values picked by C-level itemgetters.
-        for vin, group in groupby(rows, _VIN):
-            chunk = list(group)
-            if vin not in seqs:
-                seqs[vin] = []
-                stamps[vin] = []
-            seqs[vin].extend(map(_SEQ, chunk))
-            stamps[vin].extend(map(_TS, chunk))
-        if not seqs:
+        if not write.vehicles:
             return
+        seqs = {vehicle.vin: vehicle.seq for vehicle in write.vehicles}
+        stamps = {vehicle.vin: vehicle.ts for vehicle in write.vehicles}
         vins = sorted(seqs)
         new_runs = {vin: runs_of(seqs[vin], stamps[vin]) for vin in vins}
         firsts = [new_runs[v][0][0].lo for v in vins]

@@ -25,9 +25,8 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import paho.mqtt.client as paho
 from paho.mqtt.packettypes import PacketTypes
@@ -50,6 +49,9 @@ from revline.contract import (
 )
 from revline.logs import kv
 from revline.mqtt import make_client, parse_mqtt_url
+
+if TYPE_CHECKING:
+    from revline.storage.derive import Staged
 
 __all__ = ["SYS_TOPICS", "Audit", "AuditConfig", "AuditMetrics"]
 
@@ -182,9 +184,9 @@ class Audit:
         """Per connection: what the accounting needs."""
         await self.accounting.prepare(connection)
 
-    async def apply(self, connection: Any, rows: Sequence[tuple[Any, ...]]) -> None:
+    async def apply(self, connection: Any, write: Staged) -> None:
         """Inside each write: merge the stored sequence numbers."""
-        await self.accounting.apply(connection, rows)
+        await self.accounting.apply(connection, write)
 
     # --- the task ---
 

@@ -53,7 +53,7 @@ from revline.insight.stream import EventOut, Fold, Point, TripOut
 from revline.insight.thresholds import THRESHOLDS, Thresholds
 from revline.insight.window import meets, reach_us, widen, window
 from revline.logs import kv
-from revline.storage.derive import spans
+from revline.storage.derive import Staged
 
 __all__ = ["Insight", "InsightMarks", "mark", "recompute", "setup_connection"]
 
@@ -575,15 +575,15 @@ class InsightMarks:
         """Nothing per connection: the statements are plain."""
         del connection
 
-    async def apply(self, connection: Any, rows: Sequence[tuple[Any, ...]]) -> None:
+    async def apply(self, connection: Any, write: Staged) -> None:
         """Mark each vehicle's span dirty; store trouble-code reports and their events."""
-        await mark(connection, rows)
+        await mark(connection, write)
 
 
-async def mark(connection: Any, rows: Sequence[tuple[Any, ...]]) -> None:
+async def mark(connection: Any, write: Staged) -> None:
     """What a write records for insight, in its transaction: the dirty span of each vehicle
     and the trouble-code reports."""
-    found = sorted(spans(rows), key=lambda s: s.vin)  # one lock order for every write
+    found = sorted(write.spans(), key=lambda s: s.vin)  # one lock order for every write
     await connection.execute(
         MARK_DIRTY_SQL,
         [s.vin for s in found],
@@ -591,6 +591,7 @@ async def mark(connection: Any, rows: Sequence[tuple[Any, ...]]) -> None:
         [s.ts_max for s in found],
     )
     # Reports are rare (a few a day per car): found at C speed, then built.
+    rows = write.rows
     carrying = list(compress(rows, map(is_not, map(_DTC_OF, rows), repeat(None))))
     if carrying:
         reports = [(r[0], r[1], r[2], r[_DTC]) for r in carrying]
@@ -643,9 +644,9 @@ class Insight:
         """Nothing per connection: the statements are plain."""
         del connection
 
-    async def apply(self, connection: Any, rows: Sequence[tuple[Any, ...]]) -> None:
+    async def apply(self, connection: Any, write: Staged) -> None:
         """Mark each vehicle's span dirty; store trouble-code reports and their events."""
-        await mark(connection, rows)
+        await mark(connection, write)
 
     async def catch_up(
         self, pool: Any, *, settle_s: float | None = None, rest: bool = False

@@ -15,12 +15,14 @@ such sample), after insight has re-derived the vehicle's ``dtc_events`` in the s
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from itertools import compress, groupby, repeat
+from itertools import compress, repeat
 from operator import is_not, itemgetter
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from revline.contract import Sample
+
+if TYPE_CHECKING:
+    from revline.storage.derive import Staged
 
 __all__ = ["DTC_CHANNEL", "STATE_CHANNEL", "StateNotify", "parse_state_payload"]
 
@@ -28,9 +30,6 @@ STATE_CHANNEL: Final = "revline_state"
 DTC_CHANNEL: Final = "revline_dtc"
 _DTC_OF: Final = itemgetter(1 + Sample.__struct_fields__.index("dtc"))
 """The ``dtc`` of a staging row (the VIN, then the sample's fields)."""
-_VIN: Final = itemgetter(0)
-_TS: Final = itemgetter(1)
-
 _NOTIFY_SQL: Final = (
     "SELECT pg_notify($3, v || ' ' || t::text) FROM unnest($1::text[], $2::bigint[]) AS u(v, t)"
 )
@@ -44,19 +43,17 @@ class StateNotify:
     async def prepare(self, connection: Any) -> None:
         """Nothing to prepare."""
 
-    async def apply(self, connection: Any, rows: Sequence[tuple[Any, ...]]) -> None:
+    async def apply(self, connection: Any, write: Staged) -> None:
         """One NOTIFY per vehicle of the write, queued in its transaction."""
-        # At C speed (map, max, compress): this runs in every write of the consumer.
-        newest: dict[str, int] = {}
-        for vin, group in groupby(rows, _VIN):
-            ts = max(map(_TS, group))
-            if ts > newest.get(vin, -1):
-                newest[vin] = ts
-        if newest:
+        if write.vehicles:
             await connection.execute(
-                _NOTIFY_SQL, list(newest), list(newest.values()), STATE_CHANNEL
+                _NOTIFY_SQL,
+                [vehicle.vin for vehicle in write.vehicles],
+                [max(vehicle.ts) for vehicle in write.vehicles],
+                STATE_CHANNEL,
             )
         reports: dict[str, int] = {}
+        rows = write.rows
         for row in compress(rows, map(is_not, map(_DTC_OF, rows), repeat(None))):
             if row[1] < reports.get(row[0], 2**63):
                 reports[row[0]] = row[1]

@@ -7,13 +7,14 @@ import asyncio
 import json
 import socket
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
 
 from revline.consumer.writer import Writer
 from revline.contract import Batch, Sample
+from revline.storage.derive import Staged
 from revline.storage.notify import StateNotify
 from revline.tools.localservices import wait_until
 from tests.fixtures.api import (
@@ -56,8 +57,8 @@ class _Gate:
     async def prepare(self, connection: Any) -> None:
         del connection
 
-    async def apply(self, connection: Any, rows: Sequence[tuple[Any, ...]]) -> None:
-        del connection, rows
+    async def apply(self, connection: Any, write: Staged) -> None:
+        del connection, write
         self.entered.set()
         await asyncio.to_thread(self.release.wait, 30)
 

@@ -19,6 +19,7 @@ from revline.contract import Batch, Sample
 from revline.insight.segment import segment
 from revline.insight.store import Insight
 from revline.insight.thresholds import THRESHOLDS, Thresholds
+from revline.storage.derive import Staged
 from tests.fixtures.consumer import ConsumerFactory, PublisherFactory, query
 from tests.fixtures.insight import KNOWN_STOPS, NOW, T0, US, as_samples, drive, move
 from tests.fixtures.services import PostgresService, wait_until
@@ -130,7 +131,7 @@ def test_a_write_during_a_live_fold_leaves_only_what_the_fold_did_not_read_dirty
             if held != "after a window":
                 assert await insight.catch_up(writer.pool) == 1  # by window: now a checkpoint
             await writer.write([Batch(v=1, vin=unique_vin, batch=2, samples=second)])
-            rows = records([Batch(v=1, vin=unique_vin, batch=3, samples=held_samples)])
+            rows = Staged(records([Batch(v=1, vin=unique_vin, batch=3, samples=held_samples)]))
             async with writer.pool.acquire() as connection, connection.transaction():
                 await _write_rows(connection, rows, state_rows(rows), [insight])
                 fold = asyncio.create_task(insight.catch_up(writer.pool))  # live: blocks

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
 from typing import Any, Final
 
 import asyncpg
 import pytest
 
 from revline.consumer.writer import Writer, records
-from revline.storage.derive import Span, spans
+from revline.storage.derive import Span, Staged, spans
 from tests.fixtures.storage import batch, sample
 
 T0_US: Final = 1_717_243_200_000_000
@@ -46,10 +45,10 @@ class _Journal:
             "CREATE TABLE IF NOT EXISTS test_journal (vin text, samples int, seq_max bigint)"
         )
 
-    async def apply(self, connection: Any, rows: Sequence[tuple[Any, ...]]) -> None:
+    async def apply(self, connection: Any, write: Staged) -> None:
         await connection.executemany(
             "INSERT INTO test_journal VALUES ($1, $2, $3)",
-            [(s.vin, s.samples, s.seq_max) for s in spans(rows)],
+            [(s.vin, s.samples, s.seq_max) for s in write.spans()],
         )
         if self.fail:
             raise ConnectionResetError("lost in the middle")
