@@ -35,11 +35,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from multiprocessing.synchronize import Event as MpEvent
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
+from urllib.parse import urlsplit
 
 import asyncpg
 
-from revline.bench.proc import cpu_seconds
+from revline.bench.proc import cpu_seconds, listener_pid
 from revline.consumer.mqttwire import (
     MQTT_311,
     PUBLISH,
@@ -388,9 +389,10 @@ def _healthy(port: int) -> bool:
 
 def _ceiling(
     url: str, plan: list[tuple[str, int, int, int]], t0: int, per_tx: int, connections: int
-) -> float:
+) -> tuple[float, float]:
     """Samples/s of a plain staged COPY + cold insert of the same rows, per_tx rows a commit,
-    on as many connections at once as the consumer writes with."""
+    on as many connections at once as the consumer writes with; and the database server's CPU
+    seconds per sample (NaN if it runs elsewhere)."""
     from revline.consumer.writer import (  # noqa: PLC0415
         INSERT_SAMPLES_SQL,
         STAGING_COLUMNS,
@@ -432,8 +434,12 @@ def _ceiling(
                 for connection in held:
                     await pool.release(connection)
 
+    host = urlsplit(url)
+    server = listener_pid(host.port or 5432) if host.hostname in _HERE else None
+    before = _tree_cpu(server)
     seconds = asyncio.run(run())
-    return sum(len(r) for r in rows) / seconds
+    total = sum(len(r) for r in rows)
+    return total / seconds, (_tree_cpu(server) - before) / total
 
 
 def _start_consumer(
@@ -527,6 +533,10 @@ class _Run:
     stored: int
     cpu_s: float
     """CPU seconds the consumer's processes used (all workers and the supervisor)."""
+    broker_cpu_s: float
+    """CPU seconds of the broker's process (NaN if it runs elsewhere)."""
+    database_cpu_s: float
+    """CPU seconds of the database server's processes (NaN if it runs elsewhere)."""
     commit_p99_s: float
     """The consumer's own p99 commit latency (receipt of a batch's first message to its commit),
     as the upper bound of its histogram bucket; NaN if not read."""
@@ -551,6 +561,13 @@ def _end_to_end(
     client_id = f"revline-bench-consumer-{os.getpid()}"
     acks = _AckListener(mqtt_url)
     consumer, log_file, port = _start_consumer(args, mqtt_url, url, client_id, workers, tree)
+    servers = {
+        "broker": listener_pid(parse_mqtt_url(mqtt_url).port),
+        "database": listener_pid(urlsplit(url).port or 5432),
+    }
+    if urlsplit(mqtt_url).hostname not in _HERE or urlsplit(url).hostname not in _HERE:
+        servers = {}  # a port here would be somebody else's
+    server_cpu = {name: _tree_cpu(pid) for name, pid in servers.items()}
     cpu_before = cpu_seconds(consumer.pid)
     cpu = 0.0
     commit_p99 = float("nan")
@@ -570,6 +587,7 @@ def _end_to_end(
             time.sleep(0.05)
         acks.check()
         cpu = cpu_seconds(consumer.pid) - cpu_before
+        server_cpu = {name: _tree_cpu(pid) - server_cpu[name] for name, pid in servers.items()}
         commit_p99 = _commit_p99(port)
     finally:
         consumer.send_signal(signal.SIGTERM)
@@ -584,7 +602,18 @@ def _end_to_end(
     total = sum(n for *_, n in plan)
     rate = total / (max(done.values()) - min(published.values()))
     latencies = sorted(done[key] - published[key] for key in published)
-    return _Run(rate, latencies, asyncio.run(_count(url)), cpu, commit_p99)
+    stored = asyncio.run(_count(url))
+    nan = float("nan")
+    broker, database = server_cpu.get("broker", nan), server_cpu.get("database", nan)
+    return _Run(rate, latencies, stored, cpu, broker, database, commit_p99)
+
+
+_HERE: Final = frozenset({"127.0.0.1", "localhost", "::1"})
+
+
+def _tree_cpu(pid: int | None) -> float:
+    """CPU seconds of a server's process tree so far (NaN if not found on this machine)."""
+    return cpu_seconds(pid) if pid is not None else float("nan")
 
 
 def _commit_p99(port: int) -> float:
@@ -628,8 +657,11 @@ def _copy_connections(args: argparse.Namespace, counts: list[int]) -> int:
         print(f"plain staged COPY + insert of {samples:,} rows, {per_tx:,} a commit")
         for n in counts:
             with _scratch_database(server, f"revline_bench_{os.getpid()}_copy") as url:
-                rate = _ceiling(url, plan, t0, args.batch_max_samples, n)
-            print(f"{n:>3} connection(s) {rate:>10,.0f} rows/s", flush=True)
+                rate, cpu = _ceiling(url, plan, t0, args.batch_max_samples, n)
+            print(
+                f"{n:>3} connection(s) {rate:>10,.0f} rows/s, database CPU {cpu * 1e6:.1f} µs/row",
+                flush=True,
+            )
     return 0
 
 
@@ -665,8 +697,14 @@ def main(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
             with _scratch_database(server, f"{stem}_copy") as url:
-                ceiling = _ceiling(url, plan, t0, args.batch_max_samples, args.write_concurrency)
-            rows.append(f"{size:>4} {'COPY':>7} {ceiling:>10,.0f} {'':>6} {'':>7} {'':>7} {'':>8}")
+                ceiling, copy_cpu = _ceiling(
+                    url, plan, t0, args.batch_max_samples, args.write_concurrency
+                )
+            blank = ""
+            rows.append(
+                f"{size:>4} {'COPY':>7} {ceiling:>10,.0f} {blank:>6} {blank:>7} {blank:>7} "
+                f"{blank:>8} {blank:>7} {copy_cpu * 1e6:>7.1f}"
+            )
             wires = _ints(str(args.wire))
             runs: list[tuple[str, int, Path | None, int]] = [
                 (str(w) if len(wires) == 1 else f"{w} v{v}", w, None, v)
@@ -682,19 +720,22 @@ def main(args: argparse.Namespace) -> int:
                 rows.append(
                     f"{size:>4} {label:>7} {run.rate:>10,.0f} {run.rate / ceiling:>6.0%} "
                     f"{run.percentile(0.5):>7.0f} {run.percentile(0.99):>7.0f} "
-                    f"{run.cpu_s * 1e6 / total:>8.1f} {run.commit_p99_s * 1e3:>9.0f}"
+                    f"{run.cpu_s * 1e6 / total:>8.1f} {run.broker_cpu_s * 1e6 / total:>7.1f} "
+                    f"{run.database_cpu_s * 1e6 / total:>7.1f} {run.commit_p99_s * 1e3:>9.0f}"
                     + ("" if run.stored == total else f"  STORED {run.stored:,} OF {total:,}")
                 )
                 print(rows[-1], file=sys.stderr)
     print(f"end to end ({mode}), {args.vehicles} vehicles, vs a plain staged COPY of the same rows")
     print(
         f"{'per':>4} {'workers':>7} {'samples/s':>10} {'/COPY':>6} {'p50 ms':>7} {'p99 ms':>7} "
-        f"{'cpu µs/s':>8} {'commit<=':>9}"
+        f"{'cpu µs/s':>8} {'broker':>7} {'db':>7} {'commit<=':>9}"
     )
     print("\n".join(rows))
     print(
         f"(COPY: same rows, same transaction size, {args.write_concurrency} connection(s); "
         "latency: publish to end-to-end ack; cpu: consumer CPU per sample, all its processes; "
+        "broker, db: the broker's and the database server's CPU per sample (µs, all their "
+        "processes; nan when they run elsewhere); "
         "commit<=: the consumer's p99 receipt-to-commit, as its histogram's bucket bound, ms)"
     )
     if args.profile:

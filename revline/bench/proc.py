@@ -7,7 +7,7 @@ import contextlib
 import os
 from pathlib import Path
 
-__all__ = ["cpu_seconds", "parent_pid"]
+__all__ = ["cpu_seconds", "listener_pid", "parent_pid"]
 
 
 def cpu_seconds(pid: int) -> float:
@@ -30,3 +30,27 @@ def cpu_seconds(pid: int) -> float:
 def parent_pid(pid: int) -> int:
     """The parent of ``pid`` (a PostgreSQL backend's parent is the postmaster)."""
     return int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[1])
+
+
+def listener_pid(port: int) -> int | None:
+    """The process listening on TCP ``port`` of this machine (a private broker or database
+    server), found through /proc; None if it is not here or not ours to see."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                fields = line.split()
+                local, state = fields[1], fields[3]
+                if state == "0A" and int(local.rpartition(":")[2], 16) == port:  # LISTEN
+                    inodes.add(f"socket:[{fields[9]}]")
+    if not inodes:
+        return None
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            for fd in (proc / "fd").iterdir():
+                with contextlib.suppress(OSError):
+                    if os.readlink(fd) in inodes:
+                        return int(proc.name)
+    return None

@@ -116,6 +116,11 @@ def test_the_consumer_benchmark_runs_on_its_own_broker_and_database() -> None:
     assert "vs a plain staged COPY" in done.stdout
     assert "COPY" in done.stdout
     assert "2 v2" in done.stdout
+    # Where the time goes: the private broker's and database server's CPU were read.
+    header = next(line for line in done.stdout.splitlines() if "samples/s" in line)
+    assert header.split()[-3:] == ["broker", "db", "commit<="]
+    rows = [line.split() for line in done.stdout.splitlines() if line.startswith("  10 ")]
+    assert rows and "nan" not in {cell for row in rows for cell in row}
 
 
 def test_the_api_benchmark_runs_on_its_own_database() -> None:
