@@ -120,7 +120,8 @@ def test_the_consumer_benchmark_runs_on_its_own_broker_and_database() -> None:
     header = next(line for line in done.stdout.splitlines() if "samples/s" in line)
     assert header.split()[-3:] == ["broker", "db", "commit<="]
     rows = [line.split() for line in done.stdout.splitlines() if line.startswith("  10 ")]
-    assert rows and "nan" not in {cell for row in rows for cell in row}
+    assert rows
+    assert "nan" not in {cell for row in rows for cell in row}
 
 
 def test_the_api_benchmark_runs_on_its_own_database() -> None:
