@@ -20,6 +20,7 @@ a page) and turns what is no longer there back into holes.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from operator import attrgetter
 from typing import TYPE_CHECKING, Any, Final
 
 from revline.audit.policy import Run, merge, runs, runs_of
@@ -85,10 +86,9 @@ class Accounting:
         """Merge the write's runs into ``audit_ranges`` and count new and duplicate samples."""
         if not write.vehicles:
             return
-        seqs = {vehicle.vin: vehicle.seq for vehicle in write.vehicles}
-        stamps = {vehicle.vin: vehicle.ts for vehicle in write.vehicles}
-        vins = sorted(seqs)
-        new_runs = {vin: runs_of(seqs[vin], stamps[vin]) for vin in vins}
+        vehicles = sorted(write.vehicles, key=attrgetter("vin"))
+        vins = [vehicle.vin for vehicle in vehicles]
+        new_runs = {vehicle.vin: runs_of(vehicle.seq, vehicle.ts) for vehicle in vehicles}
         firsts = [new_runs[v][0][0].lo for v in vins]
         lasts = [new_runs[v][0][-1].hi for v in vins]
         newest = [max(r.ts_max for r in new_runs[v][0]) for v in vins]
