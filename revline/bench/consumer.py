@@ -434,8 +434,8 @@ def _ceiling(
                 for connection in held:
                     await pool.release(connection)
 
-    host = urlsplit(url)
-    server = listener_pid(host.port or 5432) if host.hostname in _HERE else None
+    database = urlsplit(url)
+    server = _local_server(database.hostname, database.port or 5432)
     before = _tree_cpu(server)
     seconds = asyncio.run(run())
     total = sum(len(r) for r in rows)
@@ -561,12 +561,11 @@ def _end_to_end(
     client_id = f"revline-bench-consumer-{os.getpid()}"
     acks = _AckListener(mqtt_url)
     consumer, log_file, port = _start_consumer(args, mqtt_url, url, client_id, workers, tree)
+    broker, database = parse_mqtt_url(mqtt_url), urlsplit(url)
     servers = {
-        "broker": listener_pid(parse_mqtt_url(mqtt_url).port),
-        "database": listener_pid(urlsplit(url).port or 5432),
+        "broker": _local_server(broker.host, broker.port),
+        "database": _local_server(database.hostname, database.port or 5432),
     }
-    if urlsplit(mqtt_url).hostname not in _HERE or urlsplit(url).hostname not in _HERE:
-        servers = {}  # a port here would be somebody else's
     server_cpu = {name: _tree_cpu(pid) for name, pid in servers.items()}
     cpu_before = cpu_seconds(consumer.pid)
     cpu = 0.0
@@ -596,19 +595,25 @@ def _end_to_end(
         ids = [client_id] if workers == 1 else [f"{client_id}-w{i}" for i in range(1, workers + 1)]
         for member in ids:
             with contextlib.suppress(OSError):
-                drop_session(parse_mqtt_url(mqtt_url), member)
+                drop_session(broker, member)
     with acks.lock:
         done = dict(acks.acked)
     total = sum(n for *_, n in plan)
     rate = total / (max(done.values()) - min(published.values()))
     latencies = sorted(done[key] - published[key] for key in published)
     stored = asyncio.run(_count(url))
-    nan = float("nan")
-    broker, database = server_cpu.get("broker", nan), server_cpu.get("database", nan)
-    return _Run(rate, latencies, stored, cpu, broker, database, commit_p99)
+    return _Run(
+        rate, latencies, stored, cpu, server_cpu["broker"], server_cpu["database"], commit_p99
+    )
 
 
 _HERE: Final = frozenset({"127.0.0.1", "localhost", "::1"})
+
+
+def _local_server(host: str | None, port: int) -> int | None:
+    """The process serving ``host:port`` if it is this machine (None elsewhere: a port here
+    would be somebody else's)."""
+    return listener_pid(port) if host in _HERE else None
 
 
 def _tree_cpu(pid: int | None) -> float:
